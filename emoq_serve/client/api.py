@@ -1,0 +1,152 @@
+"""`EmotionClient` (asyncio) and the request builders for the gRPC API.
+
+The demo, the benchmark and `emoq client` drive the server through this module, so request
+building (encoding, chunking, the late-transcript convention) is written once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+import numpy as np
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
+
+Encoding = Literal["float32", "pcm16"]
+_ENCODINGS = {"float32": pb.FLOAT32, "pcm16": pb.LINEAR16}
+_TIMING_FIELDS = ("queue", "audio_encoder", "former", "pooling", "llm", "total")
+
+
+@dataclass
+class EmotionResult:
+    """One server result: label, per-class probabilities (label order), timings per stage."""
+
+    label: str
+    probabilities: dict[str, float]
+    is_final: bool
+    audio_seconds: float
+    timings_ms: dict[str, float]
+
+    @classmethod
+    def from_proto(cls, r: pb.EmotionResult) -> EmotionResult:
+        return cls(
+            label=r.label,
+            probabilities={s.label: s.probability for s in r.scores},
+            is_final=r.is_final,
+            audio_seconds=r.audio_seconds,
+            timings_ms={f: getattr(r.timing, f"{f}_ms") for f in _TIMING_FIELDS},
+        )
+
+
+def encode_audio(audio: np.ndarray, encoding: Encoding) -> bytes:
+    """Mono float audio in [-1, 1] -> wire bytes (little-endian)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if encoding == "pcm16":
+        return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return audio.astype("<f4").tobytes()
+
+
+def recognition_config(
+    sample_rate: int, transcript: str = "", speaker: str | None = None, interim: bool = False,
+    encoding: Encoding = "float32",
+) -> pb.RecognitionConfig:
+    return pb.RecognitionConfig(
+        encoding=_ENCODINGS[encoding], sample_rate_hz=sample_rate, transcript=transcript,
+        speaker=speaker or "", interim_results=interim,
+    )
+
+
+def recognize_request(
+    audio: np.ndarray, sample_rate: int, transcript: str = "", speaker: str | None = None,
+    encoding: Encoding = "float32",
+) -> pb.RecognizeRequest:
+    return pb.RecognizeRequest(
+        config=recognition_config(sample_rate, transcript, speaker, encoding=encoding),
+        audio_content=encode_audio(audio, encoding),
+    )
+
+
+def stream_messages(
+    audio: np.ndarray, sample_rate: int, transcript: str = "", speaker: str | None = None, *,
+    chunk_ms: float = 100.0, interim: bool = False, late_transcript: bool = False, encoding: Encoding = "float32",
+) -> Iterator[pb.StreamingRecognizeRequest]:
+    """Config, then audio in `chunk_ms` chunks; with `late_transcript` the text comes last."""
+    config = recognition_config(sample_rate, "" if late_transcript else transcript, speaker, interim, encoding)
+    yield pb.StreamingRecognizeRequest(config=config)
+    step = max(1, int(sample_rate * chunk_ms / 1e3))
+    for start in range(0, len(audio), step):
+        yield pb.StreamingRecognizeRequest(audio_content=encode_audio(audio[start : start + step], encoding))
+    if late_transcript and transcript:
+        yield pb.StreamingRecognizeRequest(transcript=transcript)
+
+
+class EmotionClient:
+    """Async client. `async with EmotionClient("host:port") as c: r = await c.recognize(x, 16000)`.
+
+    `token` adds `authorization: Bearer <token>`; `root_cert` (PEM bytes) switches to TLS, and
+    `client_cert`/`client_key` add a client certificate for mutual TLS.
+    """
+
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_cert: bytes | None = None,
+        client_cert: bytes | None = None, client_key: bytes | None = None, timeout: float | None = 60.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+        if root_cert is not None:
+            creds = grpc.ssl_channel_credentials(root_cert, private_key=client_key, certificate_chain=client_cert)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = pb_grpc.EmotionRecognizerStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.timeout = timeout
+
+    async def __aenter__(self) -> EmotionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def recognize(
+        self, audio: np.ndarray, sample_rate: int = 16_000, transcript: str = "", speaker: str | None = None, *,
+        encoding: Encoding = "float32", timeout: float | None = None,
+    ) -> EmotionResult:
+        request = recognize_request(audio, sample_rate, transcript, speaker, encoding)
+        response = await self.stub.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        return EmotionResult.from_proto(response.result)
+
+    async def stream(
+        self, audio: np.ndarray, sample_rate: int = 16_000, transcript: str = "", speaker: str | None = None, *,
+        chunk_ms: float = 100.0, realtime: bool = False, interim: bool = False, late_transcript: bool = False,
+        encoding: Encoding = "float32", timeout: float | None = None,
+    ) -> AsyncIterator[EmotionResult]:
+        """Stream the audio; yields interim results (if asked) and the final one.
+
+        `realtime` paces the chunks at the audio's own speed, like a microphone.
+        """
+        messages = stream_messages(
+            audio, sample_rate, transcript, speaker, chunk_ms=chunk_ms, interim=interim,
+            late_transcript=late_transcript, encoding=encoding,
+        )
+
+        async def paced() -> AsyncIterator[pb.StreamingRecognizeRequest]:
+            for message in messages:
+                if realtime and message.audio_content:
+                    await asyncio.sleep(len(message.audio_content) / (4 if encoding == "float32" else 2) / sample_rate)
+                yield message
+
+        call = self.stub.StreamingRecognize(paced(), timeout=timeout or self.timeout, metadata=self.metadata)
+        async for response in call:
+            yield EmotionResult.from_proto(response.result)
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)

@@ -1,0 +1,169 @@
+"""Build, start and stop the gRPC server around a loaded `Recognizer`.
+
+Shutdown order (SIGTERM/SIGINT, or `stop()`): health turns NOT_SERVING so orchestrators stop
+routing here, new recognition calls get UNAVAILABLE while health stays reachable, accepted calls
+run to completion for up to `drain_timeout_s`, then the transport stops and whatever is
+left is cancelled with a status, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from emoq_serve._proto import emoq_pb2, emoq_pb2_grpc
+from emoq_serve.runtime.batcher import DynamicBatcher
+from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.types import Recognizer
+from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_credentials
+from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.metrics import ServerMetrics
+from emoq_serve.server.service import EmotionRecognizerService
+from emoq_serve.server.validation import RequestValidator
+
+if TYPE_CHECKING:
+    from emoq_serve.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+#: `onnx`: ORT encoders + batched LLM backend (the product); `eager`: the PyTorch baseline.
+EngineName = Literal["onnx", "eager"]
+
+SERVICE_NAME = emoq_pb2.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_name
+
+
+def transcript_token_counter(tokenizer_dir: str | Path) -> Callable[[str], int]:
+    """Count transcript tokens the way the model's transcript tokenizer does."""
+    from transformers import AutoTokenizer  # lazy: heavy import
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_engine(bundle: Bundle, runtime_cfg: RuntimeConfig, engine: EngineName) -> Recognizer:
+    if engine == "eager":
+        from emoq_serve.runtime.eager import EagerPipeline
+
+        return EagerPipeline(bundle, runtime_cfg)
+    from emoq_serve.runtime.pipeline import OnnxPipeline
+
+    return OnnxPipeline(bundle, runtime_cfg)
+
+
+class EmotionServer:
+    """One gRPC server (recognition + health + reflection) plus its batcher and metrics port.
+
+    The caller owns `recognizer` (loads and closes it); the server owns everything else.
+    """
+
+    def __init__(
+        self, recognizer: Recognizer, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.recognizer = recognizer
+        self.batcher = DynamicBatcher(recognizer, cfg.batcher(), on_batch=self._observe_batch)
+        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.queue_depth)
+        self.service = EmotionRecognizerService(
+            recognizer, self.batcher, RequestValidator(cfg, count_tokens), self.metrics, cfg
+        )
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._stop_task: asyncio.Task[None] | None = None
+
+    def _observe_batch(self, size: int) -> None:
+        self.metrics.batch_size.observe(size)
+
+    async def start(self) -> None:
+        tokens = load_tokens(self.cfg)
+        server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(tokens)] if tokens else None,
+            options=[
+                ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        emoq_pb2_grpc.add_EmotionRecognizerServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        credentials = server_credentials(self.cfg)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
+        self.batcher.start()
+        await server.start()
+        self._server = server
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s:%d (%s, %d token(s)); metrics on port %s",
+            SERVICE_NAME, self.cfg.host, self.port, "TLS" if credentials else "plaintext",
+            len(tokens), self.metrics_port,
+        )
+
+    async def stop(self) -> None:
+        """Drain and stop (idempotent): NOT_SERVING, refuse new calls, finish accepted ones."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self.health.enter_graceful_shutdown()
+        left = await self.service.drain(self.cfg.drain_timeout_s)
+        if left:
+            log.warning("drain timeout (%.1f s): cancelling %d call(s)", self.cfg.drain_timeout_s, left)
+        await server.stop(grace=1.0)
+        await self.batcher.close(timeout=1.0)
+        self.metrics.stop()
+        self._stopped.set()
+        log.info("server stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM/SIGINT start a graceful `stop()` (call from the serving event loop)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: draining for up to %.1f s", sig.name, self.cfg.drain_timeout_s)
+        if self._stop_task is None:  # a second signal does not restart the drain
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
+
+async def serve_bundle(
+    bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
+) -> None:
+    """Load the bundle, serve it until SIGTERM/SIGINT, drain, release the engine."""
+    from emoq_serve.bundle import Bundle
+
+    bundle = Bundle.open(bundle_path, verify_hashes=runtime_cfg.verify_hashes)
+    recognizer = load_engine(bundle, runtime_cfg, engine)
+    # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
+    cfg = cfg.replace(max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens))
+    server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle.file("former_tokenizer")))
+    try:
+        await server.start()
+        server.stop_on_signals()
+        await server.wait_stopped()
+    finally:
+        await server.stop()
+        await recognizer.close()

@@ -1,0 +1,77 @@
+"""`emoq serve`: serve a bundle over gRPC (flags -> `RuntimeConfig` + `ServerConfig`).
+
+Parsing stays import-light (every `emoq` call builds this parser); the engine, grpc and
+the model load only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from emoq_serve.runtime.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
+from emoq_serve.server.config import ServerConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = ServerConfig()
+    p = sub.add_parser("serve", help="serve a bundle over gRPC (batched; health, reflection, Prometheus metrics)")
+    p.add_argument("--bundle", default=None, help="bundle folder from `emoq export` (default: the demo bundle)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; -1 = off")
+    p.add_argument("--engine", choices=("onnx", "eager"), default="onnx", help="onnx: ORT + batched LLM; eager: PyTorch baseline")
+    p.add_argument("--runtime", choices=sorted(RUNTIME_PRESETS), default="cpu", help="runtime preset (threads, dtype, device)")
+    p.add_argument("--llm-backend", choices=("vllm", "transformers"), default=None, help="override the preset's LLM backend")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
+    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
+    p.add_argument("--max-transcript-tokens", type=int, default=d.max_transcript_tokens)
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--interim-span-s", type=float, default=d.interim_span_s)
+    p.add_argument("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s)
+    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM server key")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA for client certificates (mutual TLS)")
+    p.add_argument("--auth-tokens-file", default=None, help="bearer tokens, one per line (also $EMOQ_AUTH_TOKENS)")
+    p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 checks (faster start)")
+    p.set_defaults(func=run)
+
+
+def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
+    """The parsed flags as (RuntimeConfig, ServerConfig)."""
+    runtime = runtime_preset(args.runtime).replace(
+        max_batch=args.max_batch,
+        verify_hashes=not args.no_verify,
+        **{k: v for k in ("llm_backend", "device", "dtype") if (v := getattr(args, k)) is not None},
+    )
+    fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    server = ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if server.metrics_port is not None and server.metrics_port < 0:
+        server = server.replace(metrics_port=None)
+    return runtime, server
+
+
+def bundle_path(args: argparse.Namespace) -> str:
+    """--bundle, or the demo bundle (built on first use by the demo package)."""
+    if args.bundle:
+        return args.bundle
+    try:
+        from emoq_serve.demo_bundle import default_bundle_path
+    except ImportError:
+        raise SystemExit("no --bundle given and no demo bundle is available: pass --bundle DIR (from `emoq export`)")
+    return str(default_bundle_path())
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from emoq_serve.server.app import serve_bundle
+
+    runtime, server = configs(args)
+    asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
+    return 0

@@ -1,0 +1,56 @@
+"""Server settings: network, batching, input limits, shutdown and security, in one dataclass.
+
+The CLI fills a `ServerConfig`; `app.build_server` reads nothing else. Limits live here (not in
+the model) because they protect the service: they bound memory and compute per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from emoq_serve.runtime.batcher import BatcherConfig
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (tests)
+    metrics_port: int | None = 9090  # Prometheus /metrics; None = off, 0 = free port
+    # Dynamic batching (see emoq_serve.runtime.batcher).
+    max_batch: int = 8
+    max_queue_delay_ms: float = 5.0
+    queue_size: int = 256
+    bucket_edges_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    max_inflight_batches: int = 1
+    # Input limits (INVALID_ARGUMENT beyond them).
+    min_sample_rate_hz: int = 8_000
+    max_sample_rate_hz: int = 192_000
+    max_audio_seconds: float = 30.0
+    max_transcript_chars: int = 2_000
+    max_transcript_tokens: int = 128  # counted with the bundle's transcript tokenizer
+    max_speaker_chars: int = 64
+    #: gRPC's own receive limit; a bigger message gets RESOURCE_EXHAUSTED from grpc itself.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Streaming.
+    interim_span_s: float = 1.0  # an interim result per this much audio received
+    stream_idle_timeout_s: float = 10.0  # longest silence between two stream messages
+    # Shutdown: how long in-flight calls may run after SIGTERM before they are cancelled.
+    drain_timeout_s: float = 30.0
+    # Security (all optional). TLS files are PEM; tokens are bearer tokens, one per line.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set = mutual TLS: clients must present a cert it signed
+    auth_tokens_file: str | None = None
+
+    def batcher(self) -> BatcherConfig:
+        return BatcherConfig(
+            max_batch=self.max_batch,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+            queue_size=self.queue_size,
+            bucket_edges_s=self.bucket_edges_s,
+            max_inflight_batches=self.max_inflight_batches,
+        )
+
+    def replace(self, **changes: object) -> ServerConfig:
+        return dataclasses.replace(self, **changes)

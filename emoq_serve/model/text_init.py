@@ -1,0 +1,104 @@
+"""Initialise the EmoQ-Former's text side from a local BERT or RoBERTa checkpoint (as BLIP-2).
+
+Mapped: word/position/token-type embeddings, the embedding LayerNorm, and per layer the
+self-attention q/k/v/o, both LayerNorms around it and the FFN. New (kept at their random init):
+queries, audio projection, null frame, cross-attention + its LayerNorm, pooling vector.
+
+RoBERTa numbers positions from padding_idx + 1; its table is shifted by that offset so that
+former position i is RoBERTa position i + offset, i.e. the same embedding for a full sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from emoq_serve.config import resolve_local_path
+from emoq_serve.model.former import EmoQFormer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InitReport:
+    """Which former tensors came from the checkpoint and which kept their fresh initialisation."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+
+
+def _layer_map(i: int) -> dict[str, str]:
+    src = f"encoder.layer.{i}."
+    dst = f"layers.{i}."
+    pairs = {
+        "attention.self.query": "self_attn.q",
+        "attention.self.key": "self_attn.k",
+        "attention.self.value": "self_attn.v",
+        "attention.output.dense": "self_attn.o",
+        "attention.output.LayerNorm": "self_norm",
+        "intermediate.dense": "ffn.up",
+        "output.dense": "ffn.down",
+        "output.LayerNorm": "ffn_norm",
+    }
+    return {f"{dst}{d}.{p}": f"{src}{s}.{p}" for s, d in pairs.items() for p in ("weight", "bias")}
+
+
+def _check_shape(former: EmoQFormer, hf: AutoConfig) -> None:
+    cfg = former.cfg
+    wanted = {
+        "hidden_size": (cfg.hidden_size, hf.hidden_size),
+        "num_heads": (cfg.num_heads, hf.num_attention_heads),
+        "intermediate_size": (cfg.intermediate_size, hf.intermediate_size),
+    }
+    bad = [f"{k}: former {a} vs checkpoint {b}" for k, (a, b) in wanted.items() if a != b]
+    if cfg.num_layers > hf.num_hidden_layers:
+        bad.append(f"num_layers: former {cfg.num_layers} > checkpoint {hf.num_hidden_layers}")
+    if former.embeddings.word.num_embeddings != hf.vocab_size:
+        bad.append(f"vocab: former {former.embeddings.word.num_embeddings} vs checkpoint {hf.vocab_size}")
+    if hf.hidden_act != "gelu":
+        bad.append(f"activation {hf.hidden_act!r} (the former uses exact gelu)")
+    if bad:
+        raise ValueError("text_init checkpoint does not fit the former: " + "; ".join(bad))
+    if abs(cfg.layer_norm_eps - hf.layer_norm_eps) > 0:
+        log.warning("former layer_norm_eps %g differs from the checkpoint's %g", cfg.layer_norm_eps, hf.layer_norm_eps)
+
+
+@torch.no_grad()
+def init_from_pretrained(former: EmoQFormer, path: str) -> InitReport:
+    """Copy the BERT/RoBERTa tensors at `path` (a local folder, or `minilm`) into `former`."""
+    folder = resolve_local_path(path)
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    if hf_cfg.model_type not in ("bert", "roberta"):
+        raise ValueError(f"text_init supports bert and roberta checkpoints, not {hf_cfg.model_type!r}")
+    _check_shape(former, hf_cfg)
+    source = AutoModel.from_pretrained(folder, add_pooling_layer=False).state_dict()
+
+    offset = hf_cfg.pad_token_id + 1 if hf_cfg.model_type == "roberta" else 0
+    n_pos = former.cfg.max_text_tokens
+    positions = source["embeddings.position_embeddings.weight"][offset : offset + n_pos]
+    if positions.shape[0] < n_pos:
+        raise ValueError(f"checkpoint has {positions.shape[0]} positions, former needs max_text_tokens={n_pos}")
+    tensors = {
+        "embeddings.word.weight": source["embeddings.word_embeddings.weight"],
+        "embeddings.position.weight": positions,
+        "embeddings.token_type": source["embeddings.token_type_embeddings.weight"][0],
+        "embed_norm.weight": source["embeddings.LayerNorm.weight"],
+        "embed_norm.bias": source["embeddings.LayerNorm.bias"],
+    }
+    for i in range(former.cfg.num_layers):
+        tensors.update({dst: source[src] for dst, src in _layer_map(i).items()})
+
+    own = former.state_dict()
+    for name, value in tensors.items():
+        own[name].copy_(value)
+    report = InitReport(loaded=sorted(tensors), new=sorted(set(own) - set(tensors)))
+    new_kinds = sorted({re.sub(r"^layers\.\d+\.", "layers.*.", name) for name in report.new})
+    log.info(
+        "former initialised from %s (%s): %d tensors loaded, %d new (%s)",
+        path, hf_cfg.model_type, len(report.loaded), len(report.new), ", ".join(new_kinds),
+    )
+    return report

@@ -101,6 +101,11 @@ class LLMConfig:
     #: Emotion word per class label (label -> word); the word's continuation after
     #: "Emotion:" must be a single token. Empty = the label itself.
     emotion_words: dict[str, str] = field(default_factory=dict)
+    #: Stage-2 ablations (paper Table 3): what the LLM is given. "both" | "audio" (transcript
+    #: blanked everywhere) | "text" (audio frames masked out).
+    modality: str = "both"
+    #: False: inject the raw audio frames' masked mean instead of the EmoQ-Former's vector.
+    use_former: bool = True
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""The stage-2 chat prompt: template, emotion-word tokens and soft-prompt injection.
+
+The prompt is built once as token ids (ending exactly after "Emotion:"), so the emotion word is
+the very next token and its logit at the last position is all inference needs. The audio enters
+as K soft tokens written over the `<AUDIO>` placeholder embeddings. The runtime builds the same
+embeddings without the LLM (`embed_tokens[ids]`, then `inject_soft_prompt`), which is why this
+module depends on nothing but a tokenizer and torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PLACEHOLDER = "<AUDIO>"
+ANSWER_PREFIX = "Emotion:"
+SYSTEM_PROMPT = (
+    "You are an emotion recognizer. Given a speaker's utterance as audio and its transcript, "
+    "answer with one word: the emotion expressed."
+)
+
+
+def user_message(transcript: str, speaker: str | None, num_soft_tokens: int) -> str:
+    """The user turn: speaker (when known), transcript, and the audio placeholder(s).
+
+    A literal placeholder inside the transcript or speaker is removed, so the prompt always holds
+    exactly K placeholder tokens.
+    """
+    lines = []
+    if speaker:
+        lines.append(f"Speaker: {speaker.replace(PLACEHOLDER, '')}")
+    lines.append(f"Transcript: {transcript.replace(PLACEHOLDER, '')}")
+    lines.append(f"Audio: {PLACEHOLDER * num_soft_tokens}")
+    return "\n".join(lines)
+
+
+def answer_text(word: str) -> str:
+    """The assistant's answer for one class, e.g. "Emotion: angry" (the word follows a space)."""
+    return f"{ANSWER_PREFIX} {word}"
+
+
+def check_single_token_words(tokenizer, words: Sequence[str]) -> list[int]:
+    """Token id of each word's continuation after "Emotion:"; ValueError unless it is one token.
+
+    Byte-level BPE tokenizers (Qwen's) fold the leading space into the word token (" angry"), so
+    the check tokenizes the prefix with and without the continuation and compares.
+    """
+    prefix = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    ids = []
+    for word in words:
+        full = tokenizer.encode(answer_text(word), add_special_tokens=False)
+        extra = full[len(prefix):]
+        if full[: len(prefix)] != prefix or len(extra) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(extra)
+            raise ValueError(
+                f"emotion word {word!r} is not a single token after {ANSWER_PREFIX!r} for this tokenizer "
+                f"(continuation {' ' + word!r} -> {len(extra)} tokens {pieces}); choose another word "
+                "through LLMConfig.emotion_words"
+            )
+        ids.append(extra[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"emotion words {list(words)} do not map to distinct tokens: {ids}")
+    return ids
+
+
+def resolve_emotion_words(labels: Sequence[str], emotion_words: dict[str, str]) -> dict[str, str]:
+    """label -> word for every label (a label without an entry is its own word)."""
+    unknown = set(emotion_words) - set(labels)
+    if unknown:
+        raise ValueError(f"emotion_words names labels {sorted(unknown)} that are not in {list(labels)}")
+    return {label: emotion_words.get(label, label) for label in labels}
+
+
+class PromptBuilder:
+    """Token ids of the chat prompt for one utterance, and the emotion-word token ids."""
+
+    def __init__(self, tokenizer, labels: tuple[str, ...], emotion_words: dict[str, str], num_soft_tokens: int):
+        if num_soft_tokens < 1:
+            raise ValueError(f"num_soft_tokens must be >= 1, got {num_soft_tokens}")
+        self.tokenizer = tokenizer
+        self.labels = tuple(labels)
+        self.num_soft_tokens = num_soft_tokens
+        self.placeholder_token = PLACEHOLDER
+        if PLACEHOLDER not in tokenizer.get_vocab():
+            # A real Qwen folder lacks it; its embedding row is never read (the soft prompt
+            # overwrites it), so any id the embedding table covers will do.
+            tokenizer.add_special_tokens({"additional_special_tokens": [PLACEHOLDER]})
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+        self.emotion_words = resolve_emotion_words(self.labels, emotion_words)
+        self.emotion_token_ids = check_single_token_words(tokenizer, [self.emotion_words[l] for l in self.labels])
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the LLM tokenizer has no eos token to end the answer with")
+        self.end_token_id: int = tokenizer.eos_token_id
+
+    def encode(self, transcript: str, speaker: str | None) -> tuple[list[int], list[int]]:
+        """(prompt ids ending right after "Emotion:", positions of the K placeholder tokens)."""
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user_message(transcript, speaker, self.num_soft_tokens)},
+        ]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text + ANSWER_PREFIX, add_special_tokens=False)
+        positions = [i for i, t in enumerate(ids) if t == self.placeholder_id]
+        if len(positions) != self.num_soft_tokens:
+            raise ValueError(f"prompt holds {len(positions)} placeholder tokens, expected {self.num_soft_tokens}")
+        return ids, positions
+
+    def answer_ids(self, label_index: int) -> list[int]:
+        """Target tokens after the prompt: the emotion word and the end-of-turn token."""
+        return [self.emotion_token_ids[label_index], self.end_token_id]
+
+
+def inject_soft_prompt(token_embeds: torch.Tensor, positions, soft: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with the placeholder rows replaced by the soft prompt (differentiable).
+
+    Unbatched: token_embeds [T,H], positions [K], soft [K,H]. Batched: [B,T,H], [B,K], [B,K,H].
+    """
+    positions = torch.as_tensor(positions, dtype=torch.long, device=token_embeds.device)
+    out = token_embeds.clone()
+    if token_embeds.dim() == 2:
+        out[positions] = soft.to(out.dtype)
+    else:
+        rows = torch.arange(out.shape[0], device=out.device).unsqueeze(1).expand_as(positions)
+        out[rows, positions] = soft.to(out.dtype)
+    return out

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from types import ModuleType
 
@@ -31,7 +32,7 @@ ATOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(scope="module")
-def interpreter() -> ProcessPoolExecutor:
+def interpreter() -> Iterator[ProcessPoolExecutor]:
     """One spawned worker whose environment has TRITON_INTERPRET=1 from its first instruction."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # inherited by the child at spawn, then restored here

@@ -60,11 +60,12 @@ def bundle_path(args: argparse.Namespace) -> str:
     """--bundle, or the demo bundle (built on first use by the demo package)."""
     if args.bundle:
         return args.bundle
+    from emoq_serve.demo_bundle import default_bundle_path
+
     try:
-        from emoq_serve.demo_bundle import default_bundle_path
-    except ImportError:
-        raise SystemExit("no --bundle given and no demo bundle is available: pass --bundle DIR (from `emoq export`)")
-    return str(default_bundle_path())
+        return str(default_bundle_path())
+    except RuntimeError as exc:
+        raise SystemExit(f"no --bundle given and no demo bundle: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,55 @@
+"""`emoq export --checkpoint CKPT --out BUNDLE [--fp16] [--no-verify]` and `emoq export --verify BUNDLE`.
+
+Heavy imports (torch, onnx, vLLM) happen inside `run`, because every `emoq` invocation loads
+every command's `register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a stage-2 checkpoint to a verified serving bundle, "
+                                             "or re-verify a bundle")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--checkpoint", help="stage-2 checkpoint directory (from `emoq train stage2`)")
+    mode.add_argument("--verify", metavar="BUNDLE", help="check a bundle's manifest, hashes and parity")
+    p.add_argument("--out", help="bundle directory to create (with --checkpoint)")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 audio encoder for the CUDA EP")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check (manifest says 'unverified')")
+    p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm",
+                   help="LLM engine the parity check runs the bundle with (default: vllm, the serving engine)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from emoq_serve.bundle import BundleError
+    from export.verify import ParityError
+
+    try:
+        if args.verify:
+            from export.verify import verify_bundle
+
+            report = verify_bundle(args.verify, backend=args.backend)
+            print(json.dumps({"bundle": args.verify, "ok": True, "parity": report}, indent=2))
+            return 0
+        if not args.out:
+            print("emoq export: --out BUNDLE is required with --checkpoint", file=sys.stderr)
+            return 2
+        from emoq_serve.model.stage2 import EmoQStage2
+        from export.exporter import bundle_size_bytes, export_bundle
+
+        manifest = export_bundle(EmoQStage2.load(args.checkpoint), args.out, fp16=args.fp16,
+                                 verify=not args.no_verify, backend=args.backend)
+        print(json.dumps({"bundle": args.out, "bundle_id": manifest["bundle_id"],
+                          "size_bytes": bundle_size_bytes(args.out), "parity": manifest["parity"]}, indent=2))
+        return 0
+    except (BundleError, ParityError, FileExistsError, ValueError) as e:
+        print(f"emoq export: FAILED: {e}", file=sys.stderr)
+        return 1

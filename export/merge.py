@@ -1,0 +1,52 @@
+"""The bundle's PyTorch-side artefacts: merged LLM folder, embedding table, heads, eager weights.
+
+The LoRA adapters are merged into the base weights (peft `merge_and_unload`) so vLLM loads a
+plain Qwen2 folder with no adapter machinery; the input-embedding table is also written on its
+own so the server builds prompt embeddings (`embed_tokens[ids]` + soft prompt) without holding a
+second copy of the LLM. The eager copies (HF HuBERT folder, former weights) let `--verify` and
+the eager baseline engine recompute everything from the bundle alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from emoq_serve import bundle as names
+from emoq_serve.model.stage2 import EmoQStage2
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_heads(model: EmoQStage2, out: Path) -> None:
+    """heads.safetensors: the pooling vectors and the projector (applied outside the ONNX graphs)."""
+    heads = {"pool_u": model.former.pool_u}
+    heads.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+    _save(heads, out / names.HEADS)
+
+
+def write_eager(model: EmoQStage2, out: Path) -> None:
+    """Transcript tokenizer, HF HuBERT folder and former weights for eager re-computation."""
+    model.text_tokenizer.save_pretrained(str(out / names.FORMER_TOKENIZER_DIR))
+    model.audio_encoder.save_pretrained(out / names.EAGER_AUDIO_ENCODER_DIR)
+    _save(model.former.state_dict(), out / names.EAGER_FORMER)
+
+
+def write_merged_llm(model: EmoQStage2, out: Path) -> torch.nn.Module:
+    """Merge LoRA into the base LM, save it (+ tokenizer, chat template) and its embedding table.
+
+    Mutates `model.llm` (peft merges in place), so eager references must be computed before.
+    Returns the merged model.
+    """
+    merged = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+    merged = merged.to(torch.float32)
+    llm_dir = out / names.LLM_DIR
+    merged.save_pretrained(str(llm_dir), safe_serialization=True)
+    model.llm_tokenizer.save_pretrained(str(llm_dir))
+    _save({"weight": merged.get_input_embeddings().weight}, out / names.EMBED_TOKENS)
+    return merged

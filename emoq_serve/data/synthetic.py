@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emoq_serve.config import LABEL_SETS
+from emoq_serve.config import LABEL_SETS, cache_root
 from emoq_serve.data.speech import VOICES, Prosody, render, resolve_backend
 from emoq_serve.data.types import Corpus, Example
 
@@ -60,8 +60,8 @@ CLAUSES = {
 
 
 def cache_dir() -> Path:
-    """Where generated corpora live: `$EMOQ_CACHE` or ~/.cache/emoq."""
-    return Path(os.environ.get("EMOQ_CACHE", "~/.cache/emoq")).expanduser()
+    """Where generated corpora live."""
+    return cache_root()
 
 
 def _jitter(p: Prosody, rng: np.random.Generator) -> Prosody:

@@ -1,0 +1,168 @@
+"""`emoq demo`: the whole product on one machine, from nothing to predictions over gRPC.
+
+First run: synthetic spoken corpus -> stage 1 (MiniLM-initialised former) -> stage 2 (LoRA LLM)
+-> export with parity verification -> cached bundle. Every run: start the real gRPC server on
+127.0.0.1, stream the demo utterances through the real client, print the predictions, drain and
+stop. It lives in `export/` because building the bundle needs training and export, which
+`emoq_serve` itself may not import; `emoq serve` without `--bundle` reaches
+`build_demo_bundle` through the `emoq.bundle_builders` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emoq_serve.demo_bundle import demo_dir
+
+if TYPE_CHECKING:
+    from emoq_serve.client.api import EmotionResult
+    from emoq_serve.data.types import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo builds. `quick` is CI's reduced-time mode: the tiny preset, a smaller
+    corpus and fewer epochs, but every stage still runs for real."""
+
+    preset: str = "small"
+    clips_per_class: int = 120
+    stage1_epochs: int = 6
+    stage2_epochs: int = 4
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.preset}-n{self.clips_per_class}-e{self.stage1_epochs}.{self.stage2_epochs}-s{self.seed}"
+
+
+DEMO_PRESETS = {
+    "full": DemoConfig(),
+    "quick": DemoConfig(preset="tiny", clips_per_class=48, stage1_epochs=6, stage2_epochs=4),
+}
+
+
+def _step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def build_demo_bundle(cfg: DemoConfig = DEMO_PRESETS["full"], rebuild: bool = False) -> Path:
+    """The cached demo bundle for `cfg`, built (train, export, verify) when missing."""
+    from emoq_serve.config import preset
+    from emoq_serve.data import load_corpus
+    from emoq_serve.model.stage2 import EmoQStage2
+    from export.exporter import export_bundle
+    from training import stage1, stage2
+
+    root = demo_dir(cfg.key)
+    bundle = root / "bundle"
+    if bundle.exists() and not rebuild:
+        return bundle
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    _step(f"building the demo bundle ({cfg.key}) in {root}")
+    _step(f"synthesizing the spoken corpus ({cfg.clips_per_class} train clips per emotion)")
+    corpus = load_corpus(f"synthetic:{cfg.clips_per_class}", cfg.seed)
+    model_cfg = preset(cfg.preset, labels=corpus.labels)
+    model_cfg.audio.cache_dir = str(root / "features")
+    _step(f"stage 1: EmoQ-Former with SupCon + focal loss ({len(corpus.train)} train / {len(corpus.dev)} dev)")
+    s1 = stage1.train_stage1(
+        model_cfg, stage1.train_config(cfg.preset, epochs=cfg.stage1_epochs, seed=cfg.seed), corpus, root / "stage1"
+    )
+    _step("stage 2: projector + LoRA LLM with the soft prompt")
+    s2 = stage2.train_stage2(
+        model_cfg, stage2.train_config(cfg.preset, epochs=cfg.stage2_epochs, seed=cfg.seed), corpus,
+        root / "stage2", stage2.Stage2Options(stage1_dir=str(root / "stage1"), feature_cache=str(root / "features")),
+    )
+    _step("export: ONNX encoders + merged LLM, verified against the PyTorch model (ORT + vLLM)")
+    manifest = export_bundle(EmoQStage2.load(root / "stage2" / "best"), bundle)
+    report = {
+        "config": cfg.key,
+        "labels": list(corpus.labels),
+        "stage1_dev": s1["best_dev"],
+        "stage2_dev": s2["best_dev"],
+        "stage2_test": s2.get("test"),
+        "parity": manifest["parity"],
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+    for folder in ("stage1", "stage2", "features"):  # the bundle is all that serving needs
+        shutil.rmtree(root / folder, ignore_errors=True)
+    _step(f"built in {report['build_seconds']:.0f} s; held-out test accuracy {_test_accuracy(report)}")
+    return bundle
+
+
+def _test_accuracy(report: dict[str, Any]) -> str:
+    test = report.get("stage2_test") or {}
+    return f"{test['wa']:.3f} (UA {test['ua']:.3f})" if "wa" in test else "n/a"
+
+
+async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResult, float]]:
+    """Serve `bundle` on 127.0.0.1, stream every demo utterance, stop cleanly.
+
+    Returns (utterance, final result, client-side milliseconds) per demo utterance."""
+    from emoq_serve.bundle import Bundle
+    from emoq_serve.client.api import EmotionClient
+    from emoq_serve.data.synthetic import demo_utterances
+    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.server.app import EmotionServer, load_engine, transcript_token_counter
+    from emoq_serve.server.config import ServerConfig
+
+    _step(f"starting the gRPC server on the bundle {bundle}")
+    opened = Bundle.open(bundle)
+    recognizer = load_engine(opened, runtime_preset("cpu"), "onnx")
+    server = EmotionServer(
+        recognizer, ServerConfig(host="127.0.0.1", port=0, metrics_port=None),
+        transcript_token_counter(opened.file("former_tokenizer")),
+    )
+    await server.start()
+    rows = []
+    try:
+        _step(f"streaming the demo utterances to 127.0.0.1:{server.port} (100 ms chunks)")
+        async with EmotionClient(f"127.0.0.1:{server.port}") as client:
+            for example in demo_utterances(seed):
+                t0 = time.perf_counter()
+                async for result in client.stream(example.audio, 16_000, example.transcript, chunk_ms=100):
+                    if result.is_final:
+                        rows.append((example, result, (time.perf_counter() - t0) * 1e3))
+    finally:
+        _step("stopping the server (drain, then stop)")
+        await server.stop()
+        await recognizer.close()
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from emoq_serve.client.cli import format_table
+
+    started = time.perf_counter()
+    cfg = DEMO_PRESETS["quick" if args.quick else "full"]
+    bundle = build_demo_bundle(cfg, rebuild=args.rebuild)
+    report = json.loads((bundle.parent / "report.json").read_text())
+    results = asyncio.run(query_demo(bundle, cfg.seed))
+    labels = report["labels"]
+    print()
+    print(format_table([(f"{ex.id} ({ex.cue}): \"{ex.transcript}\"", r, ms) for ex, r, ms in results]))
+    correct = sum(r.label == labels[ex.label] for ex, r, _ in results)
+    print()
+    print(f"demo utterances right: {correct}/{len(results)}; held-out synthetic test accuracy: {_test_accuracy(report)};"
+          f" export parity: embeddings {report['parity']['embedding_max_abs']:.2e},"
+          f" posteriors {report['parity']['posterior_max_abs']:.2e}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s (bundle: {bundle})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build (once) the demo bundle, serve it, and query it over gRPC")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo bundle")
+    p.add_argument("--quick", action="store_true", help="reduced-time mode (tiny preset; every stage still runs)")
+    p.set_defaults(func=run)

@@ -140,12 +140,16 @@ class EmoQFormer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """BERT's initialisation (normal 0.02, zero bias, unit LayerNorm) for everything new."""
+        """Fresh weights: linear layers normal(0, 1/√fan_in), embeddings normal(0, 0.02), zero
+        bias, unit LayerNorm. BERT's fixed 0.02 suits 768 wide layers; in a 64-wide former it
+        shrinks every attention output to a few percent of the residual and a from-scratch model
+        barely learns. (Text-initialised parts are overwritten by `init_from_pretrained`.)"""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=module.in_features**-0.5)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear):
-                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

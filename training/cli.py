@@ -1,0 +1,57 @@
+"""`emoq train stage1|stage2`: both parsers live here; each command imports its trainer lazily
+(every `emoq` invocation builds all parsers, so no torch import at registration time)."""
+
+from __future__ import annotations
+
+import argparse
+
+from emoq_serve.config import PRESETS
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """Flags both stages share; None means "the preset's default" (see STAGE1_DEFAULTS)."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size preset")
+    p.add_argument("--data", default="synthetic", help="synthetic[:N] | iemocap:DIR[:fold] | meld:DIR[:4|7]")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, summary.json)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--select-metric", choices=["wa", "ua", "uar", "wf1"], help="dev metric choosing the best checkpoint")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+
+
+def _run_stage1(args: argparse.Namespace) -> int:
+    from training.stage1 import run
+
+    return run(args)
+
+
+def _run_stage2(args: argparse.Namespace) -> int:
+    from training.stage2 import run
+
+    return run(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a checkpoint (stage1: former + MAL; stage2: LLM + LoRA)")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    stage1 = stages.add_parser("stage1", help="EmoQ-Former + auxiliary head with the MAL loss")
+    _add_common(stage1)
+    stage1.add_argument("--feature-cache", help="folder caching frozen HuBERT features across epochs and runs")
+    stage1.set_defaults(func=_run_stage1)
+
+    stage2 = stages.add_parser("stage2", help="projector + LoRA LLM on top of a stage-1 checkpoint")
+    _add_common(stage2)
+    source = stage2.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-stage1", "--stage1", dest="from_stage1", metavar="DIR",
+                        help="stage-1 run or checkpoint folder (runs/stage1 or runs/stage1/best)")
+    source.add_argument("--end-to-end", action="store_true", help="no stage-1 pre-training: fresh former (ablation)")
+    stage2.add_argument("--modality", choices=["both", "audio", "text"], default="both", help="modality ablation")
+    stage2.add_argument("--no-former", action="store_true", help="inject mean-pooled raw audio features (ablation)")
+    stage2.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
+    stage2.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16/AMX)")
+    stage2.add_argument("--feature-cache", help="folder caching frozen HuBERT features across epochs and runs")
+    stage2.set_defaults(func=_run_stage2)

@@ -1,0 +1,86 @@
+"""`emoq bench`: flags -> `BenchConfig` -> `runner.run_bench` (imports stay lazy until it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The run as a full `emoq bench` command line (every option spelled out), for the report:
+    it reproduces the run whatever defaults a later version has."""
+    words = ["emoq", "bench"]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "verbose") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        else:
+            words += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+                      if isinstance(value, tuple) else str(value)]
+    return shlex.join(words)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency/throughput benchmark against a server or a bundle (perf_analyzer-style)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--server", default=None, help="host:port of a running `emoq serve`")
+    target.add_argument("--bundle", default=None, help="bundle folder: the harness serves it itself, per engine")
+    p.add_argument("--flops-bundle", default=None,
+                   help="with --server: the served bundle, read for FLOPs estimates and tokenizers")
+    p.add_argument("--metrics-url", default=None, help="with --server: its Prometheus endpoint (mean batch size)")
+    p.add_argument("--engine", choices=("onnx", "eager", "both"), default="onnx",
+                   help="both = eager then onnx on the same workload, with onnx/eager ratios")
+    p.add_argument("--mode", choices=("closed", "open"), default="closed")
+    p.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16), help="closed loop, comma list (1,2,4,8,16,32)")
+    p.add_argument("--rate", type=_floats, default=(1.0,), help="open loop: requests/s, comma list")
+    p.add_argument("--api", choices=("unary", "stream"), default="unary")
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="stream chunk length")
+    p.add_argument("--realtime", action="store_true", help="stream chunks at the audio's own pace")
+    p.add_argument("--warmup", type=int, default=4, help="discarded requests before each load point")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--requests", type=int, default=None, help="measured requests per load point")
+    budget.add_argument("--duration", type=float, default=None, help="seconds per load point (default 30)")
+    p.add_argument("--utterances", type=int, default=64, help="workload size (cycled)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-args", default="", help='extra `emoq serve` flags, e.g. "--max-batch 16"')
+    p.add_argument("--timeout", type=float, default=300.0, help="per-call deadline (s)")
+    p.add_argument("--peak-seconds", type=float, default=1.0, help="time per matmul-peak measurement")
+    p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.md, bench.png)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmarks.config import BenchConfig
+    from benchmarks.loadgen import Budget
+    from benchmarks.report import markdown
+    from benchmarks.runner import run_bench
+    from benchmarks.workload import WorkloadConfig
+
+    cfg = BenchConfig(
+        server=args.server,
+        bundle=Path(args.bundle or args.flops_bundle) if (args.bundle or args.flops_bundle) else None,
+        engines=("eager", "onnx") if args.engine == "both" else (args.engine,),
+        mode=args.mode, concurrency=args.concurrency, rates=args.rate, api=args.api,
+        chunk_ms=args.chunk_ms, realtime=args.realtime,
+        budget=Budget(requests=args.requests, duration_s=None if args.requests else (args.duration or 30.0),
+                      warmup=args.warmup),
+        seed=args.seed, workload=WorkloadConfig(num_utterances=args.utterances, seed=args.seed),
+        out=Path(args.out), serve_args=args.serve_args, metrics_url=args.metrics_url,
+        timeout_s=args.timeout, peak_seconds=args.peak_seconds,
+        command=canonical_command(args),
+    )
+    print(markdown(run_bench(cfg)))
+    print(f"wrote {cfg.out}/bench.json, bench.md, bench.png")
+    return 0

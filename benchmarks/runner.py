@@ -1,0 +1,186 @@
+"""One `emoq bench` run: workload, matmul peak, each engine's sweep, FLOPs, the report.
+
+Order matters on a small shared machine: the matmul peak is measured before any server starts
+(nothing of ours competes for the cores), and engines run one after the other on the same
+seeded workload, each in its own freshly started server, so the engine is the only difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import flops, report, stats
+from benchmarks.config import BenchConfig
+from benchmarks.loadgen import run_closed, run_open
+from benchmarks.server_proc import ServerProcess
+from benchmarks.target import make_call
+from benchmarks.workload import BenchRequest, make_workload
+from emoq_serve.runtime.types import STAGES
+
+log = logging.getLogger(__name__)
+
+#: Whether an engine's per-request stage timings are the wall time of the whole batch (the
+#: batched ONNX pipeline) or of that request alone (the eager engine runs a batch one by one).
+TIMINGS_COVER_BATCH = {"onnx": True, "eager": False}
+
+#: Thread-pool environment variables worth recording (they change what a server does).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
+              "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def measure_peaks(seconds: float) -> dict[str, dict[str, Any]]:
+    """fp32 on 1 thread and on all cores, bf16 on all cores (the LLM may run in bf16)."""
+    cores = os.cpu_count() or 1
+    runs = {"fp32_1t": (1, "float32"), f"fp32_{cores}t": (cores, "float32"), f"bf16_{cores}t": (cores, "bfloat16")}
+    return {name: asdict(flops.matmul_peak(t, dtype, seconds=seconds)) for name, (t, dtype) in runs.items()}
+
+
+def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str, float]:
+    """Mean FLOPs per request per stage over the workload, with the bundle's own tokenizers
+    (transcript tokens for the former, the full chat prompt for the LLM)."""
+    from transformers import AutoTokenizer
+
+    from emoq_serve.bundle import FORMER_TOKENIZER_DIR, LLM_DIR, Bundle
+    from emoq_serve.model.prompt import PromptBuilder
+
+    bundle = Bundle.open(bundle_path, verify_hashes=False)
+    cfg, prompt = bundle.model_config, bundle.manifest["prompt"]
+    text_tokenizer = AutoTokenizer.from_pretrained(str(bundle.file(FORMER_TOKENIZER_DIR)))
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(str(bundle.file(LLM_DIR))), bundle.labels,
+                            prompt["emotion_words"], prompt["num_soft_tokens"])
+    per_request = []
+    for req in workload:
+        shape = flops.RequestShape(
+            samples=len(req.audio),
+            text_tokens=len(text_tokenizer(req.transcript, truncation=True,
+                                           max_length=cfg.former.max_text_tokens)["input_ids"]),
+            prompt_tokens=len(builder.encode(req.transcript, req.speaker)[0]),
+        )
+        per_request.append(flops.request_flops(cfg, shape))
+    return {stage: float(np.mean([f[stage] for f in per_request])) for stage in per_request[0]}
+
+
+def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
+    """The RuntimeConfig and ServerConfig a harness-started server runs with, parsed by the
+    server's own CLI code from the same flags, so the report states its real thread settings."""
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--bundle", str(cfg.bundle), "--engine", engine, *cfg.serve_args.split()])
+    runtime, server = configs(args)
+    return {"runtime": asdict(runtime), "batching": asdict(server.batcher())}
+
+
+@contextlib.contextmanager
+def endpoint(cfg: BenchConfig, engine: str) -> Iterator[tuple[str, str | None]]:
+    """(gRPC address, metrics URL) of the server to measure; starts and stops it if needed."""
+    if cfg.server is not None:
+        yield cfg.server, cfg.metrics_url
+        return
+    with ServerProcess(bundle=cfg.bundle, engine=engine, log_path=cfg.out / f"server-{engine}.log",
+                       extra_args=cfg.serve_args) as server:
+        yield server.address, server.metrics_url
+
+
+def _scrape(url: str | None) -> dict[str, float]:
+    return stats.scrape_metrics(url) if url else {}
+
+
+async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | None,
+                workload: list[BenchRequest]) -> tuple[dict[str, Any], list[stats.LoadPoint]]:
+    """All load points of one engine; returns (GetModelInfo as a dict, the points)."""
+    from tqdm import tqdm
+
+    from emoq_serve.client.api import EmotionClient
+
+    async with EmotionClient(address, timeout=cfg.timeout_s) as client:
+        info = await client.model_info()
+        call = make_call(client, cfg.api, cfg.timeout_s, cfg.chunk_ms, cfg.realtime)
+        loads = cfg.concurrency if cfg.mode == "closed" else cfg.rates
+        points = []
+        for load in loads:
+            label = f"{engine} {'c=' if cfg.mode == 'closed' else 'rate='}{load}"
+            with tqdm(total=cfg.budget.requests, desc=label, unit="req", file=sys.stderr) as bar:
+                before = _scrape(metrics_url)
+                if cfg.mode == "closed":
+                    run = await run_closed(call, workload, int(load), cfg.budget, lambda r: bar.update(1))
+                else:
+                    run = await run_open(call, workload, float(load), cfg.budget, cfg.seed, lambda r: bar.update(1))
+                after = _scrape(metrics_url)
+            points.append(stats.summarize(
+                run, engine=engine, mode=cfg.mode, api=cfg.api,
+                concurrency=int(load) if cfg.mode == "closed" else None,
+                rate=float(load) if cfg.mode == "open" else None,
+                mean_batch_size=stats.mean_batch_size(before, after),
+            ))
+    model_info = {"labels": list(info.labels), "bundle_id": info.bundle_id, "preset": info.preset,
+                  "sample_rate_hz": info.sample_rate_hz, "versions": dict(info.versions)}
+    return model_info, points
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run everything `cfg` asks for and return the report (also written to `cfg.out`)."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    machine = report.machine_description()
+    workload = make_workload(cfg.workload)
+    peaks = measure_peaks(cfg.peak_seconds)
+    per_request = workload_flops(cfg.bundle, workload) if cfg.bundle else {}
+    # The best fp32 rate measured: under contention two threads can lose to one (ARCHITECTURE.md).
+    peak_fp32 = max(p["gflops"] for p in peaks.values() if p["dtype"] == "float32")
+    points, infos, threads = [], {}, {"env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+                                      "bench_torch_threads_for_peaks": [1, os.cpu_count()]}
+    for engine in cfg.engines:
+        if cfg.server is None:
+            threads[engine] = server_runtime(cfg, engine)
+        with endpoint(cfg, engine) as (address, metrics_url):
+            infos[engine], engine_points = asyncio.run(sweep(cfg, engine, address, metrics_url, workload))
+        for point in engine_points:
+            if per_request:
+                point.extra["efficiency"] = flops.stage_efficiency(
+                    per_request, point.server_ms,
+                    (point.mean_batch_size or 1.0) if TIMINGS_COVER_BATCH[engine] else 1.0, peak_fp32)
+            points.append(point.to_dict())
+    first = next(iter(infos.values()))
+    result = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": cfg.command,
+        "bundle_id": first["bundle_id"],
+        "preset": first["preset"],
+        "machine": machine,
+        "load_average_end": list(os.getloadavg()),
+        "threads": threads,
+        "versions": {"bench": report.library_versions(), **{f"server_{e}": i["versions"] for e, i in infos.items()}},
+        "model_info": infos,
+        "mode": cfg.mode,
+        "api": cfg.api,
+        "stream": {"chunk_ms": cfg.chunk_ms, "realtime": cfg.realtime} if cfg.api == "stream" else None,
+        "budget": asdict(cfg.budget),
+        "workload": {**asdict(cfg.workload), "mean_seconds": float(np.mean([r.seconds for r in workload]))},
+        "peak_gflops": peaks,
+        "peak_fp32_gflops": peak_fp32,
+        "flops_per_request": per_request,
+        "stages": list(STAGES),
+        "points": points,
+        "ratios": report.ratios(points) if set(cfg.engines) == {"eager", "onnx"} else {},
+        "notes": [],
+    }
+    if machine["load_average"][0] > 0.5 * (machine["logical_cores"] or 1):
+        result["notes"].append(f"other processes were loading the machine when this run started (1-min load "
+                               f"average {machine['load_average'][0]:.2f} on {machine['logical_cores']} cores): "
+                               "absolute numbers are pessimistic; same-run ratios are less affected")
+    report.write(result, cfg.out)
+    return result

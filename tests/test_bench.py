@@ -1,0 +1,139 @@
+"""`emoq bench`: FLOPs estimates against torch's FLOP counter, the seeded workload, the matmul
+peak, and end-to-end runs over real gRPC (a stand-in engine in-process; the tiny bundle served
+by `emoq serve` subprocesses for both engines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import flops
+from benchmarks.workload import WorkloadConfig, make_workload
+from emoq_serve.cli import main
+from emoq_serve.config import SAMPLE_RATE, preset
+from emoq_serve.runtime.types import STAGES
+
+
+def counted(fn, *args, **kwargs) -> int:
+    """FLOPs torch counts for a call, with attention as plain matmuls so they are counted too."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def test_audio_encoder_and_former_flops_match_the_modules():
+    from emoq_serve.model.audio_encoder import AudioEncoder
+    from emoq_serve.model.former import EmoQFormer
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    encoder = AudioEncoder(cfg.audio)
+    former = EmoQFormer(cfg.former, encoder.hidden_size, vocab_size=500).eval()
+    for seconds, text_tokens in ((1.3, 5), (2.2, 17)):
+        samples = int(seconds * SAMPLE_RATE)
+        wave, lengths = torch.randn(1, samples), torch.tensor([samples])
+        frames, mask = encoder(wave, lengths)
+        assert frames.shape[1] == flops.num_frames(samples)
+        expected = counted(encoder, wave, lengths)
+        # HuBERT's even-kernel positional conv computes one frame more than it keeps.
+        assert flops.audio_encoder_flops(cfg.audio, samples) == pytest.approx(expected, rel=2e-3)
+        ids, text_mask = torch.randint(0, 500, (1, text_tokens)), torch.ones(1, text_tokens, dtype=torch.bool)
+        assert flops.former_flops(cfg.former, encoder.hidden_size, frames.shape[1], text_tokens) == \
+            counted(former, frames, mask, ids, text_mask)
+
+
+def test_llm_flops_match_a_qwen2_prefill_and_the_projector():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from emoq_serve.model.projector import Projector
+
+    c = preset("tiny").llm
+    former_dim = preset("tiny").former.hidden_size
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+    )).eval()
+    projector = Projector(former_dim, c.hidden_size, c.num_soft_tokens, c.projector_hidden)
+    prompt = 37
+    measured = counted(projector, torch.randn(1, former_dim)) + counted(
+        llm, input_ids=torch.randint(0, c.vocab_size, (1, prompt)), logits_to_keep=1)
+    # The math backend multiplies the full P×P score matrix; the estimate counts the causal half.
+    masked_half = c.num_layers * 2 * 2 * c.hidden_size * prompt * (prompt - 1) / 2
+    assert flops.llm_flops(c, former_dim, prompt) + masked_half == pytest.approx(measured, rel=1e-6)
+
+
+def test_workload_is_seeded_with_a_conversational_length_distribution():
+    cfg = WorkloadConfig(num_utterances=200, seed=3)
+    a, b = make_workload(cfg), make_workload(cfg)
+    assert all(np.array_equal(x.audio, y.audio) and x.transcript == y.transcript for x, y in zip(a, b))
+    other = make_workload(WorkloadConfig(num_utterances=200, seed=4))
+    assert any(len(x.audio) != len(y.audio) for x, y in zip(a, other))
+    seconds = np.array([r.seconds for r in a])
+    assert seconds.min() >= 1.0 and seconds.max() <= 10.0
+    assert 2.0 < np.median(seconds) < 4.5 and seconds.max() > 2 * np.median(seconds)  # right-skewed
+    for r in a:
+        assert r.audio.dtype == np.float32 and 0.05 < np.abs(r.audio).max() <= 1.0
+        assert r.transcript.strip() and r.speaker
+
+
+def test_matmul_peak_is_positive_and_restores_threads():
+    before = torch.get_num_threads()
+    peak = flops.matmul_peak(1, "float32", n_max=512, seconds=0.2)
+    assert peak.gflops > 0.1 and peak.n in (256, 512) and peak.threads == 1
+    assert torch.get_num_threads() == before
+
+
+def check_point(p: dict) -> None:
+    lat = p["latency_ms"]
+    assert p["ok"] == p["requests"] > 0 and p["errors"] == {}
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert p["throughput_utt_s"] > 0 and p["throughput_audio_s_s"] >= p["throughput_utt_s"]  # clips >= 1 s
+    assert p["mean_batch_size"] is not None and p["mean_batch_size"] >= 1.0
+    assert p["server_ms"]["total"] > 0 and set(STAGES) <= set(p["server_ms"])
+
+
+def test_stream_open_loop_against_a_running_server(tmp_path):
+    """Streaming + open loop + metrics scraping over real gRPC, with a cheap stand-in engine."""
+    from server_harness import RunningServer, StandInRecognizer, config
+
+    with RunningServer(StandInRecognizer, config(max_audio_seconds=15.0)) as srv:
+        url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+        assert main(["bench", "--server", srv.address, "--metrics-url", url, "--mode", "open", "--rate", "20,40",
+                     "--api", "stream", "--chunk-ms", "250", "--requests", "12", "--warmup", "2",
+                     "--utterances", "6", "--peak-seconds", "0.1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [p["rate"] for p in report["points"]] == [20.0, 40.0]
+    for p in report["points"]:
+        check_point(p)
+        assert p["api"] == "stream" and p["max_send_lag_ms"] >= 0
+    assert report["bundle_id"] == "standin" and report["ratios"] == {} and report["flops_per_request"] == {}
+
+
+@pytest.mark.slow
+def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
+    from emoq_serve.bundle import Bundle
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--bundle", str(tiny_bundle), "--engine", "both", "--concurrency", "1,2",
+                 "--requests", "6", "--warmup", "1", "--utterances", "4", "--peak-seconds", "0.1",
+                 "--serve-args", "--no-verify", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["bundle_id"] == Bundle.open(tiny_bundle).bundle_id and report["preset"] == "tiny"
+    assert [(p["engine"], p["concurrency"]) for p in report["points"]] == \
+        [("eager", 1), ("eager", 2), ("onnx", 1), ("onnx", 2)]
+    for p in report["points"]:
+        check_point(p)
+        assert set(p["extra"]["efficiency"]) == {"audio_encoder", "former", "pooling", "llm"}
+    assert set(report["ratios"]["throughput"]) == {"1", "2"} and report["ratios"]["p50_at_c1"] > 0
+    assert all(report["flops_per_request"][s] > 0 for s in ("audio_encoder", "former", "pooling", "llm"))
+    assert report["machine"]["logical_cores"] >= 1 and report["machine"]["cpu_model"]
+    assert report["threads"]["onnx"]["runtime"]["audio_threads"] >= 1
+    assert "torch" in report["versions"]["bench"] and report["peak_fp32_gflops"] > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| eager | 1 |" in (out / "bench.md").read_text()

@@ -13,13 +13,14 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from emoq_serve._proto import emoq_pb2, emoq_pb2_grpc
+from emoq_serve.bundle import Bundle
+from emoq_serve.runtime import EngineName, load_recognizer
 from emoq_serve.runtime.batcher import DynamicBatcher
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.types import Recognizer
@@ -29,33 +30,17 @@ from emoq_serve.server.metrics import ServerMetrics
 from emoq_serve.server.service import EmotionRecognizerService
 from emoq_serve.server.validation import RequestValidator
 
-if TYPE_CHECKING:
-    from emoq_serve.bundle import Bundle
-
 log = logging.getLogger(__name__)
-
-#: `onnx`: ORT encoders + batched LLM backend (the product); `eager`: the PyTorch baseline.
-EngineName = Literal["onnx", "eager"]
 
 SERVICE_NAME = emoq_pb2.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_name
 
 
-def transcript_token_counter(tokenizer_dir: str | Path) -> Callable[[str], int]:
+def transcript_token_counter(bundle: Bundle) -> Callable[[str], int]:
     """Count transcript tokens the way the model's transcript tokenizer does."""
-    from transformers import AutoTokenizer  # lazy: heavy import
+    from emoq_serve.runtime.assets import text_tokenizer  # lazy: loads transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = text_tokenizer(bundle)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def load_engine(bundle: Bundle, runtime_cfg: RuntimeConfig, engine: EngineName) -> Recognizer:
-    if engine == "eager":
-        from emoq_serve.runtime.eager import EagerPipeline
-
-        return EagerPipeline(bundle, runtime_cfg)
-    from emoq_serve.runtime.pipeline import OnnxPipeline
-
-    return OnnxPipeline(bundle, runtime_cfg)
 
 
 class EmotionServer:
@@ -153,13 +138,11 @@ async def serve_bundle(
     bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
 ) -> None:
     """Load the bundle, serve it until SIGTERM/SIGINT, drain, release the engine."""
-    from emoq_serve.bundle import Bundle
-
-    bundle = Bundle.open(bundle_path, verify_hashes=runtime_cfg.verify_hashes)
-    recognizer = load_engine(bundle, runtime_cfg, engine)
+    recognizer = load_recognizer(bundle_path, runtime_cfg, engine)  # verifies the bundle's hashes
+    bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
     # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
     cfg = cfg.replace(max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens))
-    server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle.file("former_tokenizer")))
+    server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle))
     try:
         await server.start()
         server.stop_on_signals()

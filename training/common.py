@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 METRICS = ("wa", "ua", "wf1")
-
-
-class Checkpointable(Protocol):
-    """What `fit` needs from a model besides being an nn.Module."""
-
-    def save(self, directory: str | Path) -> None: ...
 
 
 def canonical_metric(name: str) -> str:

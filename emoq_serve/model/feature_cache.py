@@ -38,9 +38,9 @@ class FeatureCache:
             self.hits += 1
             return load_file(path)["frames"]
         self.misses += 1
-        length = torch.tensor([audio.shape[0]])
-        frames, mask = self.encoder(audio[None], length)
-        valid = frames[0, : int(mask[0].sum())].contiguous()
+        device = next(self.encoder.parameters()).device
+        frames, mask = self.encoder(audio[None].to(device), torch.tensor([audio.shape[0]], device=device))
+        valid = frames[0, : int(mask[0].sum())].cpu().contiguous()
         save_file({"frames": valid}, path)
         return valid
 

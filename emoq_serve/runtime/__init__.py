@@ -1,0 +1,32 @@
+"""Runtime engines: everything between a decoded batch of utterances and the posteriors.
+
+`load_recognizer` is the one entry point the server needs; `OnnxPipeline` (ORT + vLLM or
+transformers) and `EagerPipeline` (the PyTorch baseline) both implement `types.Recognizer`.
+Engine modules import torch, onnxruntime and vLLM, so they load only when asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.types import Recognizer
+
+EngineName = Literal["onnx", "eager"]
+
+
+def load_recognizer(bundle_path: str | Path, cfg: RuntimeConfig, engine: EngineName = "onnx") -> Recognizer:
+    """Open (and by default hash-verify) a bundle and start the named engine on it."""
+    from emoq_serve.bundle import Bundle
+
+    bundle = Bundle.open(bundle_path, verify_hashes=cfg.verify_hashes)
+    if engine == "onnx":
+        from emoq_serve.runtime.pipeline import OnnxPipeline
+
+        return OnnxPipeline(bundle, cfg)
+    if engine == "eager":
+        from emoq_serve.runtime.eager import EagerPipeline
+
+        return EagerPipeline(bundle, cfg)
+    raise ValueError(f"unknown engine {engine!r}; expected 'onnx' or 'eager'")

@@ -1,0 +1,123 @@
+"""The bundle pieces both engines share: tokenizers, heads, prompt embeddings, input batches.
+
+Both engines must compute exactly what the stage-2 model computes, so this module reuses the
+model's own code (`collate` for padding and transcript tokenisation, `PromptBuilder` and
+`inject_soft_prompt` for the prompt, `Projector` for the soft tokens) instead of re-deriving it.
+The LLM is not needed to build prompt embeddings: `embed_tokens[ids]` is its first layer.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from emoq_serve import bundle as names
+from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.data.batching import collate
+from emoq_serve.data.types import Example
+from emoq_serve.model.projector import Projector
+from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
+from emoq_serve.runtime.types import Prediction, Utterance
+
+
+def text_tokenizer(bundle: Bundle) -> Any:
+    """The former's transcript tokenizer, as exported."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bundle.file(names.FORMER_TOKENIZER_DIR)))
+
+
+def prompt_builder(bundle: Bundle) -> PromptBuilder:
+    """The chat-prompt builder over the merged LLM's tokenizer, checked against the manifest.
+
+    A tokenizer that maps the emotion words to other ids than export recorded would score the
+    wrong tokens silently, so a mismatch refuses to load.
+    """
+    from emoq_serve.model.llm import load_tokenizer
+
+    cfg = bundle.model_config
+    prompt = bundle.manifest["prompt"]
+    builder = PromptBuilder(load_tokenizer(bundle.file(names.LLM_DIR)), cfg.labels, prompt["emotion_words"],
+                            int(prompt["num_soft_tokens"]))
+    if list(builder.emotion_token_ids) != list(prompt["emotion_token_ids"]):
+        raise BundleError(f"the bundle's LLM tokenizer maps the emotion words to {builder.emotion_token_ids}, "
+                          f"but the manifest records {prompt['emotion_token_ids']}")
+    return builder
+
+
+def load_heads(bundle: Bundle) -> tuple[torch.Tensor, Projector]:
+    """(pool_u [H,d], the projector with its trained weights) from heads.safetensors."""
+    heads = load_file(str(bundle.file(names.HEADS)))
+    state = {k[len("projector."):]: v for k, v in heads.items() if k.startswith("projector.")}
+    hidden, in_dim = state["fc1.weight"].shape
+    out_dim = state["fc2.weight"].shape[0]
+    k = int(bundle.manifest["prompt"]["num_soft_tokens"])
+    projector = Projector(in_dim, out_dim // k, k, hidden)
+    projector.load_state_dict(state)
+    return heads["pool_u"], projector.eval()
+
+
+def model_batch(bundle: Bundle, tokenizer: Any, utterances: list[Utterance]) -> dict[str, Any]:
+    """The padded batch the stage-2 model would see, with the bundle's modality ablation applied.
+
+    Utterances become `Example`s so `collate` does the padding and tokenisation; empty audio is
+    the missing-audio case (length 0), an empty transcript the missing-text case.
+    """
+    cfg = bundle.model_config
+    examples = [Example(str(i), u.audio if len(u.audio) else None, u.transcript, 0, u.speaker)
+                for i, u in enumerate(utterances)]
+    batch = collate(examples, tokenizer, cfg.former.max_text_tokens)
+    if cfg.llm.modality == "audio":
+        batch["text_mask"] = torch.zeros_like(batch["text_mask"])
+        batch["transcripts"] = [""] * len(utterances)
+    return batch
+
+
+def text_only(bundle: Bundle, frame_mask: torch.Tensor) -> torch.Tensor:
+    """The frame mask the model uses: all False for a text-only ("text" modality) model."""
+    return torch.zeros_like(frame_mask) if bundle.model_config.llm.modality == "text" else frame_mask
+
+
+class PromptEmbedder:
+    """Soft prompt [B,K,H] + transcripts -> one prompt embedding [T_i,H] per utterance."""
+
+    def __init__(self, builder: PromptBuilder, embed_tokens: torch.Tensor) -> None:
+        self.builder = builder
+        self.embed_tokens = embed_tokens
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> PromptEmbedder:
+        table = load_file(str(bundle.file(names.EMBED_TOKENS)))["weight"]
+        return cls(prompt_builder(bundle), table)
+
+    @property
+    def emotion_token_ids(self) -> list[int]:
+        return list(self.builder.emotion_token_ids)
+
+    def __call__(self, soft: torch.Tensor, transcripts: list[str], speakers: list[str | None]) -> list[torch.Tensor]:
+        embeds = []
+        for row, (text, speaker) in enumerate(zip(transcripts, speakers)):
+            ids, positions = self.builder.encode(text, speaker)
+            tokens = self.embed_tokens[torch.tensor(ids)]
+            embeds.append(inject_soft_prompt(tokens, positions, soft[row]))
+        return embeds
+
+
+def predictions(labels: tuple[str, ...], posteriors: np.ndarray, timings_ms: dict[str, float]) -> list[Prediction]:
+    """One `Prediction` per row; every row of a batch carries the batch's stage timings."""
+    return [Prediction(labels[int(np.argmax(p))], p, dict(timings_ms)) for p in posteriors]
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    """Installed versions for GetModelInfo ("absent" for a package that is not installed)."""
+    found = {}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found

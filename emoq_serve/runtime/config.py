@@ -1,0 +1,73 @@
+"""Runtime settings: which engine pieces run where, with how many threads, in which precision.
+
+Kept apart from `ModelConfig` on purpose: the bundle fixes *what* is computed, this fixes *how*.
+The same bundle serves from a 2-core CPU box and from a GPU with different `RuntimeConfig`s.
+
+Threads are explicit per stage because on a small shared CPU, letting every library pick its
+own pool oversubscribes the cores and makes small ops many times slower (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+LLMBackendName = Literal["vllm", "transformers"]
+DeviceName = Literal["cpu", "cuda", "auto"]
+DTypeName = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class RuntimeConfig:
+    """How a bundle is run. Every field has a CPU-safe default."""
+
+    llm_backend: LLMBackendName = "vllm"
+    device: DeviceName = "auto"
+    #: LLM weights/activations. float32 reproduces the eager model to ~1e-5; bfloat16 is ~4x
+    #: faster on AVX512-BF16 CPUs but only agrees to ~1e-2.
+    dtype: DTypeName = "float32"
+    max_batch: int = 16
+    #: onnxruntime intra-op threads for audio_encoder.onnx / former.onnx (inter-op is always 1:
+    #: the graphs are sequential chains, a second pool only competes for the same cores).
+    audio_threads: int = 1
+    former_threads: int = 1
+    #: torch intra-op threads (pooling, projector, prompt assembly, transformers LLM).
+    torch_threads: int = 1
+    #: vLLM KV-cache size on CPU (MiB; on CPU vLLM would otherwise reserve ~90% of RAM) and
+    #: the GPU memory share on CUDA. Prompts are short and produce one token, so small is fine.
+    vllm_kv_cache_mib: int = 256
+    vllm_gpu_memory_utilization: float = 0.5
+    #: LLM context the engine reserves: the longest prompt (template + transcript + soft
+    #: tokens) plus the one scored token; at most the model's max_position_embeddings.
+    max_prompt_tokens: int = 512
+    #: Check every bundle file's sha256 at load (slow for big bundles, catches corruption).
+    verify_hashes: bool = True
+
+    def resolved_device(self) -> Literal["cpu", "cuda"]:
+        """`auto` means CUDA when torch sees a GPU, CPU otherwise."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def replace(self, **changes: object) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+#: Named starting points; the CLI overrides single fields on top of one of these.
+RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
+    # Parity runs and tests: exact fp32, one thread everywhere (deterministic, no contention).
+    "test": RuntimeConfig(device="cpu", max_batch=8, verify_hashes=True),
+    # The 2-core CPU server: ORT stages get both cores, the LLM runs in bf16.
+    "cpu": RuntimeConfig(device="cpu", dtype="bfloat16", audio_threads=2, former_threads=2, torch_threads=2),
+    "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
+}
+
+
+def runtime_preset(name: str) -> RuntimeConfig:
+    """A fresh copy of a named runtime preset."""
+    if name not in RUNTIME_PRESETS:
+        raise ValueError(f"unknown runtime preset {name!r}; choose one of {', '.join(RUNTIME_PRESETS)}")
+    return dataclasses.replace(RUNTIME_PRESETS[name])

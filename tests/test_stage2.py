@@ -235,3 +235,24 @@ def test_emotion_word_that_is_not_one_token_fails_clearly(tmp_path):
     tok = build_or_load_tokenizer(cfg.llm, words, TRANSCRIPTS, tmp_path)
     with pytest.raises(ValueError, match="'overjoyedness' is not a single token"):
         EmoQStage2.build(cfg, AudioEncoder(cfg.audio), None, load_text_tokenizer(cfg.former), tok)
+
+
+@pytest.mark.slow
+def test_train_stage2_from_stage1_then_resume(tmp_path):
+    from emoq_serve.data import load_corpus
+    from emoq_serve.model.emoq import EmoQStage1
+    from training.stage2 import Stage2Options, train_config, train_stage2
+
+    corpus = load_corpus("synthetic:2", seed=0)
+    cfg = preset("tiny", labels=corpus.labels)
+    torch.manual_seed(0)
+    EmoQStage1(cfg).save(tmp_path / "stage1" / "best")
+    opts = Stage2Options(stage1_dir=str(tmp_path / "stage1"), feature_cache=str(tmp_path / "features"))
+    out = tmp_path / "stage2"
+    summary = train_stage2(cfg, train_config("tiny", epochs=1, batch_size=8), corpus, out, opts)
+    assert set(summary["stage1_dev"]) == {"wa", "ua", "wf1"} and summary["best_epoch"] == 1
+    assert 0.0 <= summary["test"]["wa"] <= 1.0
+    resumed = train_stage2(cfg, train_config("tiny", epochs=2, batch_size=8), corpus, out, opts, resume=True)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2 and resumed["epochs"] == 2
+    best = EmoQStage2.load(out / "best")
+    assert best.cfg.llm.use_former and best.cfg.audio.cache_dir is None

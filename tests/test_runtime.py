@@ -158,6 +158,7 @@ def test_eager_pipeline_matches_model(tiny_bundle, reference):
     got = posteriors(engine, utterances())
     assert np.abs(got - reference).max() < TOL
     assert engine.info()["engine"] == "eager"
+    asyncio.run(engine.close())
 
 
 def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors.torch import load_file
@@ -61,6 +62,8 @@ class EagerPipeline:
         # The LLM's own input embeddings, not embed_tokens.safetensors: the baseline uses only
         # the training-side artefacts.
         self.prompts = PromptEmbedder(prompt_builder(bundle), self.llm.model.get_input_embeddings().weight)
+        # One request at a time, like the researcher's loop, but off the event loop.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-eager")
 
     def info(self) -> dict[str, str]:
         return {
@@ -99,7 +102,9 @@ class EagerPipeline:
         return predictions(self.labels, posteriors, timings)[0]
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
-        return [await asyncio.to_thread(self.recognize_one, u) for u in batch]
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self._worker, self.recognize_one, u) for u in batch]
 
     async def close(self) -> None:
+        await asyncio.to_thread(self._worker.shutdown)
         await self.llm.close()

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,6 +64,8 @@ class TransformersBackend:
 
     Right padding with an attention mask is exact for a causal model: a real position never
     attends to the padding after it, so the last real position sees exactly its own prompt.
+    Forwards run one at a time on a private worker thread: concurrent forwards would only
+    split the same intra-op threads between them.
     """
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
@@ -71,6 +74,7 @@ class TransformersBackend:
         self.device = torch.device(device)
         self.dtype = _TORCH_DTYPES[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-llm")
 
     @torch.inference_mode()
     def posteriors_sync(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
@@ -86,10 +90,11 @@ class TransformersBackend:
         return renormalise(logits.float().cpu().numpy())
 
     async def posteriors(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
-        return await asyncio.to_thread(self.posteriors_sync, prompt_embeds, emotion_token_ids)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.posteriors_sync, prompt_embeds, emotion_token_ids)
 
     async def close(self) -> None:
-        self.model = None
+        await asyncio.to_thread(self._worker.shutdown)
 
 
 class _EngineThread:

@@ -6,9 +6,10 @@ Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
   pooling        `emoq_serve.kernels.attentive_pool` with the bundle's `pool_u`
   llm            projector -> prompt embeddings -> LLM backend -> emotion-token posteriors
 
-The ONNX and torch stages are CPU-heavy and synchronous, so they run in a worker thread; the
-event loop stays free to accept requests and the LLM backend (vLLM's engine thread) scores one
-batch while the next batch is in its ONNX stages. The batcher decides batch composition and
+The ONNX and torch stages are CPU-heavy and synchronous, so they run on one private worker
+thread: the event loop stays free to accept requests, the LLM backend (vLLM's engine thread)
+scores one batch while the next batch is in its ONNX stages, and two batches never split the
+ONNX stages' thread budget between them. The batcher decides batch composition and
 order; nothing is sorted or bucketed here.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -57,6 +59,7 @@ class OnnxPipeline:
         self.prompts = PromptEmbedder.from_bundle(bundle)
         self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
         self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-onnx")
 
     def info(self) -> dict[str, str]:
         return {
@@ -96,11 +99,12 @@ class OnnxPipeline:
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:
             return []
-        embeds, timings = await asyncio.to_thread(self.encode, batch)
+        embeds, timings = await asyncio.get_running_loop().run_in_executor(self._worker, self.encode, batch)
         start = time.perf_counter()
         posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
         timings["llm"] += (time.perf_counter() - start) * 1e3
         return predictions(self.labels, posteriors, timings)
 
     async def close(self) -> None:
+        await asyncio.to_thread(self._worker.shutdown)
         await self.llm.close()

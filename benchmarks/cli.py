@@ -25,8 +25,9 @@ def canonical_command(args: argparse.Namespace) -> str:
         if value is True:
             words.append(flag)
         else:
-            words += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-                      if isinstance(value, tuple) else str(value)]
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, tuple) else str(value)
+            words += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
     return shlex.join(words)
 
 
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--duration", type=float, default=None, help="seconds per load point (default 30)")
     p.add_argument("--utterances", type=int, default=64, help="workload size (cycled)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--serve-args", default="", help='extra `emoq serve` flags, e.g. "--max-batch 16"')
+    p.add_argument("--serve-args", default="", help='extra `emoq serve` flags, e.g. --serve-args="--max-batch 16"')
     p.add_argument("--timeout", type=float, default=300.0, help="per-call deadline (s)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="time per matmul-peak measurement")
     p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.md, bench.png)")

@@ -68,11 +68,22 @@ class Budget:
 
 @dataclass
 class Run:
-    """The measured calls of one load point and the wall time they took."""
+    """The measured calls of one load point.
+
+    `t0` is when measuring began and `issue_end` when the last request was issued; between the
+    two the load was at its nominal level (afterwards the in-flight calls drain with less and
+    less concurrency), so steady-state throughput counts the calls that finished in that span.
+    """
 
     results: list[CallResult]
-    wall_s: float
+    t0: float
+    issue_end: float
     max_send_lag_ms: float = 0.0
+
+    @property
+    def wall_s(self) -> float:
+        """From the start of measuring until the last call finished."""
+        return max(max((r.done for r in self.results), default=self.t0) - self.t0, 1e-9)
 
 
 def _cycle(workload: Sequence[BenchRequest]) -> Iterator[BenchRequest]:
@@ -82,43 +93,40 @@ def _cycle(workload: Sequence[BenchRequest]) -> Iterator[BenchRequest]:
 
 
 async def _closed_phase(call: Call, items: Iterator[BenchRequest], concurrency: int, count: int | None,
-                        deadline: float | None, on_result: OnResult | None) -> list[CallResult]:
+                        deadline: float | None, on_result: OnResult | None) -> tuple[list[CallResult], float]:
     results: list[CallResult] = []
-    issued = 0
+    issued, last_issue = 0, time.monotonic()
 
     async def worker() -> None:
-        nonlocal issued
+        nonlocal issued, last_issue
         while (count is None or issued < count) and (deadline is None or time.monotonic() < deadline):
             issued += 1
+            last_issue = time.monotonic()
             result = await call(next(items))
             results.append(result)
             if on_result:
                 on_result(result)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
+    return results, last_issue
 
 
 async def _open_phase(call: Call, items: Iterator[BenchRequest], rate: float, rng: np.random.Generator,
                       count: int | None, deadline: float | None,
-                      on_result: OnResult | None) -> tuple[list[CallResult], float]:
+                      on_result: OnResult | None) -> tuple[list[CallResult], float, float]:
     tasks: list[asyncio.Task[CallResult]] = []
     max_lag = 0.0
-    scheduled = time.monotonic()
+    scheduled = last_issue = time.monotonic()
     while (count is None or len(tasks) < count) and (deadline is None or scheduled < deadline):
         await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-        max_lag = max(max_lag, time.monotonic() - scheduled)
+        last_issue = time.monotonic()
+        max_lag = max(max_lag, last_issue - scheduled)
         task = asyncio.create_task(call(next(items)))
         if on_result:
             task.add_done_callback(lambda t: on_result(t.result()) if not t.exception() else None)
         tasks.append(task)
         scheduled += rng.exponential(1.0 / rate)
-    return list(await asyncio.gather(*tasks)), max_lag * 1e3
-
-
-def _run(results: list[CallResult], t0: float, max_lag_ms: float = 0.0) -> Run:
-    end = max((r.done for r in results), default=t0)
-    return Run(results=results, wall_s=max(end - t0, 1e-9), max_send_lag_ms=max_lag_ms)
+    return list(await asyncio.gather(*tasks)), last_issue, max_lag * 1e3
 
 
 async def run_closed(call: Call, workload: Sequence[BenchRequest], concurrency: int, budget: Budget,
@@ -130,8 +138,8 @@ async def run_closed(call: Call, workload: Sequence[BenchRequest], concurrency: 
         await _closed_phase(call, _cycle(workload), concurrency, budget.warmup, None, None)
     t0 = time.monotonic()
     deadline = t0 + budget.duration_s if budget.duration_s is not None else None
-    results = await _closed_phase(call, _cycle(workload), concurrency, budget.requests, deadline, on_result)
-    return _run(results, t0)
+    results, issue_end = await _closed_phase(call, _cycle(workload), concurrency, budget.requests, deadline, on_result)
+    return Run(results=results, t0=t0, issue_end=issue_end)
 
 
 async def run_open(call: Call, workload: Sequence[BenchRequest], rate: float, budget: Budget, seed: int,
@@ -144,5 +152,5 @@ async def run_open(call: Call, workload: Sequence[BenchRequest], rate: float, bu
         await _open_phase(call, _cycle(workload), rate, rng, budget.warmup, None, None)
     t0 = time.monotonic()
     deadline = t0 + budget.duration_s if budget.duration_s is not None else None
-    results, lag = await _open_phase(call, _cycle(workload), rate, rng, budget.requests, deadline, on_result)
-    return _run(results, t0, lag)
+    results, issue_end, lag = await _open_phase(call, _cycle(workload), rate, rng, budget.requests, deadline, on_result)
+    return Run(results=results, t0=t0, issue_end=issue_end, max_send_lag_ms=lag)

@@ -69,16 +69,28 @@ def server_breakdown(run: Run) -> dict[str, float]:
     return {stage: total / len(ok) for stage, total in sums.items()}
 
 
+def steady_throughput(run: Run) -> tuple[float, float]:
+    """(utterances/s, audio-seconds/s) of the successful calls that finished while the load was
+    at its nominal level; over the whole run when that span holds fewer than two calls."""
+    ok = [r for r in run.results if r.ok]
+    steady = [r for r in ok if r.done <= run.issue_end]
+    span = run.issue_end - run.t0
+    if len(steady) < 2 or span <= 0:
+        steady, span = ok, run.wall_s
+    return len(steady) / span, sum(r.audio_seconds for r in steady) / span
+
+
 def summarize(run: Run, *, engine: str, mode: str, api: str, concurrency: int | None, rate: float | None,
               mean_batch_size: float | None) -> LoadPoint:
     ok = [r for r in run.results if r.ok]
     errors = collections.Counter(r.code for r in run.results if not r.ok)
+    utt_s, audio_s_s = steady_throughput(run)
     return LoadPoint(
         engine=engine, mode=mode, api=api, concurrency=concurrency, rate=rate,
         requests=len(run.results), ok=len(ok), errors=dict(sorted(errors.items())),
         wall_s=run.wall_s,
-        throughput_utt_s=len(ok) / run.wall_s,
-        throughput_audio_s_s=sum(r.audio_seconds for r in ok) / run.wall_s,
+        throughput_utt_s=utt_s,
+        throughput_audio_s_s=audio_s_s,
         latency_ms=latency_summary(np.array([r.latency_s for r in ok])),
         server_ms=server_breakdown(run),
         mean_batch_size=mean_batch_size,

@@ -33,6 +33,11 @@ _LINES = (
     "she said she would call me back but she never did",
 )
 
+def conversational_lines() -> list[str]:
+    """The lines the workload's transcripts are cut from (also the benchmark LLM tokenizer's corpus)."""
+    return list(_LINES)
+
+
 #: Silence between two phrases of one utterance.
 PAUSE_SECONDS = 0.15
 

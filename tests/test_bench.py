@@ -89,6 +89,34 @@ def test_matmul_peak_is_positive_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
+def test_closed_loop_holds_the_concurrency_and_drops_warmup():
+    import asyncio
+
+    from benchmarks.loadgen import Budget, CallResult, run_closed
+    from benchmarks.stats import steady_throughput
+
+    workload = make_workload(WorkloadConfig(num_utterances=3))
+    inflight, peak, issued = 0, 0, []
+
+    async def call(req):
+        nonlocal inflight, peak
+        issued.append(req.index)
+        inflight += 1
+        peak = max(peak, inflight)
+        sent = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.01)
+        inflight -= 1
+        return CallResult(req.index, sent, asyncio.get_running_loop().time(), "OK", req.seconds)
+
+    run = asyncio.run(run_closed(call, workload, 4, Budget(requests=20, warmup=5)))
+    assert peak == 4 and len(issued) == 25 and len(run.results) == 20
+    # measuring restarts at the first workload item, so every engine sees the same sequence
+    assert issued[:5] == [0, 1, 2, 0, 1] and issued[5:9] == [0, 1, 2, 0]
+    assert run.t0 < run.issue_end < max(r.done for r in run.results)
+    utt_s, _ = steady_throughput(run)
+    assert 0 < utt_s <= 4 / 0.01 * 1.05  # never above concurrency / service time
+
+
 def check_point(p: dict) -> None:
     lat = p["latency_ms"]
     assert p["ok"] == p["requests"] > 0 and p["errors"] == {}
@@ -122,7 +150,7 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--bundle", str(tiny_bundle), "--engine", "both", "--concurrency", "1,2",
                  "--requests", "6", "--warmup", "1", "--utterances", "4", "--peak-seconds", "0.1",
-                 "--serve-args", "--no-verify", "--out", str(out)]) == 0
+                 "--serve-args=--no-verify", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["bundle_id"] == Bundle.open(tiny_bundle).bundle_id and report["preset"] == "tiny"
     assert [(p["engine"], p["concurrency"]) for p in report["points"]] == \

@@ -50,6 +50,9 @@ UNARY_CASES = {
     "nan samples": (raw(pb.FLOAT32, 16_000, np.array([0.1, np.nan, 0.2], "<f4").tobytes()), INVALID, "NaN/Inf"),
     "inf samples": (raw(pb.FLOAT32, 16_000, np.array([np.inf] * 8, "<f4").tobytes()), INVALID, "NaN/Inf"),
     "empty audio": (raw(pb.FLOAT32, 16_000, b""), INVALID, "no audio"),
+    "too short": (raw(pb.FLOAT32, 16_000, tone(0.01).astype("<f4").tobytes()), INVALID, "needs at least 25 ms"),
+    "resamples to nothing": (raw(pb.FLOAT32, 192_000, tone(0.01)[:4].astype("<f4").tobytes()), INVALID, "needs at least"),
+    "huge samples": (raw(pb.FLOAT32, 16_000, (tone(0.5) * 3e4).astype("<f4").tobytes()), INVALID, "send LINEAR16"),
     "too long": (raw(pb.FLOAT32, 16_000, tone(2.5).astype("<f4").tobytes()), INVALID, "longer than the 2 s limit"),
     "too long at 8 kHz": (raw(pb.LINEAR16, 8_000, b"\x00\x00" * 8_000 * 3), INVALID, "longer than the 2 s limit"),
     "transcript chars": (raw(pb.FLOAT32, 16_000, ONE_SECOND, "x" * 61), INVALID, "61 characters; the limit is 60"),
@@ -140,9 +143,9 @@ def test_interim_view_ignores_partial_sample_final_does_not():
     validator = RequestValidator(config(**LIMITS))
     stream = validator.stream()
     stream.feed(s_config(encoding="pcm16"))
-    stream.feed(pb.StreamingRecognizeRequest(audio_content=b"\x00\x40" * 100 + b"\x01"))
-    assert len(stream.utterance(final=False).audio) == 100
-    assert stream.audio_seconds == pytest.approx(201 / 2 / 16_000)
+    stream.feed(pb.StreamingRecognizeRequest(audio_content=b"\x00\x40" * 500 + b"\x01"))
+    assert len(stream.utterance(final=False).audio) == 500
+    assert stream.audio_seconds == pytest.approx(1001 / 2 / 16_000)
     with pytest.raises(InvalidRequest, match="even number of bytes"):
         stream.utterance(final=True)
 

@@ -2,8 +2,12 @@
 
 Shutdown order (SIGTERM/SIGINT, or `stop()`): health turns NOT_SERVING so orchestrators stop
 routing here, new recognition calls get UNAVAILABLE while health stays reachable, accepted calls
-run to completion for up to `drain_timeout_s`, then the transport stops and whatever is
-left is cancelled with a status, never dropped silently.
+run to completion for up to `drain_timeout_s`, then whatever is left is cut off with UNAVAILABLE
+and a message (never dropped silently) and the transport stops.
+
+Engine health: when the recognizer is an `EngineSupervisor`, health follows it (NOT_SERVING
+while the engine is rebuilt after a fatal failure, SERVING again after). `serve_bundle` always
+serves through one, so `emoq serve` recovers from a dead engine without a process restart.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from emoq_serve._proto import emoq_pb2, emoq_pb2_grpc
+from emoq_serve._proto import emoq_pb2
 from emoq_serve.bundle import Bundle
 from emoq_serve.runtime import EngineName, load_recognizer
 from emoq_serve.runtime.batcher import DynamicBatcher
@@ -28,7 +32,8 @@ from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_c
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.metrics import ServerMetrics
 from emoq_serve.server.service import EmotionRecognizerService
-from emoq_serve.server.validation import RequestValidator
+from emoq_serve.server.supervisor import EngineSupervisor
+from emoq_serve.server.validation import RequestValidator, tolerant_parser
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +48,34 @@ def transcript_token_counter(bundle: Bundle) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def add_service(service: EmotionRecognizerService, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated `add_EmotionRecognizerServicer_to_server`, but with
+    deserializers that hand malformed bytes to the service (INVALID_ARGUMENT) instead of raising."""
+    pb = emoq_pb2
+    handlers = {
+        "Recognize": grpc.unary_unary_rpc_method_handler(
+            service.Recognize, tolerant_parser(pb.RecognizeRequest), pb.RecognizeResponse.SerializeToString
+        ),
+        "StreamingRecognize": grpc.stream_stream_rpc_method_handler(
+            service.StreamingRecognize, tolerant_parser(pb.StreamingRecognizeRequest),
+            pb.StreamingRecognizeResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class EmotionServer:
     """One gRPC server (recognition + health + reflection) plus its batcher and metrics port.
 
     The caller owns `recognizer` (loads and closes it); the server owns everything else.
     """
+
+    #: Health service names kept in step: the whole server ("") and the recognition service.
+    HEALTH_NAMES = ("", SERVICE_NAME)
 
     def __init__(
         self, recognizer: Recognizer, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None
@@ -65,6 +93,16 @@ class EmotionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
+        if isinstance(recognizer, EngineSupervisor):
+            recognizer.on_state = self._engine_state
+
+    async def _engine_state(self, serving: bool) -> None:
+        """Mirror the engine's state in health (a draining server stays NOT_SERVING)."""
+        if self._server is None or self.service.draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.HEALTH_NAMES:
+            await self.health.set(name, status)
 
     def _observe_batch(self, size: int) -> None:
         self.metrics.batch_size.observe(size)
@@ -79,7 +117,7 @@ class EmotionServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        emoq_pb2_grpc.add_EmotionRecognizerServicer_to_server(self.service, server)
+        add_service(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -96,8 +134,8 @@ class EmotionServer:
         self._server = server
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        serving = not isinstance(self.recognizer, EngineSupervisor) or self.recognizer.serving
+        await self._engine_state(serving)
         log.info(
             "serving %s on %s:%d (%s, %d token(s)); metrics on port %s",
             SERVICE_NAME, self.cfg.host, self.port, "TLS" if credentials else "plaintext",
@@ -112,7 +150,7 @@ class EmotionServer:
         await self.health.enter_graceful_shutdown()
         left = await self.service.drain(self.cfg.drain_timeout_s)
         if left:
-            log.warning("drain timeout (%.1f s): cancelling %d call(s)", self.cfg.drain_timeout_s, left)
+            log.warning("drain timeout (%.1f s): cut off %d call(s) with UNAVAILABLE", self.cfg.drain_timeout_s, left)
         await server.stop(grace=1.0)
         await self.batcher.close(timeout=1.0)
         self.metrics.stop()
@@ -137,8 +175,13 @@ class EmotionServer:
 async def serve_bundle(
     bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
 ) -> None:
-    """Load the bundle, serve it until SIGTERM/SIGINT, drain, release the engine."""
-    recognizer = load_recognizer(bundle_path, runtime_cfg, engine)  # verifies the bundle's hashes
+    """Load the bundle, serve it until SIGTERM/SIGINT, drain, release the engine.
+
+    The engine is supervised: after a fatal failure it is rebuilt from the bundle, whose hashes
+    are checked again (unless `runtime_cfg.verify_hashes` is off), so a bundle changed on disk
+    since start-up is refused rather than served.
+    """
+    recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine), cfg.supervisor())
     bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
     # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
     cfg = cfg.replace(max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens))

@@ -34,11 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interim-span-s", type=float, default=d.interim_span_s)
     p.add_argument("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s)
     p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    p.add_argument("--engine-timeout-s", type=float, default=d.engine_timeout_s,
+                   help="a batch slower than this means a hung engine: fail it (UNAVAILABLE) and rebuild the engine")
+    p.add_argument("--max-consecutive-failures", type=int, default=d.max_consecutive_failures,
+                   help="failed batches in a row before the engine is rebuilt")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM server key")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA for client certificates (mutual TLS)")
     p.add_argument("--auth-tokens-file", default=None, help="bearer tokens, one per line (also $EMOQ_AUTH_TOKENS)")
-    p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 checks (faster start)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="UNSAFE: skip the bundle's sha256 checks (serves files nobody verified; logged as a warning)")
     p.set_defaults(func=run)
 
 
@@ -70,9 +75,15 @@ def bundle_path(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
 
     from emoq_serve.server.app import serve_bundle
 
     runtime, server = configs(args)
+    if not runtime.verify_hashes:
+        logging.getLogger(__name__).warning(
+            "--no-verify: the bundle's files are NOT checked against its manifest hashes; a corrupted or "
+            "tampered bundle will be served. Use only for bundles you built on this machine."
+        )
     asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
     return 0

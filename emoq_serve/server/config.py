@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from emoq_serve.runtime.batcher import BatcherConfig
+from emoq_serve.server.supervisor import SupervisorConfig
 
 
 @dataclass
@@ -27,16 +28,26 @@ class ServerConfig:
     min_sample_rate_hz: int = 8_000
     max_sample_rate_hz: int = 192_000
     max_audio_seconds: float = 30.0
+    #: Shortest audio accepted: one HuBERT frame (400 samples at 16 kHz). Shorter audio (or a few
+    #: samples at a high rate, which resample to none) would reach the model empty.
+    min_audio_seconds: float = 0.025
     max_transcript_chars: int = 2_000
     max_transcript_tokens: int = 128  # counted with the bundle's transcript tokenizer
     max_speaker_chars: int = 64
+    #: Largest |sample| accepted (nominal range [-1, 1]; headroom for resampler/filter overshoot).
+    max_abs_sample: float = 4.0
     #: gRPC's own receive limit; a bigger message gets RESOURCE_EXHAUSTED from grpc itself.
     max_message_bytes: int = 16 * 1024 * 1024
     # Streaming.
     interim_span_s: float = 1.0  # an interim result per this much audio received
     stream_idle_timeout_s: float = 10.0  # longest silence between two stream messages
-    # Shutdown: how long in-flight calls may run after SIGTERM before they are cancelled.
+    # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
+    # Engine supervision (see emoq_serve.server.supervisor): a batch slower than this is a hung
+    # engine; this many failed batches in a row count as fatal; rebuild retry backoff.
+    engine_timeout_s: float = 60.0
+    max_consecutive_failures: int = 3
+    restart_backoff_s: float = 1.0
     # Security (all optional). TLS files are PEM; tokens are bearer tokens, one per line.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -50,6 +61,13 @@ class ServerConfig:
             queue_size=self.queue_size,
             bucket_edges_s=self.bucket_edges_s,
             max_inflight_batches=self.max_inflight_batches,
+        )
+
+    def supervisor(self) -> SupervisorConfig:
+        return SupervisorConfig(
+            engine_timeout_s=self.engine_timeout_s,
+            max_consecutive_failures=self.max_consecutive_failures,
+            restart_backoff_s=self.restart_backoff_s,
         )
 
     def replace(self, **changes: object) -> ServerConfig:

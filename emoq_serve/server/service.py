@@ -3,7 +3,9 @@
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
 and counts them by status, so the error contract lives in one place:
 InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, DeadlineExpired and an idle
-stream -> DEADLINE_EXCEEDED, BatcherClosed -> UNAVAILABLE, anything else -> INTERNAL.
+stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
+ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. Calls still running when the drain timeout
+ends are cut off with UNAVAILABLE and a message, so no accepted call ends without a status.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
@@ -24,6 +27,7 @@ from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBa
 from emoq_serve.runtime.types import STAGES, Prediction, Recognizer, Utterance
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.metrics import ServerMetrics
+from emoq_serve.server.supervisor import EngineUnavailable
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherClosed: grpc.StatusCode.UNAVAILABLE,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -70,30 +75,51 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self.metrics = metrics
         self.cfg = cfg
         self.draining = False
+        self._cut_off = False
+        self._drain_timeout = 0.0
+        self._tasks: set[asyncio.Task[object]] = set()
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def drain(self, timeout: float) -> int:
-        """Refuse new calls, wait up to `timeout` s for accepted ones; returns how many remain."""
+        """Refuse new calls, wait up to `timeout` s for accepted ones, then cut the rest off
+        with UNAVAILABLE. Returns how many were cut off."""
         self.draining = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        return self._calls
+        left = self._calls
+        if left:
+            self._cut_off = True
+            self._drain_timeout = timeout
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 1.0)
+        return left
 
     @contextlib.asynccontextmanager
     async def _outcome(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Count the call by final status; turn exceptions into aborts with a message."""
+        task = asyncio.current_task()
+        assert task is not None
         self.metrics.inflight.inc()
         self._calls += 1
+        self._tasks.add(task)
         self._idle.clear()
         try:
             if self.draining:
                 raise ShuttingDown("the server is shutting down: retry on another instance")
             yield
-        except asyncio.CancelledError:  # client cancelled or its deadline passed
-            self.metrics.requests.labels(method, "CANCELLED").inc()
-            raise
+        except asyncio.CancelledError:  # client cancelled or its deadline passed, or the drain ended
+            if not self._cut_off:
+                self.metrics.requests.labels(method, "CANCELLED").inc()
+                raise
+            self.metrics.requests.labels(method, "UNAVAILABLE").inc()
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server shut down before this call finished (drain timeout {self._drain_timeout:g} s): retry",
+            )
         except Exception as exc:
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
@@ -104,6 +130,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             self.metrics.requests.labels(method, "OK").inc()
         finally:
             self.metrics.inflight.dec()
+            self._tasks.discard(task)
             self._calls -= 1
             if self._calls == 0:
                 self._idle.set()
@@ -117,6 +144,8 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         return self._result(prediction, len(utterance.audio) / SAMPLE_RATE, final, started)
 
     def _result(self, prediction: Prediction, audio_seconds: float, final: bool, started: float) -> pb.EmotionResult:
+        if not np.isfinite(prediction.probabilities).all():  # never hand a client NaN as an answer
+            raise ValueError(f"the engine returned non-finite scores {prediction.probabilities.tolist()}")
         total_ms = (time.monotonic() - started) * 1e3
         self.metrics.observe_result(prediction.timings_ms, total_ms)
         timing = pb.Timing(total_ms=total_ms, **{f"{s}_ms": prediction.timings_ms.get(s, 0.0) for s in STAGES})

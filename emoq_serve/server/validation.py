@@ -12,8 +12,11 @@ with RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from emoq_serve.audio import decode_float32, decode_pcm16, resample
 from emoq_serve.config import SAMPLE_RATE
@@ -24,9 +27,39 @@ from emoq_serve.server.config import ServerConfig
 #: Bytes per sample of each accepted encoding.
 SAMPLE_BYTES = {pb.LINEAR16: 2, pb.FLOAT32: 4}
 
+M = TypeVar("M", bound=Message)
+
 
 class InvalidRequest(ValueError):
     """The request cannot be served as sent (INVALID_ARGUMENT); the message says why."""
+
+
+@dataclass
+class MalformedMessage:
+    """Request bytes that do not parse as the expected message.
+
+    The server's deserializers return this instead of raising, so unparseable bytes get
+    INVALID_ARGUMENT from the service like any other bad input (a raising deserializer makes
+    grpc answer UNKNOWN/INTERNAL and log a stack trace per garbage message).
+    """
+
+    type_name: str
+    error: str
+
+    def reject(self) -> InvalidRequest:
+        return InvalidRequest(f"malformed {self.type_name}: {self.error}; send a valid serialized message")
+
+
+def tolerant_parser(message_type: type[M]) -> Callable[[bytes], M | MalformedMessage]:
+    """A grpc request deserializer for `message_type` that never raises."""
+
+    def parse(data: bytes) -> M | MalformedMessage:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedMessage(message_type.DESCRIPTOR.name, str(exc))
+
+    return parse
 
 
 class RequestValidator:
@@ -81,10 +114,23 @@ class RequestValidator:
             audio = decode(data)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
+        # Finite but huge FLOAT32 values are not audio (often integer PCM sent as FLOAT32) and
+        # overflow the model's activations into NaN posteriors.
+        if (peak := float(np.abs(audio).max())) > self.cfg.max_abs_sample:
+            raise InvalidRequest(
+                f"FLOAT32 audio peaks at {peak:.3g}; samples must lie in [-1, 1] (limit {self.cfg.max_abs_sample:g}): "
+                "scale the audio, or send LINEAR16 if these are 16-bit integer samples"
+            )
+        if (seconds := len(audio) / config.sample_rate_hz) < self.cfg.min_audio_seconds:
+            raise InvalidRequest(
+                f"audio is {seconds * 1e3:.1f} ms long; the model needs at least {self.cfg.min_audio_seconds * 1e3:g} ms"
+            )
         return np.ascontiguousarray(resample(audio, config.sample_rate_hz, SAMPLE_RATE), dtype=np.float32)
 
-    def unary(self, request: pb.RecognizeRequest) -> Utterance:
+    def unary(self, request: pb.RecognizeRequest | MalformedMessage) -> Utterance:
         """A whole `RecognizeRequest` -> `Utterance`."""
+        if isinstance(request, MalformedMessage):
+            raise request.reject()
         if not request.HasField("config"):
             raise InvalidRequest("RecognizeRequest.config is missing: set encoding and sample_rate_hz")
         self.check_config(request.config)
@@ -110,7 +156,9 @@ class StreamAssembler:
         self._chunks: list[bytes] = []
         self.num_bytes = 0
 
-    def feed(self, request: pb.StreamingRecognizeRequest) -> None:
+    def feed(self, request: pb.StreamingRecognizeRequest | MalformedMessage) -> None:
+        if isinstance(request, MalformedMessage):
+            raise request.reject()
         kind = request.WhichOneof("streaming_request")
         if kind is None:
             raise InvalidRequest("empty StreamingRecognizeRequest: set config, audio_content or transcript")

@@ -1,0 +1,190 @@
+"""Engine supervision: detect a broken engine, answer UNAVAILABLE while rebuilding it, recover.
+
+Why: a serving process outlives its engine. vLLM's engine thread can die, an onnxruntime session
+can start failing, a backend can hang; without supervision every later request fails (or waits
+forever) until someone restarts the process. `EngineSupervisor` is itself a `Recognizer`, so the
+batcher and the service need no change: it runs each batch under a watchdog, classifies failures,
+and on a fatal one closes the engine, rebuilds it with the factory (in a worker thread, so the
+event loop keeps answering health checks and refusing calls quickly) and reports its state to a
+listener (the server flips gRPC health NOT_SERVING -> SERVING).
+
+Failure classes:
+- transient: the batch raised, the engine still looks fine. Those callers get INTERNAL.
+- fatal: the batch ran past `engine_timeout_s` (hung), raised an error that names a dead engine
+  (`FATAL_ERROR_NAMES`, MemoryError, SystemError), or `max_consecutive_failures` batches failed
+  in a row. Those callers get UNAVAILABLE (`EngineUnavailable`) and the engine is rebuilt.
+While rebuilding, batches fail at once with UNAVAILABLE instead of queueing behind a dead engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
+
+log = logging.getLogger(__name__)
+
+#: Exception class names that mean the engine itself is gone (vLLM's dead engine core,
+#: onnxruntime's execution-provider and runtime failures), matched by name so that neither
+#: library is imported here.
+FATAL_ERROR_NAMES = frozenset({"EngineDeadError", "EPFail", "RuntimeException"})
+
+
+class EngineUnavailable(Exception):
+    """The engine failed fatally or is being rebuilt (UNAVAILABLE: retry shortly or elsewhere)."""
+
+
+@dataclass
+class SupervisorConfig:
+    #: A batch running longer than this means a hung engine (fatal).
+    engine_timeout_s: float = 60.0
+    #: This many failed batches in a row count as fatal even if each looked transient.
+    max_consecutive_failures: int = 3
+    #: Wait before retrying a failed rebuild; doubles per failed attempt up to the max.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    #: How long closing a broken engine may take before it is abandoned.
+    close_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.engine_timeout_s <= 0 or self.max_consecutive_failures < 1 or self.restart_backoff_s <= 0:
+            raise ValueError("engine_timeout_s and restart_backoff_s must be > 0, max_consecutive_failures >= 1")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether `exc` alone shows the engine is broken (as opposed to one bad batch)."""
+    return isinstance(exc, MemoryError | SystemError) or type(exc).__name__ in FATAL_ERROR_NAMES
+
+
+@dataclass
+class SupervisorStats:
+    """Counters since start; `recovery_s[i]` = seconds from the i-th fatal failure to serving again."""
+
+    transient_failures: int = 0
+    fatal_failures: int = 0
+    failed_rebuilds: int = 0
+    recovery_s: list[float] = field(default_factory=list)
+
+
+class EngineSupervisor:
+    """A `Recognizer` that owns an engine built by `factory` and rebuilds it after fatal failures.
+
+    `factory` is called once here (a failure at start-up propagates) and again, in a worker
+    thread, for every restart. `on_state(serving)` is awaited on every state change.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Recognizer],
+        cfg: SupervisorConfig,
+        on_state: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.on_state = on_state
+        self.stats = SupervisorStats()
+        self._factory = factory
+        self._engine: Recognizer | None = factory()
+        self.labels = self._engine.labels
+        self._info = self._engine.info()
+        self._consecutive = 0
+        self._restart: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def serving(self) -> bool:
+        return self._engine is not None
+
+    def info(self) -> dict[str, str]:
+        return dict(self._info)  # cached: answers GetModelInfo during a restart too
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        engine = self._engine
+        if engine is None:
+            raise EngineUnavailable("the engine is restarting after a failure: retry shortly")
+        try:
+            async with asyncio.timeout(self.cfg.engine_timeout_s) as watchdog:
+                predictions = await engine.recognize(batch)
+        except TimeoutError as exc:
+            if not watchdog.expired():
+                raise self._failed(engine, exc) from exc
+            self._fatal(engine, f"no answer within the engine timeout ({self.cfg.engine_timeout_s:g} s)")
+            raise EngineUnavailable(
+                f"the engine hung (no answer in {self.cfg.engine_timeout_s:g} s) and is restarting: retry shortly"
+            ) from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._failed(engine, exc) from exc
+        if engine is self._engine:
+            self._consecutive = 0
+        return predictions
+
+    def _failed(self, engine: Recognizer, exc: Exception) -> Exception:
+        """Classify a batch failure; returns what the callers should get."""
+        self._consecutive += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if is_fatal(exc) or self._consecutive >= self.cfg.max_consecutive_failures:
+            self._fatal(engine, f"{reason} ({self._consecutive} failed batch(es) in a row)")
+            return EngineUnavailable(f"the engine failed ({reason}) and is restarting: retry shortly")
+        self.stats.transient_failures += 1
+        return exc
+
+    def _fatal(self, engine: Recognizer, reason: str) -> None:
+        """Take `engine` out of service and start one rebuild (later reports of it are ignored)."""
+        if engine is not self._engine or self._closed:
+            return
+        log.error("engine failure, restarting: %s", reason)
+        self.stats.fatal_failures += 1
+        self._engine = None
+        self._consecutive = 0
+        self._restart = asyncio.get_running_loop().create_task(self._rebuild(engine), name="emoq-engine-restart")
+
+    async def _rebuild(self, broken: Recognizer) -> None:
+        started = time.monotonic()
+        await self._notify(False)
+        try:
+            await asyncio.wait_for(broken.close(), self.cfg.close_timeout_s)
+        except Exception:  # a broken engine may fail to close too; it is dropped either way
+            log.exception("closing the failed engine did not finish cleanly")
+        backoff = self.cfg.restart_backoff_s
+        while True:
+            try:
+                engine = await asyncio.to_thread(self._factory)
+                if tuple(engine.labels) != tuple(self.labels):
+                    await engine.close()
+                    raise RuntimeError(f"the rebuilt engine has labels {engine.labels}, expected {self.labels}")
+                break
+            except Exception:
+                self.stats.failed_rebuilds += 1
+                log.exception("engine rebuild failed; retrying in %.1f s", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, self.cfg.restart_backoff_max_s)
+        self._engine = engine
+        self._info = engine.info()
+        self.stats.recovery_s.append(time.monotonic() - started)
+        log.info("engine restarted in %.2f s", self.stats.recovery_s[-1])
+        await self._notify(True)
+
+    async def _notify(self, serving: bool) -> None:
+        if self.on_state is not None:
+            await self.on_state(serving)
+
+    async def wait_serving(self) -> None:
+        """Return once no rebuild is in progress (tests and orderly shutdown)."""
+        if self._restart is not None:
+            await asyncio.shield(self._restart)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._restart is not None:
+            self._restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.close()

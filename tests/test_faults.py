@@ -1,0 +1,250 @@
+"""Injected engine faults against the real server on 127.0.0.1: the affected calls fail with a
+status and a message, the supervisor rebuilds the engine, health says NOT_SERVING meanwhile and
+SERVING after, and the next call gets the right answer.
+
+The engine is the stand-in of `server_harness` plus a real onnxruntime session (so an ORT
+failure is a real `onnxruntime` exception); faults are queued per batch and shared across the
+engines the factory builds. The real bundle (ORT + vLLM) case is at the end, marked slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+from server_harness import RunningServer, StandInRecognizer, config, tone
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve.client.api import recognize_request
+from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.server.supervisor import EngineSupervisor
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class EngineDeadError(RuntimeError):
+    """Named like vLLM's dead-engine error (the supervisor classifies by name; importing vLLM
+    here would cost ~30 s of the fast suite). The real vLLM engine dies in the slow case."""
+
+
+def reshape_session(shape: list[int]) -> ort.InferenceSession:
+    """A real ORT session that reshapes its input to `shape` (fails at run time when it cannot)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(shape, dtype=np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # the failures are intended: keep their stack dumps out of the log
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Faults:
+    """The fault plan, shared by every engine the factory builds."""
+
+    queue: list[str] = field(default_factory=list)  # one fault per coming batch
+    build_delay_s: float = 0.0  # how long a rebuild takes
+    build_failures: int = 0  # rebuilds that raise before one succeeds
+    builds: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FaultyEngine(StandInRecognizer):
+    """The stand-in engine with a real ORT stage and the faults of `Faults.queue`."""
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self.session = reshape_session([-1])
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        fault = self.faults.queue.pop(0) if self.faults.queue else None
+        if fault == "raise":
+            raise ValueError("injected: this batch cannot be computed")
+        if fault == "dead":
+            raise EngineDeadError("injected: the engine core died")
+        if fault == "hang":
+            await asyncio.Event().wait()
+        if fault == "ort":  # the session breaks for good: every later run raises
+            self.session = reshape_session([3])
+        for u in batch:
+            self.session.run(None, {"x": u.audio[:5]})
+        return await super().recognize(batch)
+
+
+def factory(faults: Faults):
+    def build() -> FaultyEngine:
+        with faults.lock:
+            faults.builds += 1
+            rebuild = faults.builds > 1
+            fail = rebuild and faults.build_failures > 0
+            faults.build_failures -= fail
+        if rebuild:
+            time.sleep(faults.build_delay_s)
+        if fail:
+            raise OSError("injected: the bundle could not be read")
+        return FaultyEngine(faults)
+
+    return build
+
+
+@pytest.fixture
+def faulty():
+    """(server, faults, supervisor) with a 0.5 s engine timeout and 3 failures in a row = fatal."""
+    faults = Faults()
+    holder: dict[str, EngineSupervisor] = {}
+    cfg = config(max_batch=1, max_queue_delay_ms=0, engine_timeout_s=0.5, restart_backoff_s=0.05)
+
+    def make() -> EngineSupervisor:
+        holder["sup"] = EngineSupervisor(factory(faults), cfg.supervisor())
+        return holder["sup"]
+
+    with RunningServer(make, cfg) as srv:
+        yield srv, faults, holder["sup"]
+
+
+AUDIO = tone(0.4)
+REQUEST = recognize_request(AUDIO, 16_000, "fault test")
+
+
+def expected_label() -> str:
+    (pred,) = asyncio.run(StandInRecognizer().recognize([Utterance(audio=AUDIO, transcript="fault test")]))
+    return pred.label
+
+
+def health_of(server: RunningServer) -> int:
+    return health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def call(server: RunningServer, timeout: float = 5.0) -> tuple[grpc.StatusCode, str]:
+    """(status, label or error message) of one unary call."""
+    try:
+        return grpc.StatusCode.OK, server.stub.Recognize(REQUEST, timeout=timeout).result.label
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+
+
+def recover(server: RunningServer, failed_at: float) -> float:
+    """Poll health until SERVING (having seen NOT_SERVING); seconds since `failed_at`."""
+    seen = set()
+    while (status := health_of(server)) != SERVING or NOT_SERVING not in seen:
+        seen.add(status)
+        assert time.monotonic() - failed_at < 10, "the engine did not come back"
+        time.sleep(0.01)
+    return time.monotonic() - failed_at
+
+
+def test_transient_failure_is_internal_and_the_engine_is_kept(faulty):
+    server, faults, sup = faulty
+    faults.queue[:] = ["raise"]
+    code, message = call(server)
+    assert code == grpc.StatusCode.INTERNAL and "injected: this batch cannot be computed" in message
+    assert health_of(server) == SERVING
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+    assert (faults.builds, sup.stats.transient_failures, sup.stats.fatal_failures) == (1, 1, 0)
+
+
+def test_dead_engine_is_rebuilt_while_health_says_not_serving(faulty):
+    server, faults, sup = faulty
+    faults.build_delay_s = 0.5
+    faults.queue[:] = ["dead"]
+    code, message = call(server)
+    failed_at = time.monotonic()
+    assert code == grpc.StatusCode.UNAVAILABLE and "EngineDeadError" in message and "restarting" in message
+    assert health_of(server) == NOT_SERVING
+    t0 = time.monotonic()
+    code, message = call(server)  # during the rebuild: refused at once, not queued behind it
+    assert code == grpc.StatusCode.UNAVAILABLE and "restarting" in message and time.monotonic() - t0 < 0.3
+    seconds = recover(server, failed_at)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+    assert faults.builds == 2 and len(sup.stats.recovery_s) == 1
+    print(f"\ndead engine: health SERVING again after {seconds:.2f} s (rebuild 0.5 s; supervisor {sup.stats.recovery_s[0]:.2f} s)")
+
+
+def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty):
+    server, faults, sup = faulty
+    faults.queue[:] = ["hang"]
+    hung = server.stub.Recognize.future(REQUEST, timeout=0.2)  # its deadline passes first
+    queued = server.stub.Recognize.future(REQUEST, timeout=5)  # waits behind the hung batch
+    with pytest.raises(grpc.RpcError) as err:
+        hung.result()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as err:
+        queued.result()
+    failed_at = time.monotonic()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in err.value.details()
+    asyncio.run_coroutine_threadsafe(sup.wait_serving(), server.loop).result(5)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+    assert faults.builds == 2 and sup.stats.fatal_failures == 1
+    print(f"\nhung engine: detected after the 0.5 s engine timeout, serving {time.monotonic() - failed_at:.2f} s later")
+
+
+def test_failing_ort_session_is_rebuilt_after_consecutive_failures(faulty):
+    server, faults, sup = faulty
+    faults.queue[:] = ["ort"]
+    outcomes = [call(server) for _ in range(3)]
+    failed_at = time.monotonic()
+    assert [c for c, _ in outcomes] == [grpc.StatusCode.INTERNAL] * 2 + [grpc.StatusCode.UNAVAILABLE]
+    assert all("ONNXRuntimeError" in m for _, m in outcomes) and "restarting" in outcomes[2][1]
+    asyncio.run_coroutine_threadsafe(sup.wait_serving(), server.loop).result(5)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+    assert (faults.builds, sup.stats.transient_failures, sup.stats.fatal_failures) == (2, 2, 1)
+    print(f"\nfailing ORT session: rebuilt after 3 failed batches, serving {time.monotonic() - failed_at:.2f} s later")
+
+
+def test_failed_rebuilds_are_retried_and_health_stays_not_serving(faulty):
+    server, faults, sup = faulty
+    faults.build_failures = 2
+    faults.build_delay_s = 0.1
+    faults.queue[:] = ["dead"]
+    assert call(server)[0] == grpc.StatusCode.UNAVAILABLE
+    failed_at = time.monotonic()
+    seconds = recover(server, failed_at)  # NOT_SERVING through both failed attempts
+    assert (faults.builds, sup.stats.failed_rebuilds) == (4, 2)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+    print(f"\n2 failed rebuilds then success: SERVING after {seconds:.2f} s")
+
+
+# --- the real tiny bundle: the vLLM engine thread dies under the server -----------------------
+
+
+@pytest.mark.slow
+def test_real_vllm_engine_death_is_recovered(tiny_bundle):
+    from emoq_serve.bundle import Bundle
+    from emoq_serve.runtime import load_recognizer
+    from emoq_serve.runtime.config import runtime_preset
+
+    runtime = runtime_preset("test")
+    cfg = config(max_batch=4, engine_timeout_s=30, max_consecutive_failures=1)
+    holder: dict[str, EngineSupervisor] = {}
+
+    def make() -> EngineSupervisor:
+        holder["sup"] = EngineSupervisor(lambda: load_recognizer(tiny_bundle, runtime), cfg.supervisor())
+        return holder["sup"]
+
+    request = recognize_request(tone(0.6), 16_000, "the engine will die")
+    with RunningServer(make, cfg) as server:
+        sup = holder["sup"]
+        before = server.stub.Recognize(request, timeout=60).result
+        engine = sup._engine
+        server.run(engine.llm.close())  # the vLLM engine thread shuts down under the pipeline
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Recognize(request, timeout=60)
+        failed_at = time.monotonic()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "vLLM engine is closed" in err.value.details()
+        seconds = recover(server, failed_at)
+        after = server.stub.Recognize(request, timeout=60).result
+        assert sup._engine is not engine
+        assert server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).bundle_id == Bundle.open(tiny_bundle).bundle_id
+        np.testing.assert_allclose([s.probability for s in after.scores], [s.probability for s in before.scores], atol=1e-5)
+        print(f"\nreal vLLM engine death: rebuilt from the bundle, SERVING after {seconds:.2f} s")

@@ -7,8 +7,12 @@ The server (and any async engine inside the recognizer) lives on its own loop, e
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -123,3 +127,39 @@ def config(**changes: object) -> ServerConfig:
 def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, amp: float = 0.3) -> np.ndarray:
     t = np.arange(int(seconds * sr)) / sr
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+#: A stand-in server process: `python -c SERVER_SCRIPT TESTS_DIR DELAY_S CONFIG_JSON`. Prints its
+#: port, serves until SIGTERM/SIGINT (draining), then prints "stopped". `DELAY_S` is the engine's
+#: compute time per batch.
+SERVER_SCRIPT = """
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+from server_harness import StandInRecognizer, config
+from emoq_serve.server.app import EmotionServer
+
+class Timed(StandInRecognizer):
+    async def recognize(self, batch):
+        await asyncio.sleep(float(sys.argv[2]))
+        return await super().recognize(batch)
+
+async def main():
+    server = EmotionServer(Timed(), config(metrics_port=None, **json.loads(sys.argv[3])))
+    await server.start()
+    server.stop_on_signals()
+    print(server.port, flush=True)
+    await server.wait_stopped()
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def spawn_server(delay_s: float = 0.0, **changes: object) -> tuple[subprocess.Popen[str], int]:
+    """Start a stand-in server in its own process (for signals and per-process memory); returns
+    (process, port). The caller kills it if it is still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(Path(__file__).parent), str(delay_s), json.dumps(changes)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    return proc, int(proc.stdout.readline())

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the ONNX exporter narrates every rewrite at INFO
+        for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

@@ -110,23 +110,15 @@ async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResu
     """Serve `bundle` on 127.0.0.1, stream every demo utterance, stop cleanly.
 
     Returns (utterance, final result, client-side milliseconds) per demo utterance."""
-    from emoq_serve.bundle import Bundle
     from emoq_serve.client.api import EmotionClient
     from emoq_serve.data.synthetic import demo_utterances
     from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.server.app import EmotionServer, load_engine, transcript_token_counter
+    from emoq_serve.server.app import bundle_server
     from emoq_serve.server.config import ServerConfig
 
     _step(f"starting the gRPC server on the bundle {bundle}")
-    opened = Bundle.open(bundle)
-    recognizer = load_engine(opened, runtime_preset("cpu"), "onnx")
-    server = EmotionServer(
-        recognizer, ServerConfig(host="127.0.0.1", port=0, metrics_port=None),
-        transcript_token_counter(opened.file("former_tokenizer")),
-    )
-    await server.start()
     rows = []
-    try:
+    async with bundle_server(bundle, runtime_preset("cpu"), ServerConfig(port=0, metrics_port=None)) as server:
         _step(f"streaming the demo utterances to 127.0.0.1:{server.port} (100 ms chunks)")
         async with EmotionClient(f"127.0.0.1:{server.port}") as client:
             for example in demo_utterances(seed):
@@ -134,10 +126,7 @@ async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResu
                 async for result in client.stream(example.audio, 16_000, example.transcript, chunk_ms=100):
                     if result.is_final:
                         rows.append((example, result, (time.perf_counter() - t0) * 1e3))
-    finally:
         _step("stopping the server (drain, then stop)")
-        await server.stop()
-        await recognizer.close()
     return rows
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -172,10 +173,11 @@ class EmotionServer:
             self._stop_task = asyncio.get_running_loop().create_task(self.stop())
 
 
-async def serve_bundle(
+@asynccontextmanager
+async def bundle_server(
     bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
-) -> None:
-    """Load the bundle, serve it until SIGTERM/SIGINT, drain, release the engine.
+) -> AsyncIterator[EmotionServer]:
+    """A started server on the bundle; drained, stopped and its engine released on exit.
 
     The engine is supervised: after a fatal failure it is rebuilt from the bundle, whose hashes
     are checked again (unless `runtime_cfg.verify_hashes` is off), so a bundle changed on disk
@@ -188,8 +190,16 @@ async def serve_bundle(
     server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle))
     try:
         await server.start()
-        server.stop_on_signals()
-        await server.wait_stopped()
+        yield server
     finally:
         await server.stop()
         await recognizer.close()
+
+
+async def serve_bundle(
+    bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
+) -> None:
+    """Load the bundle and serve it until SIGTERM/SIGINT, then drain and release the engine."""
+    async with bundle_server(bundle_path, runtime_cfg, cfg, engine) as server:
+        server.stop_on_signals()
+        await server.wait_stopped()

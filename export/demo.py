@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResu
 
 def run(args: argparse.Namespace) -> int:
     from emoq_serve.client.cli import format_table
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's own steps readable
 
     started = time.perf_counter()
     cfg = DEMO_PRESETS["quick" if args.quick else "full"]

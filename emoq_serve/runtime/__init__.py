@@ -30,3 +30,17 @@ def load_recognizer(bundle_path: str | Path, cfg: RuntimeConfig, engine: EngineN
 
         return EagerPipeline(bundle, cfg)
     raise ValueError(f"unknown engine {engine!r}; expected 'onnx' or 'eager'")
+
+
+async def warm_up(recognizer: Recognizer) -> None:
+    """Run one short utterance through the engine before it takes traffic.
+
+    The first call pays one-off costs (ORT kernel selection, vLLM's first step, lazy imports):
+    seconds instead of milliseconds, which would otherwise land on the first real request.
+    """
+    import numpy as np
+
+    from emoq_serve.config import SAMPLE_RATE
+    from emoq_serve.runtime.types import Utterance
+
+    await recognizer.recognize([Utterance(np.zeros(SAMPLE_RATE, dtype=np.float32), "warm up")])

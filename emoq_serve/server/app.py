@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from emoq_serve._proto import emoq_pb2
 from emoq_serve.bundle import Bundle
-from emoq_serve.runtime import EngineName, load_recognizer
+from emoq_serve.runtime import EngineName, load_recognizer, warm_up
 from emoq_serve.runtime.batcher import DynamicBatcher
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.types import Recognizer
@@ -189,6 +189,7 @@ async def bundle_server(
     cfg = cfg.replace(max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens))
     server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle))
     try:
+        await warm_up(recognizer)  # before SERVING, so no client pays the first-call costs
         await server.start()
         yield server
     finally:

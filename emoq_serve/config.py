@@ -154,6 +154,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8  # paper: 8
     lr: float = 1e-4
+    #: Learning rate of the auxiliary head; None = `lr`. The head reads the unit-norm z, whose
+    #: components are ~1/sqrt(D) small, so at a fine-tuning lr it barely moves in one epoch.
+    head_lr: float | None = None
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_ratio: float = 0.05

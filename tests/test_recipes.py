@@ -7,10 +7,12 @@ from collections import Counter
 
 import pytest
 from test_eval import write_meld_split
+from torch import nn
 
-from emoq_serve.config import LABEL_SETS
+from emoq_serve.config import LABEL_SETS, TrainConfig
 from emoq_serve.data import load_corpus
 from emoq_serve.data.types import Corpus, Example
+from training.common import make_optimizer
 from training.recipes import RECIPES, run_recipe, stratified_subset
 
 
@@ -32,17 +34,30 @@ def test_stratified_subset_keeps_class_balance_and_is_seeded() -> None:
 
 
 @pytest.mark.slow
-def test_meld_text_recipe_runs_end_to_end(tmp_path, monkeypatch) -> None:
+def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     root = tmp_path / "meld"
     root.mkdir()
     write_meld_split(root / "train_sent_emo.csv", 40, 0)
     write_meld_split(root / "dev_sent_emo.csv", 12, 1)
-    monkeypatch.setattr(RECIPES["meld-text"], "train_fraction", 0.5)
-    summary = run_recipe("meld-text", str(root), 4, tmp_path / "run")
+    summary = run_recipe("meld-text", str(root), 4, tmp_path / "run", train_fraction=0.5)
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert RECIPES["meld-text"].train_fraction == 0.3  # the override did not leak into the recipe
     assert stored["recipe"]["name"] == "meld-text" and stored["recipe"]["classes"] == 4
     assert stored["recipe"]["train_examples"] == len(stratified_subset(load_corpus(f"meld:{root}:4"), 0.5, 0).train)
-    assert stored["recipe"]["num_queries"] == 4 and stored["recipe"]["train"]["select_metric"] == "wf1"
+    assert stored["recipe"]["train_fraction"] == 0.5 and stored["recipe"]["num_queries"] == 4
+    assert stored["recipe"]["train"]["select_metric"] == "wf1"
     assert summary["best_epoch"] == 1 and 0.0 <= summary["best_dev"]["wf1"] <= 1.0
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["model_config"]
     assert config["labels"] == list(LABEL_SETS["meld4"]) and config["former"]["num_queries"] == 4
+
+
+def test_head_lr_gives_the_aux_head_its_own_group() -> None:
+    """The recipe's main lever: the auxiliary head trains at `head_lr`, everything else at `lr`."""
+    model = nn.ModuleDict({"former": nn.Linear(3, 3), "aux_head": nn.Linear(3, 2)})
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, head_lr=2e-3))
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lrs[id(p)] for p in model["former"].parameters()} == {1e-4}
+    assert {lrs[id(p)] for p in model["aux_head"].parameters()} == {2e-3}
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
+    plain = make_optimizer(model, TrainConfig(lr=1e-4))
+    assert {g["lr"] for g in plain.param_groups} == {1e-4}

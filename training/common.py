@@ -55,11 +55,16 @@ def set_threads(threads: int | None) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norms (1-D tensors) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over trainable parameters; biases and norms (1-D tensors) get no weight decay, and
+    the auxiliary head (`aux_head.*`) gets `cfg.head_lr` when set."""
+    groups = []
+    for head in (False, True):
+        params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("aux_head.") == head]
+        lr = cfg.head_lr if head and cfg.head_lr else cfg.lr
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

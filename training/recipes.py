@@ -43,7 +43,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "meld-text": Recipe(
         preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.3,
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, head_lr=2e-3, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
 }
 
@@ -64,13 +64,17 @@ def stratified_subset(corpus: Corpus, fraction: float, seed: int) -> Corpus:
     return dataclasses.replace(corpus, train=[corpus.train[i] for i in np.sort(keep)])
 
 
-def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """Train recipe `name` on MELD (`classes` 4 or 7); `overrides` replace TrainConfig fields."""
+def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, train_fraction: float | None = None,
+               **overrides: Any) -> dict[str, Any]:
+    """Train recipe `name` on MELD (`classes` 4 or 7); `train_fraction` and `overrides` (TrainConfig
+    fields) replace the recipe's values, so a budget study changes one thing and nothing else."""
     from emoq_serve.config import preset
     from emoq_serve.data import load_corpus
     from training.stage1 import train_stage1
 
     recipe = RECIPES[name]
+    if train_fraction is not None:
+        recipe = dataclasses.replace(recipe, train_fraction=train_fraction)
     train_cfg = dataclasses.replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
     corpus = stratified_subset(load_corpus(f"meld:{data_dir}:{classes}"), recipe.train_fraction, train_cfg.seed)
     model_cfg = preset(recipe.preset, labels=corpus.labels)
@@ -90,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, choices=[4, 7], required=True)
     p.add_argument("--out", required=True, help="run folder (best/, last/, log.jsonl, summary.json)")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--train-fraction", type=float, help="override the recipe's stratified train fraction")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run_recipe(args.recipe, args.data, args.classes, args.out, seed=args.seed)
+    summary = run_recipe(args.recipe, args.data, args.classes, args.out, args.train_fraction,
+                         seed=args.seed, epochs=args.epochs, lr=args.lr)
     best = summary["best_dev"]
     print(f"{args.recipe} {args.classes}-class: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"
           f" ({summary['seconds']:.0f} s)")

@@ -34,6 +34,17 @@ TRAINER_STATE = "trainer_state.pt"
 METRICS = ("wa", "ua", "wf1")
 
 
+def preset_train_config(defaults: dict[str, dict[str, Any]], preset_name: str, **overrides: Any) -> TrainConfig:
+    """`TrainConfig` from a stage's per-preset defaults with the non-None `overrides` on top."""
+    values = {**defaults.get(preset_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(**values)
+
+
+def flag_overrides(args: Any) -> dict[str, Any]:
+    """The `TrainConfig` fields that both trainers' CLIs expose as flags (None = not given)."""
+    return {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "select_metric", "threads")}
+
+
 def canonical_metric(name: str) -> str:
     """Map a --select-metric value to a metrics key ("uar" is the common alias of "ua")."""
     key = {"uar": "ua", "acc": "wa", "accuracy": "wa", "f1": "wf1"}.get(name.lower(), name.lower())

@@ -25,7 +25,7 @@ from emoq_serve.data.types import Corpus, Example
 from emoq_serve.metrics import emotion_metrics, emotion_report
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.losses import class_weights_from_labels, mal_loss
-from training.common import fit, seed_everything, set_threads
+from training.common import fit, flag_overrides, preset_train_config, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,8 @@ STAGE1_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def train_config(preset_name: str, **overrides: Any) -> TrainConfig:
-    """The preset's stage-1 defaults with the non-None `overrides` (CLI flags) on top."""
-    values = {**STAGE1_DEFAULTS.get(preset_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(**values)
+    """The preset's defaults for this stage with the non-None `overrides` (CLI flags) on top."""
+    return preset_train_config(STAGE1_DEFAULTS, preset_name, **overrides)
 
 
 def iterate_batches(
@@ -121,10 +120,7 @@ def train_stage1(
 
 def run(args: argparse.Namespace) -> int:
     """`emoq train stage1`: build configs from the flags, load the corpus, train."""
-    train_cfg = train_config(
-        args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        select_metric=args.select_metric, threads=args.threads,
-    )
+    train_cfg = train_config(args.preset, **flag_overrides(args))
     corpus = load_corpus(args.data, train_cfg.seed)
     model_cfg = preset(args.preset, labels=corpus.labels)
     if args.feature_cache:

@@ -33,7 +33,7 @@ from emoq_serve.model.llm import build_or_load_tokenizer
 from emoq_serve.model.prompt import resolve_emotion_words
 from emoq_serve.model.stage2 import EmoQStage2
 from training import stage1
-from training.common import fit, seed_everything, set_threads
+from training.common import fit, flag_overrides, preset_train_config, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ class Stage2Options:
 
 
 def train_config(preset_name: str, **overrides: Any) -> TrainConfig:
-    """The preset's stage-2 defaults with the non-None `overrides` (CLI flags) on top."""
-    values = {**STAGE2_DEFAULTS.get(preset_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(**values)
+    """The preset's defaults for this stage with the non-None `overrides` (CLI flags) on top."""
+    return preset_train_config(STAGE2_DEFAULTS, preset_name, **overrides)
 
 
 def stage1_checkpoint(path: str) -> Path:
@@ -173,10 +172,7 @@ def train_stage2(
 
 def run(args: argparse.Namespace) -> int:
     """`emoq train stage2`: build configs from the flags, load the corpus, train."""
-    train_cfg = train_config(
-        args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        select_metric=args.select_metric, threads=args.threads,
-    )
+    train_cfg = train_config(args.preset, **flag_overrides(args))
     corpus = load_corpus(args.data, train_cfg.seed)
     opts = Stage2Options(
         stage1_dir=None if args.end_to_end else args.from_stage1,

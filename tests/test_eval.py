@@ -114,3 +114,25 @@ def test_corpus_spec() -> None:
         corpus_spec("meld:/d:7", 4)
     with pytest.raises(ValueError, match="meld:DIR only"):
         corpus_spec("synthetic", 7)
+
+
+def test_eval_stage2_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    """A stage-2 checkpoint is scored by its LLM posteriors (synthetic corpus: the tiny labels)."""
+    out = tmp_path / "eval"
+    assert _eval("--checkpoint", str(tiny_checkpoint), "--data", "synthetic:2", "--split", "dev", "--out", str(out)) == 0
+    report = json.loads((out / "eval_dev.json").read_text())
+    assert report["source"]["stage"] == 2
+    assert np.asarray(report["confusion_matrix"]).sum() == report["num_examples"] == len(load_corpus("synthetic:2").dev)
+
+
+@pytest.mark.slow
+def test_eval_bundle_matches_its_checkpoint(tiny_checkpoint, tiny_bundle, tmp_path) -> None:
+    """Through the serving runtime (ORT + transformers LLM) the bundle gives the checkpoint's
+    predictions; `--text-only` sends empty audio, which the runtime must accept."""
+    reports = {}
+    for name, flag, path in (("ckpt", "--checkpoint", tiny_checkpoint), ("bundle", "--bundle", tiny_bundle)):
+        out = tmp_path / name
+        _eval(flag, str(path), "--data", "synthetic:2", "--split", "dev", "--text-only", "--engine", "eager", "--out", str(out))
+        reports[name] = json.loads((out / "eval_dev.json").read_text())
+    assert reports["bundle"]["source"]["engine"] == "eager" and reports["bundle"]["text_only"]
+    assert reports["bundle"]["confusion_matrix"] == reports["ckpt"]["confusion_matrix"]

@@ -130,12 +130,17 @@ async def _open_phase(call: Call, items: Iterator[BenchRequest], rate: float, rn
 
 
 async def run_closed(call: Call, workload: Sequence[BenchRequest], concurrency: int, budget: Budget,
-                     on_result: OnResult | None = None) -> Run:
-    """Closed loop: `concurrency` outstanding calls at all times until the budget is spent."""
+                     on_result: OnResult | None = None, on_measure: Callable[[], None] | None = None) -> Run:
+    """Closed loop: `concurrency` outstanding calls at all times until the budget is spent.
+
+    `on_measure` runs between warm-up and measuring (e.g. to scrape the server's counters).
+    """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
     if budget.warmup:
         await _closed_phase(call, _cycle(workload), concurrency, budget.warmup, None, None)
+    if on_measure:
+        on_measure()
     t0 = time.monotonic()
     deadline = t0 + budget.duration_s if budget.duration_s is not None else None
     results, issue_end = await _closed_phase(call, _cycle(workload), concurrency, budget.requests, deadline, on_result)
@@ -143,13 +148,15 @@ async def run_closed(call: Call, workload: Sequence[BenchRequest], concurrency: 
 
 
 async def run_open(call: Call, workload: Sequence[BenchRequest], rate: float, budget: Budget, seed: int,
-                   on_result: OnResult | None = None) -> Run:
+                   on_result: OnResult | None = None, on_measure: Callable[[], None] | None = None) -> Run:
     """Open loop: Poisson arrivals at `rate` requests/s (seeded) until the budget is spent."""
     if rate <= 0:
         raise ValueError("rate must be > 0")
     rng = np.random.default_rng(seed)
     if budget.warmup:
         await _open_phase(call, _cycle(workload), rate, rng, budget.warmup, None, None)
+    if on_measure:
+        on_measure()
     t0 = time.monotonic()
     deadline = t0 + budget.duration_s if budget.duration_s is not None else None
     results, issue_end, lag = await _open_phase(call, _cycle(workload), rate, rng, budget.requests, deadline, on_result)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -27,8 +26,6 @@ from benchmarks.server_proc import ServerProcess
 from benchmarks.target import make_call
 from benchmarks.workload import BenchRequest, make_workload
 from emoq_serve.runtime.types import STAGES
-
-log = logging.getLogger(__name__)
 
 #: Whether an engine's per-request stage timings are the wall time of the whole batch (the
 #: batched ONNX pipeline) or of that request alone (the eager engine runs a batch one by one).
@@ -114,12 +111,18 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
         points = []
         for load in loads:
             label = f"{engine} {'c=' if cfg.mode == 'closed' else 'rate='}{load}"
+            before: dict[str, float] = {}
+
+            def scrape_before() -> None:  # after warm-up, so its batches do not count
+                before.update(_scrape(metrics_url))
+
             with tqdm(total=cfg.budget.requests, desc=label, unit="req", file=sys.stderr) as bar:
-                before = _scrape(metrics_url)
                 if cfg.mode == "closed":
-                    run = await run_closed(call, workload, int(load), cfg.budget, lambda r: bar.update(1))
+                    run = await run_closed(call, workload, int(load), cfg.budget, lambda r: bar.update(1),
+                                           scrape_before)
                 else:
-                    run = await run_open(call, workload, float(load), cfg.budget, cfg.seed, lambda r: bar.update(1))
+                    run = await run_open(call, workload, float(load), cfg.budget, cfg.seed, lambda r: bar.update(1),
+                                         scrape_before)
                 after = _scrape(metrics_url)
             points.append(stats.summarize(
                 run, engine=engine, mode=cfg.mode, api=cfg.api,

@@ -131,7 +131,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Latency (p50 solid, p99 dashed) against throughput, one line per engine."""
+    """Latency (p50 solid, p99 dashed) against throughput, one line per engine, points joined in
+    order of increasing load (concurrency or rate), each labelled with it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +142,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for engine in dict.fromkeys(p["engine"] for p in report["points"]):
         pts = sorted((p for p in report["points"] if p["engine"] == engine and p["latency_ms"]),
-                     key=lambda p: p["throughput_utt_s"])
+                     key=lambda p: p["concurrency"] or p["rate"])  # in load order, like perf_analyzer
         x = [p["throughput_utt_s"] for p in pts]
         line, = ax.plot(x, [p["latency_ms"]["p50"] for p in pts], "o-", label=f"{engine} p50")
         ax.plot(x, [p["latency_ms"]["p99"] for p in pts], "s--", color=line.get_color(), label=f"{engine} p99")

@@ -15,7 +15,7 @@ from typing import Literal
 
 LLMBackendName = Literal["vllm", "transformers"]
 DeviceName = Literal["cpu", "cuda", "auto"]
-DTypeName = Literal["float32", "bfloat16"]
+DTypeName = Literal["float32", "bfloat16", "auto"]
 
 
 @dataclass
@@ -25,7 +25,8 @@ class RuntimeConfig:
     llm_backend: LLMBackendName = "vllm"
     device: DeviceName = "auto"
     #: LLM weights/activations. float32 reproduces the eager model to ~1e-5; bfloat16 is ~4x
-    #: faster on AVX512-BF16 CPUs but only agrees to ~1e-2.
+    #: faster on CPUs with native bf16 (AVX512-BF16/AMX) but only agrees to ~1e-2, and many
+    #: times *slower* on CPUs without it (AVX2 emulates it). `auto` picks by the hardware.
     dtype: DTypeName = "float32"
     max_batch: int = 16
     #: onnxruntime intra-op threads for audio_encoder.onnx / former.onnx (inter-op is always 1:
@@ -54,16 +55,32 @@ class RuntimeConfig:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """`auto` means bf16 on CUDA and on CPUs with native bf16 instructions, fp32 otherwise."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device() == "cuda" or cpu_has_native_bf16() else "float32"
+
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 #: Named starting points; the CLI overrides single fields on top of one of these.
 RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # Parity runs and tests: exact fp32, one thread everywhere (deterministic, no contention).
     "test": RuntimeConfig(device="cpu", max_batch=8, verify_hashes=True),
-    # The 2-core CPU server: ORT stages get both cores, the LLM runs in bf16.
-    "cpu": RuntimeConfig(device="cpu", dtype="bfloat16", audio_threads=2, former_threads=2, torch_threads=2),
+    # The 2-core CPU server: ORT stages get both cores; the LLM in bf16 where the CPU has it.
+    "cpu": RuntimeConfig(device="cpu", dtype="auto", audio_threads=2, former_threads=2, torch_threads=2),
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }
 

@@ -238,7 +238,7 @@ class VllmBackend:
         device = cfg.resolved_device()
         args = EngineArgs(
             model=str(model_dir),
-            dtype=cfg.dtype,
+            dtype=cfg.resolved_dtype(),
             enable_prompt_embeds=True,
             skip_tokenizer_init=True,  # prompts arrive as embeddings; nothing is detokenized
             max_model_len=cfg.max_prompt_tokens,
@@ -257,7 +257,7 @@ class VllmBackend:
                              log_stats=False, multiprocess_mode=False)
 
         self._engine = _EngineThread(build)
-        self.dtype = _TORCH_DTYPES[cfg.dtype]
+        self.dtype = _TORCH_DTYPES[cfg.resolved_dtype()]
 
     async def posteriors(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
         from vllm import SamplingParams
@@ -284,5 +284,5 @@ def make_llm_backend(model_dir: str | Path, cfg: RuntimeConfig) -> LLMBackend:
     if cfg.llm_backend == "vllm":
         return VllmBackend(model_dir, cfg)
     if cfg.llm_backend == "transformers":
-        return TransformersBackend(model_dir, cfg.dtype, cfg.resolved_device())
+        return TransformersBackend(model_dir, cfg.resolved_dtype(), cfg.resolved_device())
     raise ValueError(f"unknown llm_backend {cfg.llm_backend!r}; expected 'vllm' or 'transformers'")

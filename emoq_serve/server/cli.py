@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=sorted(RUNTIME_PRESETS), default="cpu", help="runtime preset (threads, dtype, device)")
     p.add_argument("--llm-backend", choices=("vllm", "transformers"), default=None, help="override the preset's LLM backend")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default=None,
+                   help="LLM precision (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--queue-size", type=int, default=d.queue_size)

@@ -196,8 +196,10 @@ def _small() -> ModelConfig:
             feat_extract_norm="layer", num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
         ),
         former=FormerConfig(
+            # No dropout: at init the pooled embeddings of different utterances are nearly
+            # parallel (cosine ~0.97), and dropout noise on a few hundred clips swamps that signal.
             hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, num_queries=16,
-            pool_heads=4, max_text_tokens=64, text_init=MINILM, aux_hidden=256,
+            pool_heads=4, max_text_tokens=64, dropout=0.0, text_init=MINILM, aux_hidden=256,
         ),
         llm=LLMConfig(
             hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,

@@ -36,9 +36,9 @@ class DemoConfig:
     corpus and fewer epochs, but every stage still runs for real."""
 
     preset: str = "small"
-    clips_per_class: int = 120
-    stage1_epochs: int = 6
-    stage2_epochs: int = 4
+    clips_per_class: int = 100
+    stage1_epochs: int = 8
+    stage2_epochs: int = 10
     seed: int = 0
 
     @property
@@ -48,7 +48,7 @@ class DemoConfig:
 
 DEMO_PRESETS = {
     "full": DemoConfig(),
-    "quick": DemoConfig(preset="tiny", clips_per_class=48, stage1_epochs=6, stage2_epochs=4),
+    "quick": DemoConfig(preset="tiny", clips_per_class=40, stage1_epochs=15, stage2_epochs=12),
 }
 
 

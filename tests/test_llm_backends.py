@@ -104,3 +104,25 @@ def test_vllm_concurrent_batches_and_cancellation(vllm_backend, transformers_bac
     *singles, reversed_batch = asyncio.run(scenario())
     np.testing.assert_allclose(np.concatenate(singles), reference, atol=1e-5)
     np.testing.assert_allclose(reversed_batch, reference[::-1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vllm_prefix_cache_reuses_shared_template(vllm_backend, transformers_backend):
+    """Prompts that open with the same embeddings (the chat template) reuse its KV blocks, and
+    the cached path scores exactly like a full prefill."""
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(2)
+    hidden = preset("tiny").llm.hidden_size
+    template = torch.randn(70, hidden, generator=g)
+    prompts = [torch.cat([template, torch.randn(n, hidden, generator=g)]) for n in (5, 12, 30)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=IDS, detokenize=False)
+
+    async def one_by_one():
+        return [await vllm_backend._engine.submit({"prompt_embeds": p}, params) for p in prompts]
+
+    outputs = asyncio.run(one_by_one())
+    block = RuntimeConfig().vllm_block_size
+    assert [o.num_cached_tokens for o in outputs[1:]] == [70 // block * block] * 2
+    got = renormalise(np.array([[o.outputs[0].logprobs[0][i].logprob for i in IDS] for o in outputs]))
+    np.testing.assert_allclose(got, transformers_backend.posteriors_sync(prompts, IDS), atol=1e-5)

@@ -41,6 +41,11 @@ class RuntimeConfig:
     #: the GPU memory share on CUDA. Prompts are short and produce one token, so small is fine.
     vllm_kv_cache_mib: int = 256
     vllm_gpu_memory_utilization: float = 0.5
+    #: KV-cache block size in tokens (vLLM-CPU's attention needs a multiple of 32). vLLM's prefix
+    #: cache reuses whole blocks only, and every prompt opens with the same ~40-token chat
+    #: template (system prompt, role tags), so 32 lets later requests skip a block of prefill;
+    #: vLLM-CPU's default, 128, is longer than a whole prompt and caches nothing.
+    vllm_block_size: int = 32
     #: LLM context the engine reserves: the longest prompt (template + transcript + soft
     #: tokens) plus the one scored token; at most the model's max_position_embeddings.
     max_prompt_tokens: int = 512

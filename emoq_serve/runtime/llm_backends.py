@@ -244,6 +244,10 @@ class VllmBackend:
             max_model_len=cfg.max_prompt_tokens,
             max_num_seqs=max(cfg.max_batch * 2, 8),  # room for two batches in flight
             enforce_eager=device == "cpu",  # torch.compile on CPU costs minutes at startup
+            # The fixed template prefix is computed once and its KV blocks reused (the prompt
+            # embeddings of each block are hashed, so equal embeddings mean equal keys).
+            enable_prefix_caching=True,
+            block_size=cfg.vllm_block_size,
             kv_cache_memory_bytes=cfg.vllm_kv_cache_mib << 20 if device == "cpu" else None,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             distributed_executor_backend="uni",  # the worker runs in this process, too

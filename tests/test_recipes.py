@@ -41,7 +41,7 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     write_meld_split(root / "dev_sent_emo.csv", 12, 1)
     summary = run_recipe("meld-text", str(root), 4, tmp_path / "run", train_fraction=0.5)
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert RECIPES["meld-text"].train_fraction == 0.3  # the override did not leak into the recipe
+    assert RECIPES["meld-text"].train_fraction == 0.6  # the override did not leak into the recipe
     assert stored["recipe"]["name"] == "meld-text" and stored["recipe"]["classes"] == 4
     assert stored["recipe"]["train_examples"] == len(stratified_subset(load_corpus(f"meld:{root}:4"), 0.5, 0).train)
     assert stored["recipe"]["train_fraction"] == 0.5 and stored["recipe"]["num_queries"] == 4

@@ -42,7 +42,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "meld-text": Recipe(
-        preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.3,
+        preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.6,
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, head_lr=2e-3, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
 }

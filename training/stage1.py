@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 STAGE1_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 15, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1, "supcon_temperature": 0.5},
     # MiniLM-initialised: the new parts (queries, cross-attention, pooling) need more than the
-    # usual 1e-4 fine-tuning step, and 0.07 collapses the near-identical initial embeddings.
-    "small": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "warmup_ratio": 0.1, "supcon_temperature": 0.5},
+    # usual 1e-4 fine-tuning step, 0.07 collapses the near-identical initial embeddings, and the
+    # head reads unit-norm z (~1/sqrt(384) per dimension): at the body's rate it stays at chance.
+    "small": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "head_lr": 2e-3, "warmup_ratio": 0.1,
+              "supcon_temperature": 0.5},
 }
 
 

@@ -1,6 +1,6 @@
 """Named, reproducible training recipes: one command per published result.
 
-    python -m training.recipes meld-text --data /work/shared/data/meld --classes 7 --out runs/meld_text7
+    python -m training.recipes meld-text --data ../shared/data/meld --classes 7 --out runs/meld_text7
 
 `meld-text` is the paper's "text" ablation row on MELD: the stage-1 EmoQ-Former initialised from
 all-MiniLM-L6-v2, trained with MAL (SupCon + class-weighted focal, weights from the training

@@ -225,3 +225,18 @@ def test_config_rejects_nonsense():
         BatcherConfig(max_batch=0)
     with pytest.raises(ValueError):
         BatcherConfig(bucket_edges_s=(4.0, 1.0))
+
+
+def test_default_buckets_bound_padding_to_half_a_clip():
+    """With the default edges a batch never pads a clip by more than 50 %: 2.5 s and 3.5 s
+    clips (one octave bucket before) now go in separate batches."""
+    edges = BatcherConfig().bucket_edges_s
+    assert all(hi / lo <= 1.5 for lo, hi in zip(edges, edges[1:]))
+
+    async def main():
+        rec = RecordingRecognizer()
+        async with DynamicBatcher(rec, BatcherConfig(max_batch=8, max_queue_delay_ms=50)) as b:
+            await asyncio.gather(*(b.submit(utt(i, s)) for i, s in enumerate((2.5, 3.5, 2.6, 3.4))))
+        return rec
+
+    assert sorted(sorted(x) for x in run(main()).batches) == [[0, 2], [1, 3]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from emoq_serve.runtime.batcher import BatcherConfig
+from emoq_serve.runtime.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
 from emoq_serve.server.supervisor import SupervisorConfig
 
 
@@ -22,8 +22,10 @@ class ServerConfig:
     max_batch: int = 8
     max_queue_delay_ms: float = 5.0
     queue_size: int = 256
-    bucket_edges_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
-    max_inflight_batches: int = 1
+    bucket_edges_s: tuple[float, ...] = DEFAULT_BUCKET_EDGES_S
+    #: 2: the ONNX stages of one batch run while the LLM scores the previous one (a two-stage
+    #: pipeline; the runtime's `cpu` preset gives each stage one thread to match).
+    max_inflight_batches: int = 2
     # Input limits (INVALID_ARGUMENT beyond them).
     min_sample_rate_hz: int = 8_000
     max_sample_rate_hz: int = 192_000

@@ -84,10 +84,10 @@ def cpu_has_native_bf16() -> bool:
 RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # Parity runs and tests: exact fp32, one thread everywhere (deterministic, no contention).
     "test": RuntimeConfig(device="cpu", max_batch=8, verify_hashes=True),
-    # The 2-core CPU server: one thread per stage, because the server keeps two batches in
-    # flight (the ONNX stages of one overlap the LLM of the other: one core each), and because
-    # a 2-thread matmul on a shared box collapses (1-2 GFLOP/s against ~60 on one thread, measured
-    # under load). The LLM in bf16 where the CPU has it.
+    # The 2-core CPU server: one thread per stage, meant for a server with two batches in flight
+    # (ServerConfig.max_inflight_batches=2: the ONNX stages of one overlap the LLM of the other,
+    # one core each), and because a 2-thread matmul on a shared box collapses (1-2 GFLOP/s
+    # against ~60 on one thread, measured under load). The LLM in bf16 where the CPU has it.
     "cpu": RuntimeConfig(device="cpu", dtype="auto", audio_threads=1, former_threads=1, torch_threads=1),
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }

@@ -103,7 +103,7 @@ def faulty():
     """(server, faults, supervisor) with a 0.5 s engine timeout and 3 failures in a row = fatal."""
     faults = Faults()
     holder: dict[str, EngineSupervisor] = {}
-    cfg = config(max_batch=1, max_queue_delay_ms=0, engine_timeout_s=0.5, restart_backoff_s=0.05)
+    cfg = config(max_batch=1, max_inflight_batches=1, max_queue_delay_ms=0, engine_timeout_s=0.5, restart_backoff_s=0.05)
 
     def make() -> EngineSupervisor:
         holder["sup"] = EngineSupervisor(factory(faults), cfg.supervisor())

@@ -151,7 +151,7 @@ def gated():
         holder["rec"] = GatedRecognizer(StandInRecognizer())
         return holder["rec"]
 
-    with RunningServer(make, config(max_batch=1, max_queue_delay_ms=0, queue_size=2, drain_timeout_s=5)) as srv:
+    with RunningServer(make, config(max_batch=1, max_inflight_batches=1, max_queue_delay_ms=0, queue_size=2, drain_timeout_s=5)) as srv:
         rec = holder["rec"]
         srv.call_soon(rec.gate.clear)
         yield srv, rec

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="LLM precision (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
+    p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
+                   help="batches in the engine at once (2: ONNX stages of one overlap the LLM of another)")
     p.add_argument("--queue-size", type=int, default=d.queue_size)
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
     p.add_argument("--max-transcript-tokens", type=int, default=d.max_transcript_tokens)

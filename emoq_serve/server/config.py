@@ -26,7 +26,7 @@ class ServerConfig:
     #: Batches computed at once. 2 makes a two-stage pipeline (the ONNX stages of one batch run
     #: while the LLM scores the previous one; the runtime's `cpu` preset gives each stage one
     #: thread to match) and is what the committed CPU benchmarks ran with.
-    max_inflight_batches: int = 1
+    max_inflight_batches: int = 2  # the ONNX stages of one batch overlap the LLM of the previous
     # Input limits (INVALID_ARGUMENT beyond them).
     min_sample_rate_hz: int = 8_000
     max_sample_rate_hz: int = 192_000

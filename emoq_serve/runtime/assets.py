@@ -8,6 +8,7 @@ The LLM is not needed to build prompt embeddings: `embed_tokens[ids]` is its fir
 
 from __future__ import annotations
 
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -22,6 +23,40 @@ from emoq_serve.data.types import Example
 from emoq_serve.model.projector import Projector
 from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
 from emoq_serve.runtime.types import Prediction, Utterance
+
+
+def require_former(bundle: Bundle, engine: str) -> None:
+    """Both engines serve former-based models only; say so before loading anything heavy."""
+    if not bundle.model_config.llm.use_former:
+        raise BundleError(f"this bundle's model has no former (use_former=False); the {engine} engine serves "
+                          "former-based models only")
+
+
+class StageClock:
+    """Milliseconds per pipeline stage: `lap(stage)` closes the stage that just ran."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self._clock) * 1e3
+        self._clock = now
+
+
+def engine_info(bundle: Bundle, engine: str, llm_backend: str, device: str, dtype: str,
+                packages: tuple[str, ...]) -> dict[str, str]:
+    """GetModelInfo's fields for an engine: bundle identity, how it runs, library versions."""
+    return {
+        "bundle_id": bundle.bundle_id,
+        "preset": bundle.model_config.preset,
+        "engine": engine,
+        "llm_backend": llm_backend,
+        "device": device,
+        "dtype": dtype,
+        **library_versions("emoq-serve", *packages),
+    }
 
 
 def text_tokenizer(bundle: Bundle) -> Any:

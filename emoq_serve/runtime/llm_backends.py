@@ -73,7 +73,7 @@ class TransformersBackend:
 
         self.device = torch.device(device)
         self.dtype = _TORCH_DTYPES[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype, use_safetensors=True).to(self.device).eval()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-llm")
 
     @torch.inference_mode()

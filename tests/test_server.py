@@ -292,7 +292,7 @@ def real(tiny_bundle):
         holder["rec"] = GatedRecognizer(OnnxPipeline(bundle, runtime))
         return holder["rec"]
 
-    cfg = config(max_batch=8, max_queue_delay_ms=20, interim_span_s=1.0, queue_size=4)
+    cfg = config(max_batch=8, max_inflight_batches=1, max_queue_delay_ms=20, interim_span_s=1.0, queue_size=4)
     counter = transcript_token_counter(bundle)
     with RunningServer(make, cfg, counter) as srv:
         eager = EagerPipeline(bundle, runtime)

@@ -37,8 +37,8 @@ class DemoConfig:
 
     preset: str = "small"
     clips_per_class: int = 100
-    stage1_epochs: int = 8
-    stage2_epochs: int = 10
+    stage1_epochs: int = 4
+    stage2_epochs: int = 12
     seed: int = 0
 
     @property

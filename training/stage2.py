@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: step size for the LoRA/projector path to find the emotion words within a few epochs).
 STAGE2_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 6, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1},
-    "small": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.1},
+    "small": {"epochs": 12, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1},
 }
 
 

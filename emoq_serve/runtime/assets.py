@@ -22,14 +22,18 @@ from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
 from emoq_serve.model.projector import Projector
 from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
+from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.types import Prediction, Utterance
 
 
-def require_former(bundle: Bundle, engine: str) -> None:
-    """Both engines serve former-based models only; say so before loading anything heavy."""
+def engine_device(bundle: Bundle, cfg: RuntimeConfig, engine: str) -> torch.device:
+    """What both engines do first: refuse models they cannot serve (before loading anything
+    heavy), set the torch thread count, and resolve the device."""
     if not bundle.model_config.llm.use_former:
         raise BundleError(f"this bundle's model has no former (use_former=False); the {engine} engine serves "
                           "former-based models only")
+    torch.set_num_threads(cfg.torch_threads)
+    return torch.device(cfg.resolved_device())
 
 
 class StageClock:

@@ -23,12 +23,12 @@ from emoq_serve.model.former import EmoQFormer
 from emoq_serve.runtime.assets import (
     PromptEmbedder,
     StageClock,
+    engine_device,
     engine_info,
     load_heads,
     model_batch,
     predictions,
     prompt_builder,
-    require_former,
     text_only,
     text_tokenizer,
 )
@@ -41,12 +41,10 @@ class EagerPipeline:
     """PyTorch HuBERT + EmoQ-Former + transformers LLM, per request, fp32."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
-        require_former(bundle, "eager")
-        model_cfg = bundle.model_config
+        self.device = engine_device(bundle, cfg, "eager")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
-        self.device = torch.device(cfg.resolved_device())
-        torch.set_num_threads(cfg.torch_threads)
+        model_cfg = bundle.model_config
         audio_cfg = dataclasses.replace(model_cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR)))
         self.audio_encoder = AudioEncoder(audio_cfg).to(self.device).eval()
         weights = load_file(str(bundle.file(names.EAGER_FORMER)))

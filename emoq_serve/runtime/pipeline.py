@@ -27,11 +27,11 @@ from emoq_serve.kernels import attentive_pool
 from emoq_serve.runtime.assets import (
     PromptEmbedder,
     StageClock,
+    engine_device,
     engine_info,
     load_heads,
     model_batch,
     predictions,
-    require_former,
     text_only,
     text_tokenizer,
 )
@@ -45,12 +45,9 @@ class OnnxPipeline:
     """ORT audio encoder + ORT former + pooling + projector + LLM backend (vLLM or transformers)."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
-        require_former(bundle, "ONNX")
-        model_cfg = bundle.model_config
+        self.device = engine_device(bundle, cfg, "ONNX")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
-        self.device = torch.device(cfg.resolved_device())
-        torch.set_num_threads(cfg.torch_threads)
         self.audio = OrtStage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads, self.device.type)
         self.former = OrtStage(bundle.file(names.FORMER_ONNX), cfg.former_threads, self.device.type)
         pool_u, projector = load_heads(bundle)

@@ -154,9 +154,13 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8  # paper: 8
     lr: float = 1e-4
-    #: Learning rate of the auxiliary head; None = `lr`. The head reads the unit-norm z, whose
-    #: components are ~1/sqrt(D) small, so at a fine-tuning lr it barely moves in one epoch.
-    head_lr: float | None = None
+    #: Learning rates by parameter name: regex -> lr, the first pattern that `re.search`es a
+    #: name wins; unmatched parameters train at `lr`. Why: a pretrained body, freshly
+    #: initialised parts (queries, cross-attention, projector, LoRA) and the auxiliary head need
+    #: steps an order of magnitude apart. At one shared rate either the MiniLM body is wrecked
+    #: or the new parts and the head (which reads unit-norm z, ~1/sqrt(D) per component) barely
+    #: move. Patterns for the model's parts: `training.common.PARAM_GROUPS`.
+    lr_groups: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_ratio: float = 0.05
@@ -191,9 +195,13 @@ def _tiny() -> ModelConfig:
 def _small() -> ModelConfig:
     return ModelConfig(
         preset="small",
+        # Random and frozen, so its features carry prosody only by accident of shape. Measured
+        # on the demo corpus (linear probe on per-clip mean/std of the frames, prosody-only dev
+        # clips): 64 channels with per-frame "layer" norm 0.54 (it erases loudness), 64 "group"
+        # 0.79, 256 "group" 0.92; the former then recognises 0.97 of dev clips instead of 0.76.
         audio=AudioEncoderConfig(
-            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, conv_dim=(64,) * 7,
-            feat_extract_norm="layer", num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
+            hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, conv_dim=(256,) * 7,
+            feat_extract_norm="group", num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
         ),
         former=FormerConfig(
             # No dropout: at init the pooled embeddings of different utterances are nearly

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.feature_cache import FeatureCache
 from emoq_serve.model.former import EmoQFormer, load_text_tokenizer
-from emoq_serve.model.text_init import init_from_pretrained
+from emoq_serve.model.text_init import FRESH_FORMER_PARTS, init_from_pretrained
 
 TINY = preset("tiny")
 
@@ -61,18 +62,37 @@ def test_encoder_is_frozen_and_stays_in_eval(encoder):
     assert not frames.requires_grad
 
 
-def test_layer_norm_encoder_is_padding_invariant(encoder):
+@pytest.fixture(scope="module", params=["layer", "group"])
+def any_encoder(request) -> AudioEncoder:
+    """The tiny encoder in both HuBERT kinds (large-style "layer", base-style "group" norm)."""
+    torch.manual_seed(0)
+    return AudioEncoder(dataclasses.replace(TINY.audio, feat_extract_norm=request.param))
+
+
+def test_encoder_equals_huggingface_hubert_on_one_clip(any_encoder):
+    """Alone and unpadded, the masked path computes exactly what HF's HubertModel computes."""
+    wav = torch.randn(1, 9000, generator=torch.Generator().manual_seed(3))
+    ours, mask = any_encoder(wav, torch.tensor([9000]))
+    with torch.no_grad():
+        theirs = any_encoder.hubert(wav).last_hidden_state
+    assert bool(mask.all())
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_is_padding_invariant(any_encoder):
+    """A clip encodes the same alone and as a padded row (group norm included: its statistics
+    skip the padding), which is what lets the server batch clips of different lengths."""
     wav = torch.randn(1, 8000)
-    alone, alone_mask = encoder(wav, torch.tensor([8000]))
+    alone, alone_mask = any_encoder(wav, torch.tensor([8000]))
     padded = torch.cat([wav, torch.randn(1, 8000)], dim=1)  # garbage tail must be ignored
-    batch, batch_mask = encoder(torch.cat([padded, torch.randn(1, 16000)]), torch.tensor([8000, 16000]))
+    batch, batch_mask = any_encoder(torch.cat([padded, torch.randn(1, 16000)]), torch.tensor([8000, 16000]))
     n = int(alone_mask.sum())
     assert int(batch_mask[0].sum()) == n
     torch.testing.assert_close(batch[0, :n], alone[0, :n], atol=1e-4, rtol=1e-4)
 
 
-def test_empty_and_short_audio_give_empty_masks(encoder):
-    frames, mask = encoder(torch.zeros(2, 0), torch.tensor([0, 0]))
+def test_empty_and_short_audio_give_empty_masks(any_encoder):
+    frames, mask = any_encoder(torch.zeros(2, 0), torch.tensor([0, 0]))
     assert frames.shape[1] == 1 and not mask.any() and torch.isfinite(frames).all()
 
 
@@ -170,6 +190,8 @@ def test_minilm_init_reproduces_bert():
     assert len(report.loaded) == 5 + 16 * cfg.num_layers
     assert {"queries", "null_frame", "pool_u", "audio_proj.weight", "layers.0.cross_attn.q.weight", "layers.0.cross_norm.bias"} <= set(report.new)
     assert not set(report.loaded) & set(report.new) and set(report.loaded) | set(report.new) == set(own)
+    fresh = re.compile(FRESH_FORMER_PARTS)  # the trainers' learning-rate groups rely on it
+    assert {name for name in own if fresh.match(name)} == set(report.new)
 
     enc = tok(["i cannot believe you did that", "fine."], padding=True, return_tensors="pt")
     with torch.no_grad():

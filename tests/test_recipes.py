@@ -12,7 +12,7 @@ from torch import nn
 from emoq_serve.config import LABEL_SETS, TrainConfig
 from emoq_serve.data import load_corpus
 from emoq_serve.data.types import Corpus, Example
-from training.common import make_optimizer
+from training.common import PARAM_GROUPS, make_optimizer
 from training.recipes import RECIPES, run_recipe, stratified_subset
 
 
@@ -51,10 +51,10 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     assert config["labels"] == list(LABEL_SETS["meld4"]) and config["former"]["num_queries"] == 4
 
 
-def test_head_lr_gives_the_aux_head_its_own_group() -> None:
-    """The recipe's main lever: the auxiliary head trains at `head_lr`, everything else at `lr`."""
+def test_lr_groups_give_the_aux_head_its_own_rate() -> None:
+    """The recipe's main lever: the auxiliary head trains at its group's rate, the rest at `lr`."""
     model = nn.ModuleDict({"former": nn.Linear(3, 3), "aux_head": nn.Linear(3, 2)})
-    opt = make_optimizer(model, TrainConfig(lr=1e-4, head_lr=2e-3))
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}))
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert {lrs[id(p)] for p in model["former"].parameters()} == {1e-4}
     assert {lrs[id(p)] for p in model["aux_head"].parameters()} == {2e-3}

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,16 +28,26 @@ from torch import nn
 from tqdm import tqdm
 
 from emoq_serve.config import TrainConfig
+from emoq_serve.model.text_init import FRESH_FORMER_PARTS
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 METRICS = ("wa", "ua", "wf1")
+#: Name patterns of the trainable parts, for `TrainConfig.lr_groups` in the stage presets.
+PARAM_GROUPS = {
+    "aux_head": r"^aux_head\.",
+    "former_fresh": rf"^former\.{FRESH_FORMER_PARTS}",  # not taken from the BERT/RoBERTa checkpoint
+    "projector": r"^projector\.",
+    "lora": r"\.lora_[AB]\.",
+}
 
 
 def preset_train_config(defaults: dict[str, dict[str, Any]], preset_name: str, **overrides: Any) -> TrainConfig:
     """`TrainConfig` from a stage's per-preset defaults with the non-None `overrides` on top."""
     values = {**defaults.get(preset_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    if "lr_groups" in values:
+        values["lr_groups"] = dict(values["lr_groups"])  # never share the preset's dict
     return TrainConfig(**values)
 
 
@@ -66,17 +77,19 @@ def set_threads(threads: int | None) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norms (1-D tensors) get no weight decay, and
-    the auxiliary head (`aux_head.*`) gets `cfg.head_lr` when set."""
-    groups = []
-    for head in (False, True):
-        params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("aux_head.") == head]
-        lr = cfg.head_lr if head and cfg.head_lr else cfg.lr
-        for decay in (True, False):
-            chosen = [p for p in params if (p.ndim >= 2) == decay]
-            if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    """AdamW over trainable parameters: each at the lr of the first `cfg.lr_groups` pattern its
+    name matches (else `cfg.lr`); biases and norms (1-D tensors) get no weight decay. Groups
+    come in parameter order, so a resumed run rebuilds the same groups as the saved optimizer."""
+    patterns = [(re.compile(pattern), lr) for pattern, lr in cfg.lr_groups.items()]
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = next((lr for pattern, lr in patterns if pattern.search(name)), cfg.lr)
+        decay = param.ndim >= 2
+        group = groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(param)
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:

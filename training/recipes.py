@@ -27,6 +27,7 @@ import numpy as np
 
 from emoq_serve.config import TrainConfig
 from emoq_serve.data.types import Corpus
+from training.common import PARAM_GROUPS
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "meld-text": Recipe(
         preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.6,
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, head_lr=2e-3, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
 }
 

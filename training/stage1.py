@@ -25,7 +25,7 @@ from emoq_serve.data.types import Corpus, Example
 from emoq_serve.metrics import emotion_metrics, emotion_report
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.losses import class_weights_from_labels, mal_loss
-from training.common import fit, flag_overrides, preset_train_config, seed_everything, set_threads
+from training.common import PARAM_GROUPS, fit, flag_overrides, preset_train_config, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 #: thing training does is collapse, and escaping that takes most of a short run).
 STAGE1_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 15, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1, "supcon_temperature": 0.5},
-    # MiniLM-initialised: the new parts (queries, cross-attention, pooling) need more than the
-    # usual 1e-4 fine-tuning step, 0.07 collapses the near-identical initial embeddings, and the
-    # head reads unit-norm z (~1/sqrt(384) per dimension): at the body's rate it stays at chance.
-    "small": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "head_lr": 2e-3, "warmup_ratio": 0.1,
-              "supcon_temperature": 0.5},
+    # MiniLM-initialised: the body fine-tunes at 5e-5 (at the 5e-4 once used for everything its
+    # loss never fell and dev accuracy swung 0.25-0.56), the new parts (queries, cross-attention,
+    # pooling) need 1e-3, and the head reads unit-norm z (~1/sqrt(384) per dimension): at the
+    # body's rate it stays at chance. 0.07 collapses the near-identical initial embeddings.
+    # Demo corpus: dev 0.95 after 3 epochs, 0.97 after 5.
+    "small": {"epochs": 5, "batch_size": 16, "lr": 5e-5, "warmup_ratio": 0.1, "supcon_temperature": 0.5,
+              "lr_groups": {PARAM_GROUPS["aux_head"]: 2e-3, PARAM_GROUPS["former_fresh"]: 1e-3}},
 }
 
 

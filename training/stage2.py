@@ -33,15 +33,20 @@ from emoq_serve.model.llm import build_or_load_tokenizer
 from emoq_serve.model.prompt import resolve_emotion_words
 from emoq_serve.model.stage2 import EmoQStage2
 from training import stage1
-from training.common import fit, flag_overrides, preset_train_config, seed_everything, set_threads
+from training.common import PARAM_GROUPS, fit, flag_overrides, preset_train_config, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
-#: Per-preset overrides of `TrainConfig` defaults (the tiny LLM is random, so it needs a large
-#: step size for the LoRA/projector path to find the emotion words within a few epochs).
+#: Per-preset overrides of `TrainConfig` defaults. The built LLMs are random, so the projector
+#: and LoRA need a large step to find the emotion words within a few epochs; the tiny former is
+#: random too and takes the same step. The small former keeps its stage-1 rates (MiniLM body 5e-5,
+#: new parts 5e-4): training it at the projector's 2e-3 wrecked it, and stage 2 then plateaued
+#: at 0.46 on the demo corpus; with the split rates it reaches 0.98 in 5 epochs.
 STAGE2_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 6, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1},
-    "small": {"epochs": 12, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.1},
+    "small": {"epochs": 5, "batch_size": 16, "lr": 5e-5, "warmup_ratio": 0.1,
+              "lr_groups": {PARAM_GROUPS["projector"]: 2e-3, PARAM_GROUPS["lora"]: 2e-3,
+                            PARAM_GROUPS["former_fresh"]: 5e-4}},
 }
 
 

@@ -1,11 +1,14 @@
 """The frozen speech encoder: transformers' HuBERT, with a frame mask derived from sample lengths.
 
-Padding convention (Hugging Face's): models with `feat_extract_norm="layer"` (HuBERT-large)
-take an `attention_mask`; models with `"group"` (HuBERT-base) must NOT get one — their
-processors never return it and passing it degrades batched inference — so for them the padded
-tail is only zeroed. Either way the padding is zeroed and `frame_mask` marks the valid frames,
-computed exactly through the conv stack; "group" models are therefore not padding-invariant
-(see ARCHITECTURE.md), "layer" models are.
+Padding invariance for both HuBERT kinds. `feat_extract_norm="layer"` models (HuBERT-large)
+normalise each frame on its own, so Hugging Face's attention mask is all they need.
+`"group"` models (HuBERT-base) normalise each channel of the first conv layer over *time*, and
+HF's GroupNorm averages the padding into those statistics, which is why its processors never
+batch them with a mask and why a padded row used to differ from the same clip alone. Here the
+first layer's statistics are taken over each row's valid positions only (the same numbers
+GroupNorm computes on the unpadded clip), and the encoder gets the frame mask. Either way a
+clip encodes to the same frames alone or in any padded batch, which is what the feature cache
+(unpadded, one clip at a time) and the batching server both rely on.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class AudioEncoder(nn.Module):
         self.hubert.eval()
         self.conv_kernel = tuple(self.hubert.config.conv_kernel)
         self.conv_stride = tuple(self.hubert.config.conv_stride)
-        self.pass_attention_mask = self.hubert.config.feat_extract_norm == "layer"
+        self.group_norm = self.hubert.config.feat_extract_norm == "group"
         self._identity: str | None = None
 
     @property
@@ -92,18 +95,42 @@ class AudioEncoder(nn.Module):
         short = torch.sym_max(0, self.min_samples - waveforms.shape[1])
         waveforms = nn.functional.pad(waveforms, (0, short))
         positions = torch.arange(waveforms.shape[1], device=waveforms.device)
-        sample_mask = positions[None, :] < lengths[:, None]
-        waveforms = waveforms * sample_mask
-        attention_mask = None
-        if self.pass_attention_mask:
-            # HF indexes frame `length - 1` of every row, so a row shorter than one frame (e.g.
-            # no audio) is shown a zeroed one-frame window; frame_mask still marks it empty.
-            visible = lengths.clamp(min=self.min_samples)
-            attention_mask = (positions[None, :] < visible[:, None]).to(torch.int64)
-        frames = self.hubert(waveforms, attention_mask=attention_mask).last_hidden_state
-        frame_positions = torch.arange(frames.shape[1], device=frames.device)
+        waveforms = waveforms * (positions[None, :] < lengths[:, None])
+        # A row shorter than one frame (e.g. no audio) is shown a zeroed one-frame window, so
+        # every row has a valid frame to normalise and attend over; frame_mask still marks it empty.
+        visible = lengths.clamp(min=self.min_samples)
+        features = self._conv_features(waveforms, visible)
+        hidden = self.hubert.feature_projection(features.transpose(1, 2))
+        frame_positions = torch.arange(hidden.shape[1], device=hidden.device)
+        visible_frames = frame_positions[None, :] < self.frame_lengths(visible)[:, None]
+        frames = self.hubert.encoder(hidden, attention_mask=visible_frames).last_hidden_state
         frame_mask = frame_positions[None, :] < self.frame_lengths(lengths)[:, None]
         return frames, frame_mask
+
+    def _conv_features(self, waveforms: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """HuBERT's conv stack [B,S] -> [B,C,F]; a group-norm first layer uses masked statistics.
+
+        Only the first layer needs care: each later valid position reads valid inputs alone (no
+        conv padding), so whatever the padded tail computes never reaches a valid frame.
+        """
+        conv_layers = self.hubert.feature_extractor.conv_layers
+        x = waveforms[:, None]
+        if self.group_norm:
+            first = conv_layers[0]
+            x = first.conv(x)
+            kernel, stride = self.conv_kernel[0], self.conv_stride[0]
+            valid_len = torch.div(visible - kernel, stride, rounding_mode="floor") + 1
+            valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < valid_len[:, None]).to(x.dtype)[:, None]
+            count = valid.sum(-1, keepdim=True)
+            mean = (x * valid).sum(-1, keepdim=True) / count
+            var = ((x - mean) ** 2 * valid).sum(-1, keepdim=True) / count
+            norm = first.layer_norm
+            x = (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None]
+            x = first.activation(x)
+            conv_layers = conv_layers[1:]
+        for layer in conv_layers:
+            x = layer(x)
+        return x
 
     def identity(self) -> str:
         """sha256 over the config and every weight: the feature-cache key part for this encoder."""

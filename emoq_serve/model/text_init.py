@@ -22,6 +22,11 @@ from emoq_serve.model.former import EmoQFormer
 
 log = logging.getLogger(__name__)
 
+#: Former tensor names (a regex) that no BERT/RoBERTa checkpoint provides: `init_from_pretrained`
+#: leaves exactly these at their fresh initialisation (its `InitReport.new`), so the trainers
+#: give them a larger learning rate than the pretrained body.
+FRESH_FORMER_PARTS = r"(queries|audio_proj\.|null_frame|pool_u|layers\.\d+\.cross_(attn|norm)\.)"
+
 
 @dataclass
 class InitReport:

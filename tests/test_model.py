@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertModel, RobertaConfig, RobertaModel
@@ -250,3 +251,38 @@ def test_stage1_checkpoint_roundtrip(tmp_path):
     again = EmoQStage1.load(tmp_path / "ckpt").eval()
     z2, logits2 = again(batch)
     assert torch.equal(z, z2) and torch.equal(logits, logits2)
+
+
+def voice_probe_accuracy(audio_cfg, seed: int = 0) -> float:
+    """Held-out accuracy of a linear probe on per-clip mean/std of a random frozen encoder's
+    frames, over the synthetic clips whose voice carries the class (the audio path's ceiling)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from emoq_serve.data.synthetic import make_corpus
+
+    torch.manual_seed(seed)
+    enc = AudioEncoder(audio_cfg)
+    corpus = make_corpus(24, seed=seed, use_cache=False)
+
+    def xy(examples):
+        voiced = [ex for ex in examples if ex.cue != "text"]
+        feats = []
+        for ex in voiced:
+            frames, _ = enc(torch.from_numpy(ex.audio)[None], torch.tensor([len(ex.audio)]))
+            feats.append(torch.cat([frames[0].mean(0), frames[0].std(0)]).numpy())
+        return feats, [ex.label for ex in voiced]
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5)).fit(*xy(corpus.train))
+    x, y = xy(corpus.dev + corpus.test)
+    return float((probe.predict(x) == np.array(y)).mean())
+
+
+def test_small_preset_encoder_keeps_prosody(monkeypatch, tmp_path):
+    """The demo model can only hear prosody that its random frozen encoder keeps. The small
+    preset's group-norm conv stack does: 0.92-0.94 over seeds 0-1, where the 64-channel
+    per-frame layer norm it replaced (which erases loudness) scored 0.50-0.64, and the demo
+    model trained on that encoder missed every prosody-only clip."""
+    monkeypatch.setenv("EMOQ_CACHE", str(tmp_path))
+    assert voice_probe_accuracy(preset("small").audio) > 0.75

@@ -17,6 +17,8 @@ from emoq_serve.model.former import EmoQFormer, load_text_tokenizer
 from emoq_serve.model.llm import build_or_load_tokenizer
 from emoq_serve.model.prompt import resolve_emotion_words
 from emoq_serve.model.stage2 import EmoQStage2, answer_loss
+from training import stage2
+from training.common import PARAM_GROUPS, make_optimizer
 
 TRANSCRIPTS = [
     "I can't believe you did that!",
@@ -178,6 +180,20 @@ def test_only_lora_former_and_projector_get_gradients(model):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+def test_small_preset_learning_rates_reach_every_trainable_part(model):
+    """The small preset's `lr_groups` put the projector and LoRA at their rate and the former's
+    fresh parts at theirs; the MiniLM-initialised body (here: self-attention) keeps `lr`."""
+    cfg = stage2.train_config("small")
+    lrs = {id(p): g["lr"] for g in make_optimizer(model, cfg).param_groups for p in g["params"]}
+    by_name = {name: lrs.get(id(p)) for name, p in model.named_parameters()}
+    groups = cfg.lr_groups
+    assert {by_name[n] for n in by_name if n.startswith("projector.")} == {groups[PARAM_GROUPS["projector"]]}
+    assert {by_name[n] for n in by_name if ".lora_" in n} == {groups[PARAM_GROUPS["lora"]]}
+    assert {by_name[n] for n in by_name if ".cross_attn." in n or n == "former.queries"} == {groups[PARAM_GROUPS["former_fresh"]]}
+    assert {by_name[n] for n in by_name if ".self_attn.q." in n and n.startswith("former.")} == {cfg.lr}
+    assert all(lr is None for n, lr in by_name.items() if n.startswith("llm.") and ".lora_" not in n)  # frozen
 
 
 def test_save_load_reproduces_posteriors(model, tmp_path):

@@ -143,8 +143,10 @@ def quiet_libraries() -> None:
     """Keep the demo's own steps readable: the libraries' start-up chatter (vLLM's per-weight
     dtype notes, the ONNX exporter's optional-op and axis-name notices, deprecation warnings)
     says nothing a newcomer can act on. Errors still show."""
+    import torch._logging  # set_logs is torch's public switch; a plain setLevel is reset on export
+
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    torch._logging.set_logs(onnx=logging.ERROR)
     warnings.simplefilter("ignore", FutureWarning)
     warnings.filterwarnings("ignore", message=r"# The axis name")
 

@@ -173,3 +173,27 @@ def test_export_refuses_an_existing_destination(tiny_checkpoint, tiny_bundle, ca
     assert emoq_export(["--checkpoint", str(tiny_checkpoint), "--out", str(tiny_bundle)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert Bundle.open(tiny_bundle)  # untouched
+
+
+def test_group_norm_encoder_graph_is_padding_invariant_like_eager(tmp_path):
+    """The small preset's HuBERT-base-style encoder (group norm with statistics over the valid
+    samples only) exports with symbolic shapes; ORT matches eager on a padded batch and a clip
+    encodes the same alone as padded, so served batches mean what training's unpadded features meant."""
+    import dataclasses
+
+    from emoq_serve.config import preset
+    from emoq_serve.model.audio_encoder import AudioEncoder
+    from export.onnx_export import export_audio_encoder
+
+    torch.manual_seed(0)
+    encoder = AudioEncoder(dataclasses.replace(preset("tiny").audio, feat_extract_norm="group"))
+    path = export_audio_encoder(encoder, tmp_path / "audio_encoder.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(5)
+    waveforms, lengths = torch.randn(3, 23_000, generator=g), torch.tensor([23_000, 7_000, 12_345])
+    frames, mask = session.run(None, {"waveforms": waveforms.numpy(), "lengths": lengths.numpy()})
+    eager_frames, eager_mask = encoder(waveforms, lengths)
+    assert np.array_equal(mask, eager_mask.numpy())
+    np.testing.assert_allclose(frames[mask], eager_frames[eager_mask].numpy(), atol=1e-4)
+    alone, alone_mask = session.run(None, {"waveforms": waveforms[1:2, :7_000].numpy(), "lengths": lengths[1:2].numpy()})
+    np.testing.assert_allclose(frames[1][mask[1]], alone[0][alone_mask[0]], atol=1e-4)

@@ -15,7 +15,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, summary.json)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="learning rate of the parts the preset gives no rate of their own "
+                   "(its lr_groups: the fresh former parts, aux head, projector, LoRA keep theirs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--select-metric", choices=["wa", "ua", "uar", "wf1"], help="dev metric choosing the best checkpoint")

@@ -5,6 +5,7 @@ bundle does not reproduce the model."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,9 +19,12 @@ from safetensors.torch import load_file
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
+from emoq_serve.config import preset
 from emoq_serve.data.types import Example
+from emoq_serve.model.audio_encoder import AudioEncoder
 from export.bundle_writer import hash_files
 from export.cli import register
+from export.onnx_export import export_audio_encoder
 from export.verify import (FP32_TOLERANCES, Outputs, ParityError, eager_model_from_bundle, model_outputs,
                            ort_model_from_bundle, parity_report)
 
@@ -179,12 +183,6 @@ def test_group_norm_encoder_graph_is_padding_invariant_like_eager(tmp_path):
     """The small preset's HuBERT-base-style encoder (group norm with statistics over the valid
     samples only) exports with symbolic shapes; ORT matches eager on a padded batch and a clip
     encodes the same alone as padded, so served batches mean what training's unpadded features meant."""
-    import dataclasses
-
-    from emoq_serve.config import preset
-    from emoq_serve.model.audio_encoder import AudioEncoder
-    from export.onnx_export import export_audio_encoder
-
     torch.manual_seed(0)
     encoder = AudioEncoder(dataclasses.replace(preset("tiny").audio, feat_extract_norm="group"))
     path = export_audio_encoder(encoder, tmp_path / "audio_encoder.onnx")

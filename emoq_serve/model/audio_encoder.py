@@ -45,6 +45,16 @@ def hubert_config(cfg: AudioEncoderConfig) -> HubertConfig:
     )
 
 
+def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """`norm` (one group per channel) on x [B,C,T] with each row's statistics over its valid [B,T]
+    positions only: on an unpadded row exactly what `norm(x)` computes."""
+    weights = valid.to(x.dtype)[:, None]
+    count = weights.sum(-1, keepdim=True)
+    mean = (x * weights).sum(-1, keepdim=True) / count
+    var = ((x - mean) ** 2 * weights).sum(-1, keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None]
+
+
 class AudioEncoder(nn.Module):
     """Frozen HuBERT: waveforms [B,S] f32 + lengths [B] i64 -> frames [B,F,Da] + frame_mask [B,F].
 
@@ -82,10 +92,11 @@ class AudioEncoder(nn.Module):
         """Ignore train(): the encoder is frozen, so dropout/spec-augment must never switch on."""
         return super().train(False)
 
-    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid frames per row: L -> floor((L - k) / s) + 1 through every conv layer, floored at 0."""
+    def frame_lengths(self, lengths: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """Valid outputs per row: L -> floor((L - k) / s) + 1 through the first `num_layers` conv
+        layers (all of them by default: the frames), floored at 0."""
         n = lengths.to(torch.int64)
-        for k, s in zip(self.conv_kernel, self.conv_stride):
+        for k, s in list(zip(self.conv_kernel, self.conv_stride))[:num_layers]:
             n = torch.div(n - k, s, rounding_mode="floor") + 1
         return n.clamp(min=0)
 
@@ -118,15 +129,8 @@ class AudioEncoder(nn.Module):
         if self.group_norm:
             first = conv_layers[0]
             x = first.conv(x)
-            kernel, stride = self.conv_kernel[0], self.conv_stride[0]
-            valid_len = torch.div(visible - kernel, stride, rounding_mode="floor") + 1
-            valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < valid_len[:, None]).to(x.dtype)[:, None]
-            count = valid.sum(-1, keepdim=True)
-            mean = (x * valid).sum(-1, keepdim=True) / count
-            var = ((x - mean) ** 2 * valid).sum(-1, keepdim=True) / count
-            norm = first.layer_norm
-            x = (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None]
-            x = first.activation(x)
+            valid = torch.arange(x.shape[-1], device=x.device)[None, :] < self.frame_lengths(visible, 1)[:, None]
+            x = first.activation(masked_group_norm(x, valid, first.layer_norm))
             conv_layers = conv_layers[1:]
         for layer in conv_layers:
             x = layer(x)

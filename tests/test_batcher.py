@@ -186,6 +186,61 @@ def test_engine_error_reaches_every_caller_and_batcher_survives():
     assert ok.probabilities[0] == 9
 
 
+class MiscountingRecognizer(RecordingRecognizer):
+    """Answers `extra` more (or, negative, fewer) predictions than the batch has, once."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__()
+        self.extra = extra
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        preds = await super().recognize(batch)
+        extra, self.extra = self.extra, 0
+        return preds[: len(preds) + extra] if extra < 0 else preds + preds[:1] * extra
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_miscounted_predictions_fail_every_caller_and_batcher_survives(extra):
+    """A prediction list longer or shorter than the batch fails the whole batch (no caller is
+    left waiting, none gets a neighbour's row); the next batch is answered normally."""
+
+    async def main():
+        rec = MiscountingRecognizer(extra)
+        async with DynamicBatcher(rec, BatcherConfig(max_batch=3, max_queue_delay_ms=50)) as b:
+            calls = asyncio.gather(*(b.submit(utt(i)) for i in range(3)), return_exceptions=True)
+            results = await asyncio.wait_for(calls, 2)
+            ok = await asyncio.wait_for(b.submit(utt(9)), 2)
+        return rec, results, ok
+
+    rec, results, ok = run(main())
+    assert rec.batches[0] == [0.0, 1.0, 2.0]
+    assert all(isinstance(r, RuntimeError) and "returned" in str(r) and "batch of 3" in str(r) for r in results)
+    assert ok.probabilities[0] == 9
+
+
+def test_raising_batch_hook_fails_the_batch_and_batcher_survives():
+    """The metrics hook runs inside the batch's failure handling: when it raises, the batch's
+    callers get that error instead of waiting for ever; the next batch runs."""
+    hook_calls = []
+
+    def on_batch(size: int) -> None:
+        hook_calls.append(size)
+        if len(hook_calls) == 1:
+            raise ValueError("injected: metrics hook broke")
+
+    async def main():
+        rec = RecordingRecognizer()
+        async with DynamicBatcher(rec, BatcherConfig(max_batch=2, max_queue_delay_ms=20), on_batch=on_batch) as b:
+            calls = asyncio.gather(b.submit(utt(1)), b.submit(utt(2)), return_exceptions=True)
+            results = await asyncio.wait_for(calls, 2)
+            ok = await asyncio.wait_for(b.submit(utt(9)), 2)
+        return results, ok
+
+    results, ok = run(main())
+    assert all(isinstance(r, ValueError) and "metrics hook broke" in str(r) for r in results)
+    assert ok.probabilities[0] == 9 and hook_calls == [2, 1]
+
+
 def test_close_drains_queued_work_then_refuses_new():
     async def main():
         rec = RecordingRecognizer()

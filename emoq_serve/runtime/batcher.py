@@ -228,24 +228,26 @@ class DynamicBatcher:
             task.add_done_callback(self._inflight.discard)
 
     async def _execute(self, batch: list[_Item]) -> None:
+        """Compute one batch; every item ends with its prediction or an exception, whatever fails
+        (the engine, the metrics hook, or an engine that answers a different number of rows)."""
         try:
             started = time.monotonic()
             self.stats.batch_sizes[len(batch)] += 1
             if self._on_batch is not None:
                 self._on_batch(len(batch))
-            try:
-                predictions = await self.recognizer.recognize([i.utterance for i in batch])
-            except asyncio.CancelledError:  # close() gave up waiting for this batch
-                self._fail(batch, BatcherClosed("the server shut down while this request ran"))
-                raise
-            except Exception as exc:  # every caller in the batch gets the engine's error
-                log.exception("batch of %d failed", len(batch))
-                self._fail(batch, exc)
-                return
+            predictions = await self.recognizer.recognize([i.utterance for i in batch])
+            if len(predictions) != len(batch):
+                raise RuntimeError(f"the engine returned {len(predictions)} predictions for a batch of {len(batch)}")
             for item, pred in zip(batch, predictions, strict=True):
                 pred.timings_ms["queue"] = (started - item.enqueued) * 1e3
                 if not item.future.done():  # a caller cancelled mid-compute: result dropped
                     item.future.set_result(pred)
+        except asyncio.CancelledError:  # close() gave up waiting for this batch
+            self._fail(batch, BatcherClosed("the server shut down while this request ran"))
+            raise
+        except Exception as exc:  # every caller in the batch gets the error
+            log.exception("batch of %d failed", len(batch))
+            self._fail(batch, exc)
         finally:
             self._slots.release()
 

@@ -10,6 +10,7 @@ engines the factory builds. The real bundle (ORT + vLLM) case is at the end, mar
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request
 from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.server.service import REQUEST_ID_KEY
 from emoq_serve.server.supervisor import EngineSupervisor
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -79,7 +81,8 @@ class FaultyEngine(StandInRecognizer):
             self.session = reshape_session([3])
         for u in batch:
             self.session.run(None, {"x": u.audio[:5]})
-        return await super().recognize(batch)
+        predictions = await super().recognize(batch)
+        return predictions[:-1] if fault == "miscount" else predictions
 
 
 def factory(faults: Faults):
@@ -144,14 +147,59 @@ def recover(server: RunningServer, failed_at: float) -> float:
     return time.monotonic() - failed_at
 
 
-def test_transient_failure_is_internal_and_the_engine_is_kept(faulty):
+def request_id(message: str) -> str:
+    """The id in the stable INTERNAL message (which never carries the exception's text)."""
+    match = re.fullmatch(r"internal error \(request id ([0-9a-f]{16})\): .*", message)
+    assert match, f"not the stable INTERNAL message: {message!r}"
+    return match.group(1)
+
+
+def logged_detail(caplog: pytest.LogCaptureFixture, message: str) -> str:
+    """The server's log line (with traceback) for an INTERNAL answer, found by its request id."""
+    lines = [r for r in caplog.records if request_id(message) in r.getMessage()]
+    assert len(lines) == 1, f"expected one log line for request id {request_id(message)}"
+    return lines[0].getMessage() + "\n" + caplog.handler.formatter.formatException(lines[0].exc_info)
+
+
+def test_transient_failure_is_internal_and_the_engine_is_kept(faulty, caplog):
     server, faults, sup = faulty
     faults.queue[:] = ["raise"]
-    code, message = call(server)
-    assert code == grpc.StatusCode.INTERNAL and "injected: this batch cannot be computed" in message
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Recognize(REQUEST, timeout=5)
+    code, message = err.value.code(), err.value.details()
+    assert code == grpc.StatusCode.INTERNAL and "injected" not in message  # the detail stays on the server
+    assert "injected: this batch cannot be computed" in logged_detail(caplog, message)
+    assert (REQUEST_ID_KEY, request_id(message)) in err.value.trailing_metadata()
     assert health_of(server) == SERVING
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert (faults.builds, sup.stats.transient_failures, sup.stats.fatal_failures) == (1, 1, 0)
+
+
+def test_miscounted_predictions_are_internal_and_the_next_call_is_right(faulty, caplog):
+    """An engine answering fewer rows than it was given fails that batch (INTERNAL), not hangs it."""
+    server, faults, sup = faulty
+    faults.queue[:] = ["miscount"]
+    code, message = call(server)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "returned 0 predictions for a batch of 1" in logged_detail(caplog, message)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+
+
+def test_raising_batch_hook_is_internal_and_the_next_call_is_right(faulty, caplog):
+    server, faults, sup = faulty
+    observe = server.server.batcher._on_batch
+    broken = iter([True])
+
+    def hook(size: int) -> None:
+        if next(broken, False):
+            raise ValueError("injected: the batch-size metric broke")
+        observe(size)
+
+    server.server.batcher._on_batch = hook
+    code, message = call(server)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "injected: the batch-size metric broke" in logged_detail(caplog, message)
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
 
 
 def test_dead_engine_is_rebuilt_while_health_says_not_serving(faulty):
@@ -189,13 +237,14 @@ def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty):
     print(f"\nhung engine: detected after the 0.5 s engine timeout, serving {time.monotonic() - failed_at:.2f} s later")
 
 
-def test_failing_ort_session_is_rebuilt_after_consecutive_failures(faulty):
+def test_failing_ort_session_is_rebuilt_after_consecutive_failures(faulty, caplog):
     server, faults, sup = faulty
     faults.queue[:] = ["ort"]
     outcomes = [call(server) for _ in range(3)]
     failed_at = time.monotonic()
     assert [c for c, _ in outcomes] == [grpc.StatusCode.INTERNAL] * 2 + [grpc.StatusCode.UNAVAILABLE]
-    assert all("ONNXRuntimeError" in m for _, m in outcomes) and "restarting" in outcomes[2][1]
+    assert all("ONNXRuntimeError" in logged_detail(caplog, m) for _, m in outcomes[:2])
+    assert "ONNXRuntimeError" in outcomes[2][1] and "restarting" in outcomes[2][1]
     asyncio.run_coroutine_threadsafe(sup.wait_serving(), server.loop).result(5)
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert (faults.builds, sup.stats.transient_failures, sup.stats.fatal_failures) == (2, 2, 1)

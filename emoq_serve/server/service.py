@@ -4,8 +4,11 @@ Every call goes through one outcome guard that maps failures to gRPC statuses wi
 and counts them by status, so the error contract lives in one place:
 InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, DeadlineExpired and an idle
 stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
-ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. Calls still running when the drain timeout
-ends are cut off with UNAVAILABLE and a message, so no accepted call ends without a status.
+ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
+message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
+text, which may hold paths or data; the server logs the detail under the same id. Calls still
+running when the drain timeout ends are cut off with UNAVAILABLE and a message, so no accepted call
+ends without a status.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -52,12 +56,17 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
-def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and client-facing message for a failure."""
+#: Trailing metadata key of the id an INTERNAL answer and its server log line share.
+REQUEST_ID_KEY = "emoq-request-id"
+
+
+def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and client-facing message for a failure (`request_id` names an INTERNAL one)."""
     for kind, code in _STATUS.items():
         if isinstance(exc, kind):
             return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"recognition failed: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, (f"internal error (request id {request_id}): the server could not compute "
+                                      "this result; its log has the details under this id")
 
 
 class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
@@ -121,11 +130,15 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 f"the server shut down before this call finished (drain timeout {self._drain_timeout:g} s): retry",
             )
         except Exception as exc:
-            code, message = status_for(exc)
+            request_id = uuid.uuid4().hex[:16]
+            code, message = status_for(exc, request_id)
+            trailing: tuple[tuple[str, str], ...] = ()
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
+                log.error("%s failed (request id %s): %s: %s", method, request_id, type(exc).__name__, exc,
+                          exc_info=exc)
+                trailing = ((REQUEST_ID_KEY, request_id),)
             self.metrics.requests.labels(method, code.name).inc()
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=trailing)
         else:
             self.metrics.requests.labels(method, "OK").inc()
         finally:

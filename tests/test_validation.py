@@ -154,3 +154,22 @@ def test_resampling_keeps_duration():
     validator = RequestValidator(config(**LIMITS))
     utt = validator.unary(recognize_request(tone(1.0, sr=8_000), 8_000))
     assert utt.audio.dtype == np.float32 and len(utt.audio) == 16_000
+
+
+def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
+    """VOICE_ACTIVITY, server ASR and segment transcripts exist in the API before the server
+    serves them: a request using them gets INVALID_ARGUMENT instead of silently other behaviour."""
+    from emoq_serve._proto import emoq_pb2 as pb
+    from emoq_serve.server.config import ServerConfig
+    from emoq_serve.server.validation import InvalidRequest, RequestValidator
+
+    validator = RequestValidator(ServerConfig())
+    base = dict(encoding=pb.LINEAR16, sample_rate_hz=16000)
+    validator.check_config(pb.RecognitionConfig(**base))
+    for extra in (dict(segmentation=pb.VOICE_ACTIVITY), dict(asr=pb.ASR_ALWAYS), dict(asr=pb.ASR_AUTO)):
+        with pytest.raises(InvalidRequest):
+            validator.check_config(pb.RecognitionConfig(**base, **extra))
+    stream = validator.stream()
+    stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
+    with pytest.raises(InvalidRequest, match="segment_transcript"):
+        stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))

@@ -86,6 +86,11 @@ class RequestValidator:
         if len(config.speaker) > self.cfg.max_speaker_chars:
             raise InvalidRequest(f"config.speaker has {len(config.speaker)} characters; the limit is {self.cfg.max_speaker_chars}")
         self.check_transcript(config.transcript)
+        # API fields of features still being built (conversation streaming, ASR): refused, never ignored.
+        if config.segmentation != pb.UTTERANCE:
+            raise InvalidRequest("segmentation VOICE_ACTIVITY is not served yet: send one utterance per stream (UTTERANCE)")
+        if config.asr not in (pb.ASR_SERVER_DEFAULT, pb.ASR_OFF):
+            raise InvalidRequest("this server has no speech recognition: send the transcript, or leave config.asr unset")
 
     def check_transcript(self, text: str) -> None:
         if len(text) > self.cfg.max_transcript_chars:
@@ -176,6 +181,8 @@ class StreamAssembler:
             self.validator.check_transcript(request.transcript)
             self.transcript = request.transcript
             self._late_transcript = True
+        elif kind == "segment_transcript":
+            raise InvalidRequest("segment_transcript needs segmentation VOICE_ACTIVITY, which this server does not serve yet")
         else:
             self.validator.check_length(self.config, self.num_bytes + len(request.audio_content))
             self._chunks.append(request.audio_content)

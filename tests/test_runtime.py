@@ -161,6 +161,29 @@ def test_eager_pipeline_matches_model(tiny_bundle, reference):
     asyncio.run(engine.close())
 
 
+def test_eager_pipeline_workers_and_bf16(tiny_bundle, reference, monkeypatch):
+    """Workers run utterances side by side, each on a single torch thread; bf16 stays close."""
+    bundle = Bundle.open(tiny_bundle, verify_hashes=False)
+    engine = EagerPipeline(bundle, runtime_preset("test").replace(eager_workers=2, dtype="bfloat16"))
+    seen: list[tuple[str, int]] = []
+    run_one = engine.recognize_one
+
+    def spy(utterance):
+        import threading
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return run_one(utterance)
+
+    monkeypatch.setattr(engine, "recognize_one", spy)
+    got = posteriors(engine, utterances())
+    asyncio.run(engine.close())
+    assert engine.info()["dtype"] == "bfloat16" and engine.info()["eager_workers"] == "2"
+    assert engine.llm.model.dtype == torch.bfloat16
+    assert {n for n, _ in seen} <= {"emoq-eager_0", "emoq-eager_1"} and {t for _, t in seen} == {1}
+    assert 0 < np.abs(got - reference).max() < 0.05  # bf16 differs from fp32, but only a little
+    with pytest.raises(ValueError, match="eager_workers"):
+        EagerPipeline(bundle, runtime_preset("test").replace(eager_workers=-1))
+
+
 def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):
     got = posteriors(onnx_transformers, utterances())
     assert got.shape == reference.shape

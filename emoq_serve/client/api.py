@@ -46,7 +46,9 @@ def retry_service_config(retries: int, initial_backoff_s: float = 0.2, max_backo
 
     Attempt n+1 waits a random time in [0, min(initial * 2**(n-1), max)] s (gRPC's jitter)."""
     if not 0 <= retries <= MAX_RETRIES:
-        raise ValueError(f"retries must be between 0 (off) and {MAX_RETRIES} (gRPC allows at most 5 attempts), got {retries}")
+        raise ValueError(
+            f"retries must be between 0 (off) and {MAX_RETRIES} (gRPC allows at most 5 attempts), got {retries}"
+        )
     if initial_backoff_s <= 0 or max_backoff_s < initial_backoff_s:
         raise ValueError(f"need 0 < initial_backoff_s <= max_backoff_s, got {initial_backoff_s} and {max_backoff_s}")
     if retries == 0:

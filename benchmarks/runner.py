@@ -104,7 +104,9 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
 
     from emoq_serve.client.api import EmotionClient
 
-    async with EmotionClient(address, timeout=cfg.timeout_s) as client:
+    # No client retries: a refused or failed call is counted as the server answered it, not
+    # hidden behind a retry's backoff in the latency figures.
+    async with EmotionClient(address, timeout=cfg.timeout_s, retries=0) as client:
         info = await client.model_info()
         call = make_call(client, cfg.api, cfg.timeout_s, cfg.chunk_ms, cfg.realtime)
         loads = cfg.concurrency if cfg.mode == "closed" else cfg.rates

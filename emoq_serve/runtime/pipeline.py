@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -86,6 +87,12 @@ class OnnxPipeline:
         posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
         timings["llm"] += (time.perf_counter() - start) * 1e3
         return predictions(self.labels, posteriors, timings)
+
+    def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """See `Recognizer`: only the LLM backend (vLLM's engine thread) can break between batches."""
+        watch = getattr(self.llm, "watch_failure", None)
+        if watch is not None:
+            watch(callback)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)

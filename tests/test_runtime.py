@@ -240,6 +240,21 @@ def test_onnx_pipeline_openvino_matches_model(tiny_bundle, reference):
         cfg.replace(device="cuda").resolved_graph_runtime()
 
 
+def test_onnx_pipeline_audio_per_utterance_matches_model(tiny_bundle, reference):
+    """Each clip encoded alone (no padding) gives the padded batch's posteriors."""
+    cfg = runtime_preset("test").replace(llm_backend="transformers", audio_per_utterance=True)
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    calls = []
+    run = pipeline.audio.run
+    pipeline.audio.run = lambda **kw: calls.append(kw["waveforms"].shape) or run(**kw)
+    batch = utterances()
+    got = posteriors(pipeline, batch)
+    asyncio.run(pipeline.close())
+    assert np.abs(got - reference).max() < TOL
+    assert [s[0] for s in calls] == [1] * len(batch)  # one clip per run, each at its own length
+    assert sorted(s[1] for s in calls) == sorted(max(len(u.audio), 1) for u in batch)
+
+
 def test_onnx_pipeline_is_batch_invariant(onnx_transformers, reference):
     """Each utterance alone gives its row of the padded batch (the batcher may split anyhow)."""
     batch = utterances()

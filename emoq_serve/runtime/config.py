@@ -38,6 +38,9 @@ class RuntimeConfig:
     #: the graphs are sequential chains, a second pool only competes for the same cores).
     audio_threads: int = 1
     former_threads: int = 1
+    #: Run the audio encoder on each clip alone instead of on the zero-padded batch: on a CPU a
+    #: batch buys little and the padding is pure waste; on a GPU batching pays.
+    audio_per_utterance: bool = False
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
@@ -75,7 +76,7 @@ class OnnxPipeline:
         """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
         clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, utterances)
-        audio = self.audio.run(waveforms=batch["waveforms"], lengths=batch["lengths"])
+        audio = self._encode_audio(batch["waveforms"], batch["lengths"])
         clock.lap("audio_encoder")
         states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
                                  input_ids=batch["input_ids"], text_mask=batch["text_mask"])["query_states"]
@@ -85,6 +86,18 @@ class OnnxPipeline:
         embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
         clock.lap("llm")
         return embeds, clock.timings
+
+    def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frames of the padded batch; with `audio_per_utterance`, each clip alone at its own length
+        (no compute on padding; the encoder is padding-invariant), frames then padded for the former."""
+        if not self.cfg.audio_per_utterance or len(lengths) == 1:
+            return self.audio.run(waveforms=waveforms, lengths=lengths)
+        outs = [self.audio.run(waveforms=waveforms[i:i + 1, :max(int(n), 1)], lengths=lengths[i:i + 1])
+                for i, n in enumerate(lengths)]
+        width = max(o["frames"].shape[1] for o in outs)
+        frames = torch.cat([F.pad(o["frames"], (0, 0, 0, width - o["frames"].shape[1])) for o in outs])
+        mask = torch.cat([F.pad(o["frame_mask"], (0, width - o["frame_mask"].shape[1]), value=False) for o in outs])
+        return {"frames": frames, "frame_mask": mask}
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:

@@ -235,6 +235,20 @@ def test_onnx_pipeline_openvino_matches_model(tiny_bundle, reference):
         assert pipeline.info()["graph_runtime"] == "openvino"
         asyncio.run(pipeline.close())
         assert np.abs(got - reference).max() < tol, dtype
+    # Two graph workers run two batches' ONNX stages at once, each thread its own infer request.
+    pipeline = OnnxPipeline(bundle, cfg.replace(graph_workers=2))
+    threads = []
+    encode = pipeline.encode
+    pipeline.encode = lambda batch: threads.append(__import__("threading").current_thread().name) or encode(batch)
+
+    async def both():
+        batch = utterances()
+        return await asyncio.gather(pipeline.recognize(batch[:2]), pipeline.recognize(batch[2:]))
+
+    first, second = asyncio.run(both())
+    asyncio.run(pipeline.close())
+    got = np.stack([p.probabilities for p in first + second])
+    assert np.abs(got - reference).max() < TOL and len(set(threads)) == 2
     assert runtime_preset("test").resolved_graph_runtime() == "onnxruntime"
     with pytest.raises(ValueError, match="CPU only"):
         cfg.replace(device="cuda").resolved_graph_runtime()

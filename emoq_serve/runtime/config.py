@@ -41,6 +41,9 @@ class RuntimeConfig:
     #: Run the audio encoder on each clip alone instead of on the zero-padded batch: on a CPU a
     #: batch buys little and the padding is pure waste; on a GPU batching pays.
     audio_per_utterance: bool = False
+    #: Worker threads running the ONNX stages of different batches at once (each stage with its
+    #: own thread budget), so two batches' audio encoders can use two cores while the LLM waits.
+    graph_workers: int = 1
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).

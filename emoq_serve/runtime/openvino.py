@@ -9,6 +9,7 @@ OpenVINO reads the bundle's graph as shipped, ORT's fused contrib ops included.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ class OvStage:
         })
         self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
         self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
-        self._request = self.compiled.create_infer_request()
+        self._local = threading.local()  # an infer request per calling thread: requests are not shareable
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""
@@ -57,5 +58,8 @@ class OvStage:
         unknown = inputs.keys() - set(self.input_names)
         if missing or unknown:
             raise ValueError(f"{self.path.name}: missing inputs {sorted(missing)}, unknown inputs {sorted(unknown)}")
-        self._request.infer({name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()})
-        return {name: torch.from_numpy(self._request.get_tensor(name).data.copy()) for name in self.output_names}
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()})
+        return {name: torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.output_names}

@@ -59,7 +59,10 @@ class OnnxPipeline:
         self.prompts = PromptEmbedder.from_bundle(bundle)
         self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
         self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-onnx")
+        if cfg.graph_workers < 1:
+            raise ValueError(f"graph_workers must be >= 1, got {cfg.graph_workers}")
+        self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-onnx",
+                                          initializer=torch.set_num_threads, initargs=(cfg.torch_threads,))
 
     def _stage(self, path, threads: int) -> OrtStage | OvStage:
         if self.graph_runtime == "openvino":

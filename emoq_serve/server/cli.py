@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with native bf16, else fp32); eager engine: the whole model's precision (default float32)")
     p.add_argument("--eager-workers", type=int, default=None,
                    help="eager engine: single-thread workers, one utterance each (default: one per core)")
+    p.add_argument("--graph-runtime", choices=("onnxruntime", "openvino", "auto"), default=None,
+                   help="onnx engine: what runs the ONNX graphs (default: the preset's; cpu: auto = OpenVINO "
+                        "in bf16 on CPUs with native bf16, else onnxruntime)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
@@ -58,7 +61,7 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     runtime = runtime_preset(args.runtime).replace(
         max_batch=args.max_batch,
         verify_hashes=not args.no_verify,
-        **{k: v for k in ("llm_backend", "device", "dtype", "eager_workers") if (v := getattr(args, k)) is not None},
+        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "eager_workers") if (v := getattr(args, k)) is not None},
     )
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")

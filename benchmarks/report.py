@@ -106,14 +106,15 @@ def markdown(report: dict[str, Any]) -> str:
     if per_request:
         lines.append("FLOPs per request (mean over the workload): " + ", ".join(
             f"{s} {per_request[s] / 1e9:.2f} GFLOP" for s in per_request) + ". Efficiency = FLOPs × mean batch "
-            f"/ stage time, against the best fp32 matmul rate measured ({report['peak_fp32_gflops']:.1f} GFLOP/s).\n")
-    header = ["engine", "load", *stages, "total", *(f"{s} GFLOP/s (% peak)" for s in per_request)]
+            "/ stage time, against the matmul peak of the engine's precision and threads per stage "
+            "(column `peak`, measured in the same run).\n")
+    header = ["engine", "load", *stages, "total", "peak", *(f"{s} GFLOP/s (% peak)" for s in per_request)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for p in report["points"]:
         eff = p["extra"].get("efficiency", {})
         cells = [p["engine"], str(p["concurrency"] or f"{p['rate']:g}/s"),
-                 *(_fmt(p["server_ms"].get(s)) for s in [*stages, "total"]),
+                 *(_fmt(p["server_ms"].get(s)) for s in [*stages, "total"]), p["extra"].get("efficiency_peak", "–"),
                  *(f"{eff[s]['achieved_gflops']:.1f} ({eff[s]['pct_of_peak']:.0f}%)" if s in eff else "–"
                    for s in per_request)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -150,7 +150,7 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--bundle", str(tiny_bundle), "--engine", "both", "--concurrency", "1,2",
                  "--requests", "6", "--warmup", "1", "--utterances", "4", "--peak-seconds", "0.1",
-                 "--serve-args=--no-verify", "--out", str(out)]) == 0
+                 "--serve-args=--no-verify --graph-runtime onnxruntime", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["bundle_id"] == Bundle.open(tiny_bundle).bundle_id and report["preset"] == "tiny"
     assert [(p["engine"], p["concurrency"]) for p in report["points"]] == \
@@ -158,6 +158,8 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     for p in report["points"]:
         check_point(p)
         assert set(p["extra"]["efficiency"]) == {"audio_encoder", "former", "pooling", "llm"}
+        want = "bf16_1t" if p["engine"] == "eager-bf16" else "fp32_1t"  # the test preset's graphs: ORT fp32
+        assert p["extra"]["efficiency_peak"] == want
     assert set(report["ratios"]) == {"eager", "eager-bf16"}
     for r in report["ratios"].values():
         assert set(r["throughput"]) == {"1", "2"} and r["p50_at_c1"] > 0

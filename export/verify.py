@@ -35,7 +35,7 @@ from emoq_serve.data.types import Example
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
-from emoq_serve.runtime.assets import PromptEmbedder
+from emoq_serve.runtime.assets import PromptEmbedder, load_heads, text_tokenizer
 from emoq_serve.runtime.ort import OrtStage
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,6 @@ def _llm_tokenizer(bundle: Bundle):
     return load_tokenizer(bundle.file(names.LLM_DIR))
 
 
-def _text_tokenizer(bundle: Bundle):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundle.file(names.FORMER_TOKENIZER_DIR)))
-
-
 def _merged_llm(bundle: Bundle) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -120,9 +114,8 @@ def eager_model_from_bundle(bundle: Bundle) -> EmoQStage2:
     former_weights = load_file(str(bundle.file(names.EAGER_FORMER)))
     former = EmoQFormer(cfg.former, encoder.hidden_size, former_weights["embeddings.word.weight"].shape[0])
     former.load_state_dict(former_weights)
-    model = EmoQStage2(cfg, encoder, former.eval(), _text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
-    heads = load_file(str(bundle.file(names.HEADS)))
-    model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items() if k.startswith("projector.")})
+    model = EmoQStage2(cfg, encoder, former.eval(), text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
+    model.projector.load_state_dict(load_heads(bundle)[1].state_dict())
     return model.eval()
 
 
@@ -210,11 +203,11 @@ def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
 
 def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor) -> float:
     """Max abs difference of valid frames between the fp16 and fp32 audio graphs (ORT CPU)."""
-    def frames(graph: str) -> torch.Tensor:
+    def frames(graph: str) -> np.ndarray:
         out = OrtStage(bundle_dir / graph, 1).run(waveforms=waveforms.float(), lengths=lengths.long())
-        return out["frames"][out["frame_mask"]]
+        return out["frames"][out["frame_mask"]].numpy()
 
-    return float((frames(names.AUDIO_ENCODER_ONNX) - frames(names.AUDIO_ENCODER_FP16_ONNX)).abs().max())
+    return max_abs_diff(frames(names.AUDIO_ENCODER_ONNX), frames(names.AUDIO_ENCODER_FP16_ONNX))
 
 
 def verify_bundle(path: str | Path, backend: str = "vllm",

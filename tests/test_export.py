@@ -173,28 +173,48 @@ def perturb_safetensors(path: Path, key: str) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-#: Each exported part, perturbed as a buggy exporter would write it, keyed by how the
-#: verification error must name it.
-PERTURBED_PARTS = {
-    names.AUDIO_ENCODER_ONNX: lambda root: perturb_onnx(root / names.AUDIO_ENCODER_ONNX),
-    names.FORMER_ONNX: lambda root: perturb_onnx(root / names.FORMER_ONNX),
-    f"{names.HEADS} (pool_u)": lambda root: perturb_safetensors(root / names.HEADS, "pool_u"),
-    f"{names.HEADS} (projector)": lambda root: perturb_safetensors(root / names.HEADS, "projector.fc2.weight"),
-    names.EMBED_TOKENS: lambda root: perturb_safetensors(root / names.EMBED_TOKENS, "weight"),
-    f"{names.LLM_DIR}/ (the merged LLM)": lambda root: perturb_safetensors(
-        root / names.LLM_DIR / "model.safetensors", "model.layers.0.mlp.down_proj.weight"),
+def scale_external_weights(graph: Path) -> None:
+    """Scale one weight matrix by 3 in place inside the graph's side `.onnx.data` file (the
+    graph file itself untouched), as an exporter writing the wrong weights would."""
+    model = onnx.load(str(graph), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                and i.data_location == onnx.TensorProto.EXTERNAL)
+    info = {e.key: e.value for e in init.external_data}
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    data = bytearray((graph.parent / info["location"]).read_bytes())
+    data[offset:offset + length] = (np.frombuffer(data, np.float32, length // 4, offset) * 3).tobytes()
+    (graph.parent / info["location"]).write_bytes(data)
+
+
+#: Each exported part, perturbed as a buggy exporter would write it, with how the verification
+#: error must name it.
+PERTURBATIONS = [
+    pytest.param(names.AUDIO_ENCODER_ONNX, lambda root: perturb_onnx(root / names.AUDIO_ENCODER_ONNX),
+                 id="audio_encoder.onnx"),
+    pytest.param(names.AUDIO_ENCODER_ONNX, lambda root: scale_external_weights(root / names.AUDIO_ENCODER_ONNX),
+                 id="audio_encoder.onnx.data"),
+    pytest.param(names.FORMER_ONNX, lambda root: perturb_onnx(root / names.FORMER_ONNX), id="former.onnx"),
+    pytest.param(f"{names.HEADS} (pool_u)", lambda root: perturb_safetensors(root / names.HEADS, "pool_u"), id="pool_u"),
+    pytest.param(f"{names.HEADS} (projector)",
+                 lambda root: perturb_safetensors(root / names.HEADS, "projector.fc2.weight"), id="projector"),
+    pytest.param(names.EMBED_TOKENS, lambda root: perturb_safetensors(root / names.EMBED_TOKENS, "weight"),
+                 id="embed_tokens"),
+    pytest.param(f"{names.LLM_DIR}/ (the merged LLM)", lambda root: perturb_safetensors(
+        root / names.LLM_DIR / "model.safetensors", "model.layers.0.mlp.down_proj.weight"), id="merged_llm"),
     # The eager baseline engine's own files.
-    names.EAGER_AUDIO_ENCODER_DIR: lambda root: perturb_safetensors(
+    pytest.param(names.EAGER_AUDIO_ENCODER_DIR, lambda root: perturb_safetensors(
         root / names.EAGER_AUDIO_ENCODER_DIR / "model.safetensors", "encoder.layers.0.attention.q_proj.weight"),
-    names.EAGER_FORMER: lambda root: perturb_safetensors(root / names.EAGER_FORMER, "audio_proj.weight"),
-}
+        id="eager_audio_encoder"),
+    pytest.param(names.EAGER_FORMER, lambda root: perturb_safetensors(root / names.EAGER_FORMER, "audio_proj.weight"),
+                 id="eager_former"),
+]
 
 
-@pytest.mark.parametrize("part", list(PERTURBED_PARTS))
-def test_verify_names_a_perturbed_part_even_when_the_manifest_is_rehashed(bundle_copy, capsys, part):
+@pytest.mark.parametrize("part, perturb", PERTURBATIONS)
+def test_verify_names_a_perturbed_part_even_when_the_manifest_is_rehashed(bundle_copy, capsys, part, perturb):
     """Re-hashed, the perturbed bundle passes the sha256 check; the parity of the served path
     (both ONNX graphs, pooling, projector, prompt table, merged LLM) must still catch it."""
-    PERTURBED_PARTS[part](bundle_copy)
+    perturb(bundle_copy)
     rehash(bundle_copy)
     Bundle.open(bundle_copy)  # the hashes agree
     assert emoq_export(["--verify", str(bundle_copy), "--backend", "transformers"]) == 1

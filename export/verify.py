@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emoq_serve import bundle as names
-from emoq_serve.bundle import Bundle
+from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
@@ -170,6 +170,9 @@ def save_reference(reference: Stages, root: Path) -> None:
 
 
 def load_reference(bundle: Bundle) -> Stages:
+    if names.PARITY_REFERENCE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.bundle_id} has no {names.PARITY_REFERENCE} (the model's outputs that "
+                          "--verify checks against; bundles exported before it was recorded lack it): re-export it")
     return _numpy(load_file(str(bundle.file(names.PARITY_REFERENCE))))
 
 

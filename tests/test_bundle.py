@@ -29,6 +29,13 @@ def edit_manifest(root: Path, edit) -> None:
     (root / names.MANIFEST).write_text(json.dumps(manifest))
 
 
+def remove_listed(root: Path, name: str) -> None:
+    """Delete a file and its manifest entry (id recomputed), as an older exporter would have written it."""
+    (root / name).unlink()
+    edit_manifest(root, lambda m: m["files"].pop(name))
+    edit_manifest(root, lambda m: m.update(bundle_id=compute_bundle_id(m["files"])))
+
+
 def test_open_reads_a_valid_bundle(tiny_bundle):
     b = Bundle.open(tiny_bundle)
     assert b.labels == ("neutral", "angry", "sad", "happy")
@@ -128,8 +135,9 @@ def test_not_a_bundle_and_bad_json(tmp_path):
         (lambda root: edit_manifest(root, lambda m: m.pop("prompt")), "missing the field 'prompt'"),
         (lambda root: edit_manifest(root, lambda m: m.update(format_version=99)), "unknown bundle format_version 99"),
         (lambda root: (root / "stray.onnx").write_bytes(b"x"), "'stray.onnx' is not listed in manifest.json"),
+        (lambda root: remove_listed(root, names.PARITY_REFERENCE), "has no parity_reference.safetensors"),
     ],
-    ids=["hash", "field", "version", "unlisted"],
+    ids=["hash", "field", "version", "unlisted", "no_reference"],
 )
 def test_cli_verify_rejects_tampering_with_exit_1(bundle_copy, capsys, tamper, message):
     tamper(bundle_copy)

@@ -30,6 +30,8 @@ FORMER_TOKENIZER_DIR = "former_tokenizer"
 LLM_DIR = "llm"
 EAGER_AUDIO_ENCODER_DIR = "eager/audio_encoder"
 EAGER_FORMER = "eager/former.safetensors"
+#: The trained model's outputs, stage by stage, on export's fixed verification batch.
+PARITY_REFERENCE = "parity_reference.safetensors"
 
 #: Top-level manifest fields and the type each must have.
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -112,7 +114,13 @@ def validate_manifest(manifest: Any) -> None:
 
 
 def verify_files(root: Path, files: dict[str, str]) -> None:
-    """Every listed file exists, stays inside the bundle and has its recorded sha256."""
+    """Every listed file exists, stays inside the bundle and has its recorded sha256, and no
+    other file is there: loaders read whole folders (llm/, tokenizers), so an unlisted file
+    would be served without ever having been hashed or verified."""
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST and rel not in files:
+            raise BundleError(f"bundle file {rel!r} is not listed in {MANIFEST}: remove it, or re-export the bundle")
     resolved_root = root.resolve()
     for rel, digest in sorted(files.items()):
         path = (root / rel).resolve()

@@ -20,7 +20,7 @@ from emoq_serve.model.stage2 import EmoQStage2
 from export import merge, onnx_export
 from export.bundle_writer import write_manifest
 from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, ParityError, fp16_frame_diff, measure_parity,
-                           model_outputs, verification_examples)
+                           model_stages, save_reference, verification_examples)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
     try:
         model.eval()
         examples = verification_examples()
-        reference = model_outputs(model, examples) if verify else None
+        # Recorded even unverified, so `--verify` can check the bundle later.
+        reference = model_stages(model, examples)
         audio = onnx_export.export_audio_encoder(model.audio_encoder, stage / names.AUDIO_ENCODER_ONNX)
         if fp16:
             onnx_export.convert_fp16(audio, stage / names.AUDIO_ENCODER_FP16_ONNX)
@@ -58,6 +59,7 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
         merge.write_heads(model, stage)
         merge.write_eager(model, stage)
         merge.write_merged_llm(model, stage)
+        save_reference(reference, stage)
         manifest = write_manifest(stage, model.cfg, model.prompt, dict(UNVERIFIED), optimizations)
         if verify:
             parity = measure_parity(reference, Bundle.open(stage), examples, backend)

@@ -1,14 +1,16 @@
 """Parity between the trained PyTorch model and the bundle, and `--verify` of a written bundle.
 
 One fixed padded batch of mixed lengths (0.1 s and 8 s clips, an empty transcript, a row with
-no audio) runs through eager PyTorch and through the bundle's serving path: ORT graphs, pooling
-and projector from `heads.safetensors`, prompt embeddings from `embed_tokens.safetensors`, and
-the merged LLM in the real runtime engine (vLLM). The worst absolute differences of the pooled
-embeddings and of the posteriors go into the manifest; above tolerance, export fails.
+no audio) runs through the trained model and through the bundle's own serving engine
+(`OnnxPipeline`: audio_encoder.onnx, former.onnx, pooling and projector from heads.safetensors,
+prompt embeddings from embed_tokens.safetensors, the merged LLM in vLLM or transformers). Each
+stage's worst absolute difference goes into the manifest; above tolerance, export fails naming
+the exported part that computes the first stage off (a wrong part shifts every stage after it).
 
-The bundle-side model is `EmoQStage2` itself with its audio encoder and former swapped for the
-ORT graphs, so padding, modality ablations and prompt assembly are the training code's, and the
-comparison isolates exactly what export changed (graphs, merge, serving engine).
+The trained model's stage outputs are recorded in the bundle (`parity_reference.safetensors`),
+so `--verify` checks the serving path against the model itself, not against other files of the
+same bundle: a re-hashed bundle with a wrong projector or LLM would agree with itself. The
+eager baseline's own files (HF HuBERT folder, former weights) are checked against it too.
 """
 
 from __future__ import annotations
@@ -22,29 +24,46 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from emoq_serve import bundle as names
-from emoq_serve.bundle import Bundle
-from emoq_serve.config import SAMPLE_RATE, ModelConfig
+from emoq_serve.bundle import Bundle, BundleError
+from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
-from emoq_serve.kernels import attentive_pool
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
+from emoq_serve.runtime.assets import PromptEmbedder, load_heads, text_tokenizer
 from emoq_serve.runtime.ort import OrtStage
 
 log = logging.getLogger(__name__)
 
 
+#: The serving path's stages in order, each with the exported part that computes it.
+STAGE_PARTS = {
+    "audio_frames": names.AUDIO_ENCODER_ONNX,
+    "former_states": names.FORMER_ONNX,
+    "embedding": f"{names.HEADS} (pool_u)",
+    "soft_prompt": f"{names.HEADS} (projector)",
+    "prompt_embeds": names.EMBED_TOKENS,
+    "posteriors": f"{names.LLM_DIR}/ (the merged LLM)",
+}
+#: The stages the eager baseline engine computes from its own files (it shares the rest).
+EAGER_PARTS = {"audio_frames": names.EAGER_AUDIO_ENCODER_DIR, "former_states": names.EAGER_FORMER}
+
+
 @dataclass(frozen=True)
 class Tolerances:
-    """Max abs differences that export accepts."""
+    """Max abs differences per stage that export accepts (fp32 ORT and LLM agree to ~1e-6)."""
 
+    audio_frames: float = 1e-4
+    former_states: float = 1e-4
     embedding: float = 1e-4
-    posterior: float = 1e-4
+    soft_prompt: float = 1e-4
+    prompt_embeds: float = 1e-4
+    posteriors: float = 1e-4
 
 
 FP32_TOLERANCES = Tolerances()
@@ -52,17 +71,12 @@ FP32_TOLERANCES = Tolerances()
 #: rounding (~1e-3 relative) over a whole HuBERT leaves ~1e-2 absolute on unit-scale frames.
 FP16_FRAME_TOLERANCE = 5e-2
 
+#: Stage name -> output [N, ...] (valid audio frames, prompt rows concatenated) as float32.
+Stages = dict[str, np.ndarray]
+
 
 class ParityError(RuntimeError):
     """The bundle does not reproduce the model within tolerance."""
-
-
-@dataclass
-class Outputs:
-    """Pooled embeddings z [B,D] and posteriors [B,C] of one engine on the verification batch."""
-
-    embeddings: np.ndarray
-    posteriors: np.ndarray
 
 
 def verification_examples(seed: int = 0) -> list[Example]:
@@ -81,43 +95,10 @@ def verification_examples(seed: int = 0) -> list[Example]:
     ]
 
 
-class OrtAudioEncoder:
-    """audio_encoder.onnx with `AudioEncoder.forward`'s signature (swapped into EmoQStage2)."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        self.stage = OrtStage(path, threads)
-
-    def __call__(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.stage.run(waveforms=waveforms.float(), lengths=lengths.long())
-        return out["frames"].clone(), out["frame_mask"].clone()
-
-
-class OrtFormer(nn.Module):
-    """former.onnx + pooling with the bundle's `pool_u`, shaped like `EmoQFormer.embed`."""
-
-    def __init__(self, cfg: ModelConfig, path: Path, pool_u: torch.Tensor, threads: int) -> None:
-        super().__init__()
-        self.cfg = cfg.former
-        self.stage = OrtStage(path, threads)
-        self.register_buffer("pool_u", pool_u)
-
-    def embed(self, frames: torch.Tensor, frame_mask: torch.Tensor, input_ids: torch.Tensor,
-              text_mask: torch.Tensor) -> torch.Tensor:
-        q = self.stage.run(frames=frames.float(), frame_mask=frame_mask.bool(), input_ids=input_ids.long(),
-                           text_mask=text_mask.bool())["query_states"]
-        return attentive_pool(q.clone(), self.pool_u)
-
-
 def _llm_tokenizer(bundle: Bundle):
     from emoq_serve.model.llm import load_tokenizer
 
     return load_tokenizer(bundle.file(names.LLM_DIR))
-
-
-def _text_tokenizer(bundle: Bundle):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundle.file(names.FORMER_TOKENIZER_DIR)))
 
 
 def _merged_llm(bundle: Bundle) -> nn.Module:
@@ -126,105 +107,120 @@ def _merged_llm(bundle: Bundle) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(bundle.file(names.LLM_DIR)), dtype=torch.float32).eval()
 
 
-def _with_heads(model: EmoQStage2, heads: dict[str, torch.Tensor]) -> EmoQStage2:
-    model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items() if k.startswith("projector.")})
-    return model.eval()
-
-
 def eager_model_from_bundle(bundle: Bundle) -> EmoQStage2:
-    """The eager PyTorch model rebuilt from the bundle's own files (for `--verify`)."""
+    """The eager PyTorch model rebuilt from the bundle's own files (the eager baseline's parts)."""
     cfg = bundle.model_config
     encoder = AudioEncoder(dataclasses.replace(cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR))))
     former_weights = load_file(str(bundle.file(names.EAGER_FORMER)))
     former = EmoQFormer(cfg.former, encoder.hidden_size, former_weights["embeddings.word.weight"].shape[0])
     former.load_state_dict(former_weights)
-    model = EmoQStage2(cfg, encoder, former.eval(), _text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
-    return _with_heads(model, load_file(str(bundle.file(names.HEADS))))
+    model = EmoQStage2(cfg, encoder, former.eval(), text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
+    model.projector.load_state_dict(load_heads(bundle)[1].state_dict())
+    return model.eval()
 
 
-def ort_model_from_bundle(bundle: Bundle, threads: int = 1) -> EmoQStage2:
-    """EmoQStage2 whose audio encoder and former are the bundle's ONNX graphs (transformers LLM)."""
-    cfg = bundle.model_config
-    heads = load_file(str(bundle.file(names.HEADS)))
-    former = OrtFormer(cfg, bundle.file(names.FORMER_ONNX), heads["pool_u"], threads)
-    encoder = AudioEncoder(dataclasses.replace(cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR))))
-    model = EmoQStage2(cfg, encoder, former, _text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
-    model.encode_audio = OrtAudioEncoder(bundle.file(names.AUDIO_ENCODER_ONNX), threads)
-    return _with_heads(model, heads)
+def _numpy(stages: dict[str, Any]) -> Stages:
+    return {k: (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float32))
+            for k, v in stages.items()}
 
 
 @torch.no_grad()
-def model_outputs(model: EmoQStage2, examples: list[Example]) -> Outputs:
-    """z and posteriors of a (possibly ORT-backed) stage-2 model on one padded batch."""
+def model_stages(model: EmoQStage2, examples: list[Example]) -> Stages:
+    """Each stage's output of the PyTorch stage-2 model on one padded batch (the reference)."""
     batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens)
-    return Outputs(model.utterance_vector(batch).float().numpy(), model.predict(batch).float().numpy())
+    frames, frame_mask = model.audio_encoder(batch["waveforms"], batch["lengths"])
+    states = model.former(frames, frame_mask, batch["input_ids"], batch["text_mask"])
+    z = model.former.pool(states)
+    soft = model.projector(z)
+    # The training side's prompt table is the LLM's own input embeddings.
+    prompts = PromptEmbedder(model.prompt, model.llm.get_input_embeddings().weight)
+    return _numpy({"audio_frames": frames[frame_mask], "former_states": states, "embedding": z, "soft_prompt": soft,
+                   "prompt_embeds": torch.cat(prompts(soft, batch["transcripts"], batch["speakers"])),
+                   "posteriors": model.predict(batch)})
 
 
-def runtime_posteriors(bundle: Bundle, examples: list[Example]) -> np.ndarray:
-    """Posteriors from the serving engine itself: ORT + pooling + projector + vLLM (fp32, 1 thread)."""
+def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm") -> Stages:
+    """The same stages through the serving engine itself (`OnnxPipeline`, fp32, one thread)."""
     from emoq_serve.runtime.config import runtime_preset
     from emoq_serve.runtime.pipeline import OnnxPipeline
     from emoq_serve.runtime.types import Utterance
 
+    if backend not in ("vllm", "transformers"):
+        raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
     utterances = [Utterance(np.zeros(0, np.float32) if ex.audio is None else ex.audio, ex.transcript, ex.speaker)
                   for ex in examples]
 
-    async def run() -> np.ndarray:
-        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend="vllm", verify_hashes=False))
+    async def run() -> Stages:
+        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend=backend, verify_hashes=False))
         try:
-            return np.stack([p.probabilities for p in await pipeline.recognize(utterances)])
+            trace: dict[str, torch.Tensor] = {}
+            embeds, _ = pipeline.encode(utterances, trace)
+            posteriors = await pipeline.llm.posteriors(embeds, pipeline.prompts.emotion_token_ids)
         finally:
             await pipeline.close()
+        return _numpy({**trace, "prompt_embeds": torch.cat(embeds), "posteriors": posteriors})
 
     return asyncio.run(run())
 
 
-def parity_report(reference: Outputs, bundle_embeddings: np.ndarray, bundle_posteriors: np.ndarray,
-                  tolerances: Tolerances, backend: str) -> dict[str, Any]:
-    """The manifest's `parity` section; raises ParityError naming what is off and by how much."""
-    report = {
-        "embedding_max_abs": float(np.abs(reference.embeddings - bundle_embeddings).max()),
-        "posterior_max_abs": float(np.abs(reference.posteriors - bundle_posteriors).max()),
-        "tolerances": dataclasses.asdict(tolerances),
-        "backend": backend,
-        "cases": int(reference.posteriors.shape[0]),
-    }
-    failures = [
-        f"{what} max abs diff {report[key]:.3g} > tolerance {tol:g}"
-        for what, key, tol in (("pooled embedding", "embedding_max_abs", tolerances.embedding),
-                               ("posterior", "posterior_max_abs", tolerances.posterior))
-        if not report[key] <= tol  # `not <=` also catches NaN
-    ]
-    if failures:
-        raise ParityError("bundle does not reproduce the model: " + "; ".join(failures))
-    return report
+def save_reference(reference: Stages, root: Path) -> None:
+    """Record the trained model's stage outputs in the bundle, for `--verify`."""
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reference.items()},
+              str(root / names.PARITY_REFERENCE))
 
 
-def measure_parity(reference: Outputs, bundle: Bundle, examples: list[Example], backend: str = "vllm",
+def load_reference(bundle: Bundle) -> Stages:
+    if names.PARITY_REFERENCE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.bundle_id} has no {names.PARITY_REFERENCE} (the model's outputs that "
+                          "--verify checks against; bundles exported before it was recorded lack it): re-export it")
+    return _numpy(load_file(str(bundle.file(names.PARITY_REFERENCE))))
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Worst absolute difference; infinite when the shapes differ (e.g. another frame count)."""
+    return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+
+
+def parity_report(reference: Stages, served: Stages, tolerances: Tolerances, backend: str,
+                  parts: dict[str, str] = STAGE_PARTS) -> dict[str, Any]:
+    """The manifest's `parity` section; raises ParityError naming the part of the first stage off."""
+    diffs = {stage: max_abs_diff(reference[stage], served[stage]) for stage in parts}
+    off = [stage for stage in parts if not diffs[stage] <= getattr(tolerances, stage)]  # `not <=` catches NaN
+    if off:
+        first = off[0]
+        later = f"; later stages off as a consequence: {', '.join(off[1:])}" if off[1:] else ""
+        raise ParityError(f"{parts[first]} does not reproduce the model: {first} max abs diff {diffs[first]:.3g} "
+                          f"> tolerance {getattr(tolerances, first):g}{later}")
+    report: dict[str, Any] = {"stages": diffs}
+    if "posteriors" in diffs:  # the headline figures (a full served-path report)
+        report.update(embedding_max_abs=diffs["embedding"], posterior_max_abs=diffs["posteriors"])
+    return {**report, "tolerances": dataclasses.asdict(tolerances), "backend": backend,
+            "cases": int(reference["posteriors"].shape[0])}
+
+
+def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
                    tolerances: Tolerances = FP32_TOLERANCES) -> dict[str, Any]:
-    """Embeddings through the ORT graphs; posteriors through the serving engine (`backend`
-    "vllm") or through the ORT graphs + the merged LLM in transformers ("transformers")."""
-    ort_side = model_outputs(ort_model_from_bundle(bundle), examples)
-    if backend == "vllm":
-        posteriors = runtime_posteriors(bundle, examples)
-    elif backend == "transformers":
-        posteriors = ort_side.posteriors
-    else:
-        raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
-    return parity_report(reference, ort_side.embeddings, posteriors, tolerances, backend)
+    """The serving path (its LLM in `backend`: "vllm" or "transformers") against the reference."""
+    return parity_report(reference, served_stages(bundle, examples, backend), tolerances, backend)
 
 
 def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor) -> float:
     """Max abs difference of valid frames between the fp16 and fp32 audio graphs (ORT CPU)."""
-    frames, valid = OrtAudioEncoder(bundle_dir / names.AUDIO_ENCODER_ONNX, 1)(waveforms, lengths)
-    frames16, _ = OrtAudioEncoder(bundle_dir / names.AUDIO_ENCODER_FP16_ONNX, 1)(waveforms, lengths)
-    return float((frames - frames16).abs()[valid].max())
+    def frames(graph: str) -> np.ndarray:
+        out = OrtStage(bundle_dir / graph, 1).run(waveforms=waveforms.float(), lengths=lengths.long())
+        return out["frames"][out["frame_mask"]].numpy()
+
+    return max_abs_diff(frames(names.AUDIO_ENCODER_ONNX), frames(names.AUDIO_ENCODER_FP16_ONNX))
 
 
 def verify_bundle(path: str | Path, backend: str = "vllm",
                   tolerances: Tolerances = FP32_TOLERANCES) -> dict[str, Any]:
-    """`emoq export --verify`: schema + hashes, then eager-from-bundle vs the serving path."""
+    """`emoq export --verify`: schema, hashes and no unlisted file; then the serving path and the
+    eager baseline's files against the trained model's outputs recorded at export."""
     bundle = Bundle.open(path, verify_hashes=True)
     examples = verification_examples()
-    reference = model_outputs(eager_model_from_bundle(bundle), examples)
-    return measure_parity(reference, bundle, examples, backend, tolerances)
+    reference = load_reference(bundle)
+    report = measure_parity(reference, bundle, examples, backend, tolerances)
+    eager = parity_report(reference, model_stages(eager_model_from_bundle(bundle), examples), tolerances,
+                          "transformers", EAGER_PARTS)
+    return {**report, "eager_baseline": eager["stages"]}

@@ -4,6 +4,7 @@ exported through the same code path as `emoq export`)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,11 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
     export_bundle(EmoQStage2.load(tiny_checkpoint), out, fp16=True, verify=True)
     return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A writable copy of the tiny bundle, for tests that break it."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst

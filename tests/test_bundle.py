@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,17 +23,17 @@ def emoq_export(argv: list[str]) -> int:
     return args.func(args)
 
 
-@pytest.fixture
-def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, dst)
-    return dst
-
-
 def edit_manifest(root: Path, edit) -> None:
     manifest = json.loads((root / names.MANIFEST).read_text())
     edit(manifest)
     (root / names.MANIFEST).write_text(json.dumps(manifest))
+
+
+def remove_listed(root: Path, name: str) -> None:
+    """Delete a file and its manifest entry (id recomputed), as an older exporter would have written it."""
+    (root / name).unlink()
+    edit_manifest(root, lambda m: m["files"].pop(name))
+    edit_manifest(root, lambda m: m.update(bundle_id=compute_bundle_id(m["files"])))
 
 
 def test_open_reads_a_valid_bundle(tiny_bundle):
@@ -105,6 +104,14 @@ def test_bundle_id_must_match_the_file_list(bundle_copy):
         Bundle.open(bundle_copy)
 
 
+@pytest.mark.parametrize("stray", ["notes.txt", "llm/adapter_model.safetensors", "eager/audio_encoder/extra.bin"])
+def test_file_the_manifest_does_not_list_is_rejected_by_name(bundle_copy, stray):
+    """A file nobody hashed could still be loaded (a folder is read as a whole), so it must not sit there."""
+    (bundle_copy / stray).write_bytes(b"not in the manifest")
+    with pytest.raises(BundleError, match=f"'{stray}' is not listed in manifest.json"):
+        Bundle.open(bundle_copy)
+
+
 def test_file_list_cannot_point_outside_the_bundle(bundle_copy, tmp_path):
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"x")
@@ -127,8 +134,10 @@ def test_not_a_bundle_and_bad_json(tmp_path):
         (lambda root: (root / names.EMBED_TOKENS).write_bytes(b"tampered"), "'embed_tokens.safetensors' does not match"),
         (lambda root: edit_manifest(root, lambda m: m.pop("prompt")), "missing the field 'prompt'"),
         (lambda root: edit_manifest(root, lambda m: m.update(format_version=99)), "unknown bundle format_version 99"),
+        (lambda root: (root / "stray.onnx").write_bytes(b"x"), "'stray.onnx' is not listed in manifest.json"),
+        (lambda root: remove_listed(root, names.PARITY_REFERENCE), "has no parity_reference.safetensors"),
     ],
-    ids=["hash", "field", "version"],
+    ids=["hash", "field", "version", "unlisted", "no_reference"],
 )
 def test_cli_verify_rejects_tampering_with_exit_1(bundle_copy, capsys, tamper, message):
     tamper(bundle_copy)

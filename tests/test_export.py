@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
@@ -25,8 +24,8 @@ from emoq_serve.model.audio_encoder import AudioEncoder
 from export.bundle_writer import hash_files
 from export.cli import register
 from export.onnx_export import export_audio_encoder
-from export.verify import (FP32_TOLERANCES, Outputs, ParityError, eager_model_from_bundle, model_outputs,
-                           ort_model_from_bundle, parity_report)
+from export.verify import (FP32_TOLERANCES, STAGE_PARTS, ParityError, eager_model_from_bundle, model_stages,
+                           parity_report, served_stages)
 
 
 def emoq_export(argv: list[str]) -> int:
@@ -70,7 +69,11 @@ def test_manifest_parity_within_fp32_tolerance(tiny_bundle):
     assert parity["backend"] == "vllm"
     assert parity["cases"] == 5
     assert 0 <= parity["embedding_max_abs"] <= FP32_TOLERANCES.embedding
-    assert 0 <= parity["posterior_max_abs"] <= FP32_TOLERANCES.posterior
+    assert 0 <= parity["posterior_max_abs"] <= FP32_TOLERANCES.posteriors
+    # Every stage of the served path was measured: audio_encoder.onnx, former.onnx, pooling,
+    # projector, prompt embeddings, the merged LLM in vLLM.
+    assert set(parity["stages"]) == set(STAGE_PARTS)
+    assert all(0 <= d <= parity["tolerances"][stage] for stage, d in parity["stages"].items()), parity
     assert parity["fp16_frames_max_abs"] <= parity["tolerances"]["fp16_frames"]
 
 
@@ -83,18 +86,21 @@ def fresh_examples() -> list[Example]:
                     t, 0, None if i % 2 else f"s{i}") for i, (s, t) in enumerate(zip(seconds, texts))]
 
 
-def test_ort_graphs_match_eager_on_unseen_shapes(tiny_bundle):
+def test_served_path_matches_eager_on_unseen_shapes(tiny_bundle):
+    """Every stage of the serving engine (ONNX graphs, pooling, projector, prompt table, merged
+    LLM in transformers) against the eager model rebuilt from the bundle."""
     bundle = Bundle.open(tiny_bundle)
     examples = fresh_examples()
-    eager = model_outputs(eager_model_from_bundle(bundle), examples)
-    served = model_outputs(ort_model_from_bundle(bundle), examples)
-    assert np.isfinite(served.embeddings).all() and np.isfinite(served.posteriors).all()
-    assert np.abs(eager.embeddings - served.embeddings).max() < 1e-4
-    assert np.abs(eager.posteriors - served.posteriors).max() < 1e-4
-    np.testing.assert_allclose(served.posteriors.sum(1), 1.0, atol=1e-5)
+    eager = model_stages(eager_model_from_bundle(bundle), examples)
+    served = served_stages(bundle, examples, "transformers")
+    for stage in STAGE_PARTS:
+        assert np.isfinite(served[stage]).all(), stage
+        assert served[stage].shape == eager[stage].shape, stage
+        assert np.abs(eager[stage] - served[stage]).max() < 1e-4, stage
+    np.testing.assert_allclose(served["posteriors"].sum(1), 1.0, atol=1e-5)
     # A row alone gives what it gives inside the padded batch (masks are right).
-    alone = model_outputs(ort_model_from_bundle(bundle), examples[3:4])
-    assert np.abs(alone.embeddings[0] - served.embeddings[3]).max() < 1e-4
+    alone = served_stages(bundle, examples[3:4], "transformers")
+    assert np.abs(alone["embedding"][0] - served["embedding"][3]).max() < 1e-4
 
 
 def test_merged_llm_and_embedding_table(tiny_bundle, tiny_checkpoint):
@@ -125,14 +131,18 @@ def test_fp16_audio_graph_runs_on_ort_cpu(tiny_bundle):
     assert 0 < np.abs(fp16[0] - fp32[0])[fp32[1]].max() < 5e-2
 
 
-def test_parity_report_fails_above_tolerance_and_on_nan():
-    ref = Outputs(np.zeros((2, 4), np.float32), np.full((2, 3), 1 / 3, np.float32))
-    ok = parity_report(ref, ref.embeddings + 5e-5, ref.posteriors, FP32_TOLERANCES, "vllm")
-    assert ok["embedding_max_abs"] == pytest.approx(5e-5) and ok["posterior_max_abs"] == 0
-    with pytest.raises(ParityError, match="posterior max abs diff 0.002 > tolerance 0.0001"):
-        parity_report(ref, ref.embeddings, ref.posteriors + 2e-3, FP32_TOLERANCES, "vllm")
-    with pytest.raises(ParityError, match="pooled embedding max abs diff nan"):
-        parity_report(ref, ref.embeddings * np.nan, ref.posteriors, FP32_TOLERANCES, "vllm")
+def test_parity_report_names_the_part_of_the_first_stage_off_and_catches_nan():
+    ref = {stage: np.zeros((2, 3), np.float32) for stage in STAGE_PARTS}
+    ok = parity_report(ref, {**ref, "embedding": ref["embedding"] + 5e-5}, FP32_TOLERANCES, "vllm")
+    assert ok["stages"]["embedding"] == pytest.approx(5e-5) and ok["posterior_max_abs"] == 0
+    later = {**ref, "soft_prompt": ref["soft_prompt"] + 1, "posteriors": ref["posteriors"] + 2e-3}
+    with pytest.raises(ParityError, match=r"^heads.safetensors \(projector\) does not reproduce the model: soft_prompt "
+                                          r"max abs diff 1 > tolerance 0.0001; later stages off as a consequence: posteriors$"):
+        parity_report(ref, later, FP32_TOLERANCES, "vllm")
+    with pytest.raises(ParityError, match="audio_encoder.onnx .* audio_frames max abs diff nan"):
+        parity_report(ref, {**ref, "audio_frames": ref["audio_frames"] * np.nan}, FP32_TOLERANCES, "vllm")
+    with pytest.raises(ParityError, match="audio_encoder.onnx .* audio_frames max abs diff inf"):  # other frame count
+        parity_report(ref, {**ref, "audio_frames": np.zeros((3, 3), np.float32)}, FP32_TOLERANCES, "vllm")
 
 
 def rehash(root: Path) -> None:
@@ -143,25 +153,83 @@ def rehash(root: Path) -> None:
     (root / names.MANIFEST).write_text(json.dumps(manifest))
 
 
-@pytest.mark.slow
-def test_verify_recomputes_parity_and_catches_a_rehashed_wrong_graph(tiny_bundle, tmp_path, capsys):
-    """A graph edited *and* re-hashed passes the hash check; parity must still catch it."""
-    assert emoq_export(["--verify", str(tiny_bundle), "--backend", "transformers"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and report["parity"]["embedding_max_abs"] <= 1e-4
-
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_bundle, bad)
-    model = onnx.load(str(bad / names.FORMER_ONNX))
+def perturb_onnx(path: Path) -> None:
+    """Add noise to the graph's first float matrix and save it with its side `.onnx.data` file."""
+    model = onnx.load(str(path))
     init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
     weights = onnx.numpy_helper.to_array(init)
     noise = np.random.default_rng(0).normal(0, 0.05, weights.shape).astype(weights.dtype)
     init.CopyFrom(onnx.numpy_helper.from_array(weights + noise, init.name))
-    (bad / f"{names.FORMER_ONNX}.data").unlink()
-    onnx.save(model, str(bad / names.FORMER_ONNX), save_as_external_data=True, location=f"{names.FORMER_ONNX}.data")
-    rehash(bad)
-    assert emoq_export(["--verify", str(bad), "--backend", "transformers"]) == 1
-    assert "pooled embedding max abs diff" in capsys.readouterr().err
+    data = path.with_name(f"{path.name}.data")
+    data.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name)
+
+
+def perturb_safetensors(path: Path, key: str) -> None:
+    """Add noise (half the tensor's spread) to one tensor of a safetensors file, in place."""
+    tensors = load_file(str(path))
+    t = tensors[key]
+    tensors[key] = t + 0.5 * t.std() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def scale_external_weights(graph: Path) -> None:
+    """Scale one weight matrix by 3 in place inside the graph's side `.onnx.data` file (the
+    graph file itself untouched), as an exporter writing the wrong weights would."""
+    model = onnx.load(str(graph), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                and i.data_location == onnx.TensorProto.EXTERNAL)
+    info = {e.key: e.value for e in init.external_data}
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    data = bytearray((graph.parent / info["location"]).read_bytes())
+    data[offset:offset + length] = (np.frombuffer(data, np.float32, length // 4, offset) * 3).tobytes()
+    (graph.parent / info["location"]).write_bytes(data)
+
+
+#: Each exported part, perturbed as a buggy exporter would write it, with how the verification
+#: error must name it.
+PERTURBATIONS = [
+    pytest.param(names.AUDIO_ENCODER_ONNX, lambda root: perturb_onnx(root / names.AUDIO_ENCODER_ONNX),
+                 id="audio_encoder.onnx"),
+    pytest.param(names.AUDIO_ENCODER_ONNX, lambda root: scale_external_weights(root / names.AUDIO_ENCODER_ONNX),
+                 id="audio_encoder.onnx.data"),
+    pytest.param(names.FORMER_ONNX, lambda root: perturb_onnx(root / names.FORMER_ONNX), id="former.onnx"),
+    pytest.param(f"{names.HEADS} (pool_u)", lambda root: perturb_safetensors(root / names.HEADS, "pool_u"), id="pool_u"),
+    pytest.param(f"{names.HEADS} (projector)",
+                 lambda root: perturb_safetensors(root / names.HEADS, "projector.fc2.weight"), id="projector"),
+    pytest.param(names.EMBED_TOKENS, lambda root: perturb_safetensors(root / names.EMBED_TOKENS, "weight"),
+                 id="embed_tokens"),
+    pytest.param(f"{names.LLM_DIR}/ (the merged LLM)", lambda root: perturb_safetensors(
+        root / names.LLM_DIR / "model.safetensors", "model.layers.0.mlp.down_proj.weight"), id="merged_llm"),
+    # The eager baseline engine's own files.
+    pytest.param(names.EAGER_AUDIO_ENCODER_DIR, lambda root: perturb_safetensors(
+        root / names.EAGER_AUDIO_ENCODER_DIR / "model.safetensors", "encoder.layers.0.attention.q_proj.weight"),
+        id="eager_audio_encoder"),
+    pytest.param(names.EAGER_FORMER, lambda root: perturb_safetensors(root / names.EAGER_FORMER, "audio_proj.weight"),
+                 id="eager_former"),
+]
+
+
+@pytest.mark.parametrize("part, perturb", PERTURBATIONS)
+def test_verify_names_a_perturbed_part_even_when_the_manifest_is_rehashed(bundle_copy, capsys, part, perturb):
+    """Re-hashed, the perturbed bundle passes the sha256 check; the parity of the served path
+    (both ONNX graphs, pooling, projector, prompt table, merged LLM) must still catch it."""
+    perturb(bundle_copy)
+    rehash(bundle_copy)
+    Bundle.open(bundle_copy)  # the hashes agree
+    assert emoq_export(["--verify", str(bundle_copy), "--backend", "transformers"]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED: {part} does not reproduce the model" in err and "max abs diff" in err
+
+
+def test_verify_recomputes_parity_stage_by_stage(tiny_bundle, capsys):
+    assert emoq_export(["--verify", str(tiny_bundle), "--backend", "transformers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["parity"]["backend"] == "transformers"
+    stages = report["parity"]["stages"]
+    assert list(stages) == ["audio_frames", "former_states", "embedding", "soft_prompt", "prompt_embeds", "posteriors"]
+    assert all(0 <= d <= report["parity"]["tolerances"][stage] for stage, d in stages.items()), stages
+    assert set(report["parity"]["eager_baseline"]) == {"audio_frames", "former_states"}
 
 
 @pytest.mark.slow
@@ -171,6 +239,7 @@ def test_verify_with_vllm_in_process(tiny_bundle, capsys):
     parity = json.loads(capsys.readouterr().out)["parity"]
     assert parity["backend"] == "vllm"
     assert parity["embedding_max_abs"] <= 1e-4 and parity["posterior_max_abs"] <= 1e-4
+    assert list(parity["stages"]) == list(STAGE_PARTS)
 
 
 def test_export_refuses_an_existing_destination(tiny_checkpoint, tiny_bundle, capsys):

@@ -76,8 +76,13 @@ class OnnxPipeline:
         return {**info, "graph_runtime": self.graph_runtime}
 
     @torch.inference_mode()
-    def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
+    def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
+               ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds.
+
+        `trace`, when given, also receives each stage's output, so export parity checks this
+        very path stage by stage instead of a copy of it.
+        """
         clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, utterances)
         audio = self._encode_audio(batch["waveforms"], batch["lengths"])
@@ -87,8 +92,13 @@ class OnnxPipeline:
         clock.lap("former")
         z = attentive_pool(states, self.pool_u)
         clock.lap("pooling")
-        embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
+        soft = self.projector(z)
+        embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
         clock.lap("llm")
+        if trace is not None:
+            # ORT outputs share its buffers: keep copies.
+            trace.update(audio_frames=audio["frames"][audio["frame_mask"]], former_states=states.clone(),
+                         embedding=z, soft_prompt=soft)
         return embeds, clock.timings
 
     def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:

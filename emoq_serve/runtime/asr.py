@@ -33,8 +33,6 @@ from typing import Literal
 
 import numpy as np
 
-from emoq_serve.metrics import word_error_rate
-
 log = logging.getLogger(__name__)
 
 #: Files a CTranslate2 Whisper folder must hold (vocabulary.txt or vocabulary.json is checked apart).
@@ -187,6 +185,7 @@ class AsrEngine:
     def verify(self) -> None:
         """The start-up check: a short espeak-ng sentence must come back as roughly its words."""
         from emoq_serve.data.speech import Prosody, render
+        from emoq_serve.metrics import word_error_rate  # lazy: scikit-learn
 
         try:
             (clip,) = render([(VERIFY_TEXT, Prosody(), "m1")], backend="espeak", workers=1)

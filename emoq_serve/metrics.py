@@ -67,9 +67,17 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Contractions spelled out before scoring (as Whisper's English normaliser does), so "I'm" for
+#: "I am" is not counted as two errors.
+_CONTRACTIONS = {"i'm": "i am", "it's": "it is", "that's": "that is", "we're": "we are", "they're": "they are",
+                 "you're": "you are", "he's": "he is", "she's": "she is", "don't": "do not", "can't": "can not",
+                 "won't": "will not", "i've": "i have", "i'll": "i will", "let's": "let us"}
+
+
 def normalize_words(text: str) -> list[str]:
-    """Lower-case words without punctuation, for word error rates (apostrophes kept: "i'm")."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    """Lower-case words without punctuation, contractions spelled out, for word error rates."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ").replace("\u2019", "'")).split()
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words).split()
 
 
 def word_edits(reference: list[str], hypothesis: list[str]) -> int:

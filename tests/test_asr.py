@@ -17,7 +17,7 @@ from emoq_serve.runtime.asr import AsrConfig, AsrEngine, AsrError, check_model_d
 
 
 def test_word_error_rate():
-    assert normalize_words("I'm fine, Dad-o!") == ["i'm", "fine", "dad", "o"]
+    assert normalize_words("I'm fine, Dad-o!") == ["i", "am", "fine", "dad", "o"]
     assert word_error_rate(["We moved the boxes."], ["we moved the boxes"]) == 0.0
     # one substitution, one deletion, one insertion over 4 + 2 reference words
     assert word_error_rate(["a b c d", "e f"], ["a x c", "e f g"]) == pytest.approx(3 / 6)
@@ -82,3 +82,26 @@ def test_worker_batches_concurrent_clips_like_single_ones(engine):
     assert word_error_rate(texts, singles) <= 0.25
     assert results[2][0] == ""  # silence is no speech, not a hallucinated "Thank you."
     assert all(ms > 0 for _, ms in results)
+
+
+#: Word error rate of the bundled tiny.en (beam 5) on the 20 test clips below, measured here:
+#: 0.29 before contractions were normalised. The issue's target is 15 %; tiny.en does not reach it
+#: on espeak-ng names and past tenses (see WER_FAILURES in the report), so this bounds regressions.
+WER_BOUND = 0.33
+
+
+@pytest.mark.slow
+def test_wer_on_the_synthetic_corpus_speech(engine):
+    """20 espeak-ng clips of the synthetic corpus (its test split: six voices, the four classes'
+    prosody) transcribed in one batch; the WER bound fails on a broken engine, shown by scoring
+    the same transcripts against the wrong sentences."""
+    from emoq_serve.data.synthetic import make_corpus
+
+    clips = make_corpus(n_per_class=20, backend="espeak").test
+    assert len(clips) == 20
+    refs = [ex.transcript for ex in clips]
+    hyps = engine.transcribe_batch([ex.audio for ex in clips])
+    wer = word_error_rate(refs, hyps)
+    wrong = [(r, h) for r, h in zip(refs, hyps, strict=True) if word_error_rate([r], [h]) > 0]
+    assert wer <= WER_BOUND, f"WER {wer:.3f} > {WER_BOUND}: {wrong}"
+    assert word_error_rate(refs[1:] + refs[:1], hyps) > 0.5  # mismatched transcripts fail the bound

@@ -67,8 +67,10 @@ def test_verify_refuses_a_model_that_mishears(engine, monkeypatch):
 
 
 @pytest.mark.slow
-def test_worker_batches_concurrent_clips_like_single_ones(engine):
+def test_worker_serves_concurrent_clips_like_single_ones(engine, monkeypatch):
     from emoq_serve.data.speech import Prosody, render
+
+    monkeypatch.setattr(engine, "max_batch", 8)  # the CUDA setting: clips queued together share a call
 
     texts = ["Please call me back in the morning.", "I am furious."]
     clips = render([(t, Prosody(), "m1") for t in texts], backend="espeak")

@@ -82,7 +82,7 @@ def real_asr(tiny_bundle):
 def test_unary_and_stream_without_transcript_get_the_asr_transcript(real_asr, speech):
     server, eager = real_asr
     before = scrape(server)
-    futures = [server.stub.Recognize.future(request(a), timeout=120) for a in speech]  # concurrent: one ASR batch
+    futures = [server.stub.Recognize.future(request(a), timeout=120) for a in speech]  # concurrent calls
     results = [f.result().result for f in futures]
     assert [r.transcript_source for r in results] == [pb.TRANSCRIPT_ASR] * 2
     assert word_error_rate(SENTENCES, [r.transcript for r in results]) <= 0.25

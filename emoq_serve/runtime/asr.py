@@ -6,8 +6,8 @@ other CTranslate2 Whisper folder is a setting away. Compute type follows the dev
 CPU, float16 on CUDA.
 
 One worker thread owns the model and runs batches: each batch takes every clip queued while the
-previous one ran (up to `max_batch`), so no request waits for a batch to fill, and under load the
-decoder steps are shared. CTranslate2 pads every clip to Whisper's 30 s window, so the encoder
+previous one ran (up to `max_batch`: 8 on CUDA, 1 on CPU where batching measured no gain), so no
+request waits for a batch to fill. CTranslate2 pads every clip to Whisper's 30 s window, so the encoder
 costs the same per clip whatever its length; shorter windows were measured to make tiny.en loop
 ("I could cry. I could cry. ...") and are not used.
 
@@ -62,7 +62,11 @@ class AsrConfig:
     #: CTranslate2 intra-op threads. One by default: on the 2-core CPU the ONNX stages and the
     #: LLM hold a core each, and a 2-thread op beside a busy process runs slower than 1 thread.
     threads: int = 1
-    max_batch: int = 8
+    #: Clips per model call; None = 1 on CPU, 8 on CUDA. On the 2-core CPU a batch of 8 ran at
+    #: 0.54 clips/s against 0.61 one at a time (benchmarks/results/asr.json; an earlier probe had
+    #: batch 4 10 % ahead): the 30 s encoder window dominates and gains nothing from batching,
+    #: while the first clip of a batch waits for the others. A GPU encodes a batch in one pass.
+    max_batch: int | None = None
     #: Beam search width. 5 (Whisper's default) measured 29 % WER on the synthetic corpus's
     #: espeak-ng clips against 36 % greedy, for about 20 % more time per clip.
     beam_size: int = 5
@@ -136,6 +140,7 @@ class AsrEngine:
                                    language=cfg.language)
         self._prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.sha256 = file_sha256(self.model_dir / "model.bin")
+        self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 1)
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future[str]] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -231,7 +236,7 @@ class AsrEngine:
             if item is None:
                 return
             batch = [item]
-            while len(batch) < self.cfg.max_batch:  # whatever queued meanwhile joins, nothing waits
+            while len(batch) < self.max_batch:  # whatever queued meanwhile joins, nothing waits
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from emoq_serve.runtime.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
 from emoq_serve.server.supervisor import SupervisorConfig
+
+if TYPE_CHECKING:  # the CLI parser imports this module: keep it light
+    from emoq_serve.runtime.asr import AsrConfig
 
 #: Server-wide ASR settings (`--asr`).
 ASR_MODES = ("off", "auto", "always")
@@ -87,7 +91,7 @@ class ServerConfig:
             restart_backoff_s=self.restart_backoff_s,
         )
 
-    def asr_config(self):  # -> AsrConfig (imported lazily: the CLI parser builds this class)
+    def asr_config(self) -> AsrConfig:
         from emoq_serve.runtime.asr import AsrConfig
 
         return AsrConfig(model_dir=self.asr_model, threads=self.asr_threads, compute_type=self.asr_compute_type)

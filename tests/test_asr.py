@@ -107,3 +107,11 @@ def test_wer_on_the_synthetic_corpus_speech(engine):
     wrong = [(r, h) for r, h in zip(refs, hyps, strict=True) if word_error_rate([r], [h]) > 0]
     assert wer <= WER_BOUND, f"WER {wer:.3f} > {WER_BOUND}: {wrong}"
     assert word_error_rate(refs[1:] + refs[:1], hyps) > 0.5  # mismatched transcripts fail the bound
+
+
+def test_missing_faster_whisper_is_an_asr_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import now raises ImportError
+    with pytest.raises(AsrError, match="ASR needs faster-whisper.*--asr off"):
+        AsrEngine(AsrConfig(device="cpu"))

@@ -85,7 +85,11 @@ def default_model_dir() -> Path:
 def _resolve_device(device: AsrDevice) -> Literal["cpu", "cuda"]:
     if device != "auto":
         return device
-    import ctranslate2
+    try:
+        import ctranslate2
+    except ImportError as exc:
+        raise AsrError(f"ASR needs ctranslate2 (with faster-whisper), which does not import here ({exc}): "
+                       "pip install faster-whisper, or serve with --asr off") from exc
 
     return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
 
@@ -127,9 +131,12 @@ class AsrEngine:
         self.device = _resolve_device(cfg.device)
         self.compute_type = cfg.compute_type if cfg.compute_type != "auto" else (
             "float16" if self.device == "cuda" else "int8")
-        from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import Tokenizer
-
+        try:
+            from faster_whisper import WhisperModel
+            from faster_whisper.tokenizer import Tokenizer
+        except ImportError as exc:  # e.g. a GPU machine with its own Python and no faster-whisper
+            raise AsrError(f"ASR needs faster-whisper, which does not import here ({exc}): "
+                           "pip install faster-whisper, or serve with --asr off") from exc
         try:
             self.model = WhisperModel(str(self.model_dir), device=self.device, compute_type=self.compute_type,
                                       cpu_threads=cfg.threads, num_workers=1, local_files_only=True)

@@ -7,6 +7,7 @@ lacks a rare class is not penalised for it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,3 +65,37 @@ def format_report(report: dict[str, Any]) -> str:
     for name, row in zip(labels, report["confusion_matrix"]):
         lines.append(f"{name:{width}}  " + " ".join(f"{n:6d}" for n in row))
     return "\n".join(lines)
+
+
+#: Contractions spelled out before scoring (as Whisper's English normaliser does), so "I'm" for
+#: "I am" is not counted as two errors.
+_CONTRACTIONS = {"i'm": "i am", "it's": "it is", "that's": "that is", "we're": "we are", "they're": "they are",
+                 "you're": "you are", "he's": "he is", "she's": "she is", "don't": "do not", "can't": "can not",
+                 "won't": "will not", "i've": "i have", "i'll": "i will", "let's": "let us"}
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation, contractions spelled out, for word error rates."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ").replace("\u2019", "'")).split()
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words).split()
+
+
+def word_edits(reference: list[str], hypothesis: list[str]) -> int:
+    """Levenshtein distance in words (substitutions + deletions + insertions)."""
+    row = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, 1):
+        diagonal, row[0] = row[0], i
+        for j, hyp_word in enumerate(hypothesis, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
+    return row[-1]
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER: total word edits over total reference words, after `normalize_words`."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    refs = [normalize_words(r) for r in references]
+    words = sum(len(r) for r in refs)
+    if words == 0:
+        raise ValueError("the references hold no words")
+    return sum(word_edits(r, normalize_words(h)) for r, h in zip(refs, hypotheses, strict=True)) / words

@@ -81,13 +81,14 @@ class RunningServer:
         make_recognizer: Callable[[], Recognizer],
         cfg: ServerConfig,
         count_tokens: Callable[[str], int] | None = None,
+        asr: object | None = None,  # an AsrEngine the caller owns (None: the server runs without ASR)
     ) -> None:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.recognizer = self.run(self._make(make_recognizer))
-        self.server = EmotionServer(self.recognizer, cfg, count_tokens)
+        self.server = EmotionServer(self.recognizer, cfg, count_tokens, asr)
         self.run(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.address)

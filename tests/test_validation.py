@@ -157,8 +157,7 @@ def test_resampling_keeps_duration():
 
 
 def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
-    """VOICE_ACTIVITY, server ASR and segment transcripts exist in the API before the server
-    serves them: a request using them gets INVALID_ARGUMENT instead of silently other behaviour."""
+    """VOICE_ACTIVITY and segment transcripts exist in the API before the server serves them: a request using them gets INVALID_ARGUMENT instead of silently other behaviour."""
     from emoq_serve._proto import emoq_pb2 as pb
     from emoq_serve.server.config import ServerConfig
     from emoq_serve.server.validation import InvalidRequest, RequestValidator
@@ -166,10 +165,32 @@ def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
     validator = RequestValidator(ServerConfig())
     base = dict(encoding=pb.LINEAR16, sample_rate_hz=16000)
     validator.check_config(pb.RecognitionConfig(**base))
-    for extra in (dict(segmentation=pb.VOICE_ACTIVITY), dict(asr=pb.ASR_ALWAYS), dict(asr=pb.ASR_AUTO)):
+    for extra in (dict(segmentation=pb.VOICE_ACTIVITY),):
         with pytest.raises(InvalidRequest):
             validator.check_config(pb.RecognitionConfig(**base, **extra))
     stream = validator.stream()
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
     with pytest.raises(InvalidRequest, match="segment_transcript"):
         stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))
+
+
+def test_asr_modes_need_a_server_with_asr() -> None:
+    """ASR_AUTO/ASR_ALWAYS are served when the server has an ASR engine and refused (never
+    ignored) under --asr off; ASR_OFF and the server default always pass; unknown values fail."""
+    from emoq_serve._proto import emoq_pb2 as pb
+    from emoq_serve.server.config import ServerConfig
+    from emoq_serve.server.validation import InvalidRequest, RequestValidator
+
+    base = dict(encoding=pb.LINEAR16, sample_rate_hz=16000)
+    with_asr, without = RequestValidator(ServerConfig(), asr_available=True), RequestValidator(ServerConfig(asr="off"))
+    for mode in (pb.ASR_SERVER_DEFAULT, pb.ASR_OFF, pb.ASR_AUTO, pb.ASR_ALWAYS):
+        with_asr.check_config(pb.RecognitionConfig(**base, asr=mode))
+    for mode in (pb.ASR_SERVER_DEFAULT, pb.ASR_OFF):
+        without.check_config(pb.RecognitionConfig(**base, asr=mode))
+    for mode in (pb.ASR_AUTO, pb.ASR_ALWAYS):
+        with pytest.raises(InvalidRequest, match="runs without it \\(--asr off\\)"):
+            without.check_config(pb.RecognitionConfig(**base, asr=mode))
+    with pytest.raises(InvalidRequest, match="config.asr 9 is unknown"):
+        with_asr.check_config(pb.RecognitionConfig(**base, asr=9))
+    with pytest.raises(ValueError, match="asr must be one of off, auto, always"):
+        ServerConfig(asr="sometimes")

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from emoq_serve._proto import emoq_pb2
 from emoq_serve.bundle import Bundle
 from emoq_serve.runtime import EngineName, load_recognizer, warm_up
+from emoq_serve.runtime.asr import AsrEngine, load_asr
 from emoq_serve.runtime.batcher import DynamicBatcher
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.types import Recognizer
@@ -34,6 +35,7 @@ from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.metrics import ServerMetrics
 from emoq_serve.server.service import EmotionRecognizerService
 from emoq_serve.server.supervisor import EngineSupervisor
+from emoq_serve.server.transcripts import TranscriptStage
 from emoq_serve.server.validation import RequestValidator, tolerant_parser
 
 log = logging.getLogger(__name__)
@@ -72,21 +74,26 @@ def add_service(service: EmotionRecognizerService, server: grpc.aio.Server) -> N
 class EmotionServer:
     """One gRPC server (recognition + health + reflection) plus its batcher and metrics port.
 
-    The caller owns `recognizer` (loads and closes it); the server owns everything else.
+    The caller owns `recognizer` and `asr` (loads and closes them); the server owns everything
+    else. Without an `asr` engine the server runs as `--asr off` whatever `cfg.asr` says
+    (`bundle_server` loads one whenever `cfg.asr` is not off).
     """
 
     #: Health service names kept in step: the whole server ("") and the recognition service.
     HEALTH_NAMES = ("", SERVICE_NAME)
 
     def __init__(
-        self, recognizer: Recognizer, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None
+        self, recognizer: Recognizer, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None,
+        asr: AsrEngine | None = None,
     ) -> None:
         self.cfg = cfg
         self.recognizer = recognizer
         self.batcher = DynamicBatcher(recognizer, cfg.batcher(), on_batch=self._observe_batch)
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.queue_depth)
+        transcripts = TranscriptStage(asr, cfg.asr, count_tokens, cfg.max_transcript_tokens)
         self.service = EmotionRecognizerService(
-            recognizer, self.batcher, RequestValidator(cfg, count_tokens), self.metrics, cfg
+            recognizer, self.batcher, RequestValidator(cfg, count_tokens, asr_available=asr is not None), self.metrics,
+            cfg, transcripts,
         )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -182,19 +189,29 @@ async def bundle_server(
     The engine is supervised: after a fatal failure it is rebuilt from the bundle, whose hashes
     are checked again (unless `runtime_cfg.verify_hashes` is off), so a bundle changed on disk
     since start-up is refused rather than served.
+
+    Unless `cfg.asr` is off, the ASR model is loaded and checked first (`AsrError` with the
+    reason when its folder is missing or broken), before the slower engine start.
     """
-    recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine), cfg.supervisor())
-    bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
-    # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
-    cfg = cfg.replace(max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens))
-    server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle))
+    asr = None if cfg.asr == "off" else await asyncio.to_thread(load_asr, cfg.asr_config())
     try:
-        await warm_up(recognizer)  # before SERVING, so no client pays the first-call costs
-        await server.start()
-        yield server
+        recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine), cfg.supervisor())
+        bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
+        # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
+        cfg = cfg.replace(
+            max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens)
+        )
+        server = EmotionServer(recognizer, cfg, transcript_token_counter(bundle), asr)
+        try:
+            await warm_up(recognizer)  # before SERVING, so no client pays the first-call costs
+            await server.start()
+            yield server
+        finally:
+            await server.stop()
+            await recognizer.close()
     finally:
-        await server.stop()
-        await recognizer.close()
+        if asr is not None:
+            asr.close()
 
 
 async def serve_bundle(

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from emoq_serve.runtime.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
-from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.config import ASR_MODES, ServerConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM server key")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA for client certificates (mutual TLS)")
     p.add_argument("--auth-tokens-file", default=None, help="bearer tokens, one per line (also $EMOQ_AUTH_TOKENS)")
+    p.add_argument("--asr", choices=ASR_MODES, default=d.asr,
+                   help="speech recognition: auto = transcribe audio sent without a transcript (default); always = "
+                        "replace client transcripts; off = run such audio audio-only (no ASR model loaded)")
+    p.add_argument("--asr-model", default=None, metavar="DIR",
+                   help="CTranslate2 Whisper folder (default: the bundled Whisper tiny.en)")
+    p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="ASR (CTranslate2) threads")
+    p.add_argument("--asr-compute-type", default=d.asr_compute_type,
+                   help="CTranslate2 compute type: auto (int8 on CPU, float16 on CUDA), int8, float16, float32, ...")
     p.add_argument("--no-verify", action="store_true",
                    help="UNSAFE: skip the bundle's sha256 checks (serves files nobody verified; logged as a warning)")
     p.set_defaults(func=run)
@@ -96,5 +104,10 @@ def run(args: argparse.Namespace) -> int:
             "--no-verify: the bundle's files are NOT checked against its manifest hashes; a corrupted or "
             "tampered bundle will be served. Use only for bundles you built on this machine."
         )
-    asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
+    from emoq_serve.runtime.asr import AsrError
+
+    try:
+        asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
+    except AsrError as exc:  # a bad --asr-model is a setting to fix, not a crash to debug
+        raise SystemExit(f"emoq serve: {exc}") from None
     return 0

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from emoq_serve.runtime.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
 from emoq_serve.server.supervisor import SupervisorConfig
+
+if TYPE_CHECKING:  # the CLI parser imports this module: keep it light
+    from emoq_serve.runtime.asr import AsrConfig
+
+#: Server-wide ASR settings (`--asr`).
+ASR_MODES = ("off", "auto", "always")
 
 
 @dataclass
@@ -56,6 +63,17 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set = mutual TLS: clients must present a cert it signed
     auth_tokens_file: str | None = None
+    # Speech recognition for audio without a transcript (see emoq_serve.runtime.asr).
+    #: off: never (requests asking for it are refused); auto: when the client sent no transcript;
+    #: always: replace the client's. A request's RecognitionConfig.asr overrides it per call.
+    asr: str = "auto"
+    asr_model: str | None = None  # CTranslate2 Whisper folder; None = the bundled tiny.en
+    asr_threads: int = 1  # CTranslate2 threads (one core: the ONNX stages and the LLM hold the rest)
+    asr_compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA
+
+    def __post_init__(self) -> None:
+        if self.asr not in ASR_MODES:
+            raise ValueError(f"asr must be one of {', '.join(ASR_MODES)}; got {self.asr!r}")
 
     def batcher(self) -> BatcherConfig:
         return BatcherConfig(
@@ -72,6 +90,11 @@ class ServerConfig:
             max_consecutive_failures=self.max_consecutive_failures,
             restart_backoff_s=self.restart_backoff_s,
         )
+
+    def asr_config(self) -> AsrConfig:
+        from emoq_serve.runtime.asr import AsrConfig
+
+        return AsrConfig(model_dir=self.asr_model, threads=self.asr_threads, compute_type=self.asr_compute_type)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)

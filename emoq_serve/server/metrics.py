@@ -15,6 +15,8 @@ from emoq_serve.runtime.types import STAGES
 #: Latency buckets (seconds): sub-millisecond stages up to multi-second queued calls.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: Stages timed per result: the server's ASR (before the batcher) and the engine's stages.
+RESULT_STAGES = ("asr", *STAGES)
 
 
 class ServerMetrics:
@@ -27,7 +29,7 @@ class ServerMetrics:
         )
         self.stage_latency = Histogram(
             "emoq_stage_latency_seconds",
-            "Time per pipeline stage (queue, audio_encoder, former, pooling, llm) and total per result.",
+            "Time per pipeline stage (asr, queue, audio_encoder, former, pooling, llm) and total per result.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -41,7 +43,7 @@ class ServerMetrics:
         self._http = None
 
     def observe_result(self, timings_ms: dict[str, float], total_ms: float) -> None:
-        for stage in STAGES:
+        for stage in RESULT_STAGES:
             if stage in timings_ms:
                 self.stage_latency.labels(stage).observe(timings_ms[stage] / 1e3)
         self.stage_latency.labels("total").observe(total_ms / 1e3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -28,10 +29,11 @@ from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
-from emoq_serve.runtime.types import STAGES, Prediction, Recognizer, Utterance
+from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
 from emoq_serve.server.config import ServerConfig
-from emoq_serve.server.metrics import ServerMetrics
+from emoq_serve.server.metrics import RESULT_STAGES, ServerMetrics
 from emoq_serve.server.supervisor import EngineUnavailable
+from emoq_serve.server.transcripts import Transcript, TranscriptStage
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,10 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         validator: RequestValidator,
         metrics: ServerMetrics,
         cfg: ServerConfig,
+        transcripts: TranscriptStage | None = None,
     ) -> None:
         self.recognizer = recognizer
+        self.transcripts = transcripts or TranscriptStage(None, "off")
         self.batcher = batcher
         self.validator = validator
         self.metrics = metrics
@@ -149,32 +153,41 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 self._idle.set()
 
     async def _recognize(
-        self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float
+        self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float,
+        asr_mode: int = pb.ASR_SERVER_DEFAULT,
     ) -> pb.EmotionResult:
+        transcript = await self.transcripts.transcript_for(utterance, asr_mode)
+        utterance = dataclasses.replace(utterance, transcript=transcript.text)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         prediction = await self.batcher.submit(utterance, deadline)
-        return self._result(prediction, len(utterance.audio) / SAMPLE_RATE, final, started)
+        return self._result(prediction, len(utterance.audio) / SAMPLE_RATE, final, started, transcript)
 
-    def _result(self, prediction: Prediction, audio_seconds: float, final: bool, started: float) -> pb.EmotionResult:
+    def _result(
+        self, prediction: Prediction, audio_seconds: float, final: bool, started: float,
+        transcript: Transcript = Transcript("", pb.TRANSCRIPT_NONE),
+    ) -> pb.EmotionResult:
         if not np.isfinite(prediction.probabilities).all():  # never hand a client NaN as an answer
             raise ValueError(f"the engine returned non-finite scores {prediction.probabilities.tolist()}")
         total_ms = (time.monotonic() - started) * 1e3
-        self.metrics.observe_result(prediction.timings_ms, total_ms)
-        timing = pb.Timing(total_ms=total_ms, **{f"{s}_ms": prediction.timings_ms.get(s, 0.0) for s in STAGES})
+        timings_ms = {**prediction.timings_ms, "asr": transcript.asr_ms} if transcript.asr_ms else prediction.timings_ms
+        self.metrics.observe_result(timings_ms, total_ms)
+        timing = pb.Timing(total_ms=total_ms, **{f"{s}_ms": timings_ms.get(s, 0.0) for s in RESULT_STAGES})
         scores = [
             pb.ClassScore(label=label, probability=float(p))
             for label, p in zip(self.recognizer.labels, prediction.probabilities, strict=True)
         ]
         return pb.EmotionResult(
-            label=prediction.label, scores=scores, is_final=final, audio_seconds=audio_seconds, timing=timing
+            label=prediction.label, scores=scores, is_final=final, audio_seconds=audio_seconds, timing=timing,
+            transcript=transcript.text, transcript_source=transcript.source,
         )
 
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         started = time.monotonic()
         async with self._outcome("Recognize", context):
             utterance = self.validator.unary(request)
-            return pb.RecognizeResponse(result=await self._recognize(utterance, context, True, started))
+            result = await self._recognize(utterance, context, True, started, request.config.asr)
+            return pb.RecognizeResponse(result=result)
 
     async def StreamingRecognize(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
@@ -199,11 +212,12 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                     # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
                     # model skips interim points instead of queueing a backlog of stale ones.
                     started = time.monotonic()
-                    result = await self._recognize(stream.utterance(final=False), context, False, started)
+                    result = await self._recognize(stream.utterance(final=False), context, False, started,
+                                                   stream.config.asr)
                     yield pb.StreamingRecognizeResponse(result=result)
                     next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
             started = time.monotonic()
-            result = await self._recognize(stream.utterance(final=True), context, True, started)
+            result = await self._recognize(stream.utterance(final=True), context, True, started, stream.config.asr)
             yield pb.StreamingRecognizeResponse(result=result)
 
     async def GetModelInfo(
@@ -211,10 +225,12 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     ) -> pb.GetModelInfoResponse:
         async with self._outcome("GetModelInfo", context):
             info = dict(self.recognizer.info())
+            asr = self.transcripts.asr
             return pb.GetModelInfoResponse(
                 labels=list(self.recognizer.labels),
                 sample_rate_hz=SAMPLE_RATE,
                 bundle_id=info.pop("bundle_id", ""),
                 preset=info.pop("preset", ""),
                 versions=info,
+                asr=pb.AsrModelInfo(**asr.info()) if asr is not None else None,
             )

@@ -66,12 +66,15 @@ class RequestValidator:
     """Checks configs, transcripts and audio against the server's limits.
 
     `count_tokens` measures transcripts with the bundle's transcript tokenizer; without one,
-    only the character limit applies.
+    only the character limit applies. Without `asr_available`, requests asking for ASR are refused.
     """
 
-    def __init__(self, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None) -> None:
+    def __init__(
+        self, cfg: ServerConfig, count_tokens: Callable[[str], int] | None = None, asr_available: bool = False
+    ) -> None:
         self.cfg = cfg
         self.count_tokens = count_tokens
+        self.asr_available = asr_available  # whether ASR_AUTO/ASR_ALWAYS can be served
 
     def check_config(self, config: pb.RecognitionConfig) -> None:
         if config.encoding == pb.ENCODING_UNSPECIFIED:
@@ -86,11 +89,14 @@ class RequestValidator:
         if len(config.speaker) > self.cfg.max_speaker_chars:
             raise InvalidRequest(f"config.speaker has {len(config.speaker)} characters; the limit is {self.cfg.max_speaker_chars}")
         self.check_transcript(config.transcript)
-        # API fields of features still being built (conversation streaming, ASR): refused, never ignored.
+        # API fields of features still being built (conversation streaming): refused, never ignored.
         if config.segmentation != pb.UTTERANCE:
             raise InvalidRequest("segmentation VOICE_ACTIVITY is not served yet: send one utterance per stream (UTTERANCE)")
-        if config.asr not in (pb.ASR_SERVER_DEFAULT, pb.ASR_OFF):
-            raise InvalidRequest("this server has no speech recognition: send the transcript, or leave config.asr unset")
+        if config.asr not in pb.AsrMode.values():
+            raise InvalidRequest(f"config.asr {config.asr} is unknown: use ASR_SERVER_DEFAULT, ASR_OFF, ASR_AUTO or ASR_ALWAYS")
+        if config.asr in (pb.ASR_AUTO, pb.ASR_ALWAYS) and not self.asr_available:
+            raise InvalidRequest("config.asr asks for speech recognition, but this server runs without it (--asr off): "
+                                 "send the transcript, or leave config.asr unset")
 
     def check_transcript(self, text: str) -> None:
         if len(text) > self.cfg.max_transcript_chars:

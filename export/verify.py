@@ -139,8 +139,9 @@ def model_stages(model: EmoQStage2, examples: list[Example]) -> Stages:
                    "posteriors": model.predict(batch)})
 
 
-def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm") -> Stages:
-    """The same stages through the serving engine itself (`OnnxPipeline`, fp32, one thread)."""
+def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm", **runtime: Any) -> Stages:
+    """The same stages through the serving engine itself (`OnnxPipeline`, fp32, one thread;
+    `runtime` overrides the test preset, e.g. to run a precision variant)."""
     from emoq_serve.runtime.config import runtime_preset
     from emoq_serve.runtime.pipeline import OnnxPipeline
     from emoq_serve.runtime.types import Utterance
@@ -151,7 +152,8 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
                   for ex in examples]
 
     async def run() -> Stages:
-        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend=backend, verify_hashes=False))
+        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend=backend, verify_hashes=False,
+                                                                       **runtime))
         try:
             trace: dict[str, torch.Tensor] = {}
             embeds, _ = pipeline.encode(utterances, trace)
@@ -202,6 +204,32 @@ def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
                    tolerances: Tolerances = FP32_TOLERANCES) -> dict[str, Any]:
     """The serving path (its LLM in `backend`: "vllm" or "transformers") against the reference."""
     return parity_report(reference, served_stages(bundle, examples, backend), tolerances, backend)
+
+
+#: Precision variants the runtime may pick per device (`RuntimeConfig`), measured at export
+#: against the same reference: the cpu preset on CPUs with native bf16 runs the graphs in
+#: OpenVINO bf16 and the LLM in bf16. bf16 keeps ~3 significant digits, so posteriors move by
+#: up to a few 1e-2; a variant beyond this bound is a broken variant, not rounding.
+VARIANTS = {"openvino_bf16": {"graph_runtime": "openvino", "dtype": "bfloat16"}}
+VARIANT_POSTERIOR_TOLERANCE = 0.1
+
+
+def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm"
+                   ) -> dict[str, dict[str, float]]:
+    """Per-stage max abs differences of each precision variant against the fp32 reference;
+    raises ParityError when a variant's posteriors are off by more than the variant tolerance."""
+    from emoq_serve.runtime.openvino import openvino_available
+
+    out = {}
+    for name, runtime in VARIANTS.items():
+        if runtime.get("graph_runtime") == "openvino" and not openvino_available():
+            continue
+        served = served_stages(bundle, examples, backend, **runtime)
+        out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in STAGE_PARTS}
+        if not out[name]["posteriors"] <= VARIANT_POSTERIOR_TOLERANCE:
+            raise ParityError(f"precision variant {name} ({runtime}) moves posteriors by {out[name]['posteriors']:.3g} "
+                              f"> {VARIANT_POSTERIOR_TOLERANCE:g}")
+    return out
 
 
 def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor) -> float:

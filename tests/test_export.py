@@ -75,6 +75,21 @@ def test_manifest_parity_within_fp32_tolerance(tiny_bundle):
     assert set(parity["stages"]) == set(STAGE_PARTS)
     assert all(0 <= d <= parity["tolerances"][stage] for stage, d in parity["stages"].items()), parity
     assert parity["fp16_frames_max_abs"] <= parity["tolerances"]["fp16_frames"]
+    # The bf16 variant the cpu preset serves on CPUs with native bf16, measured at export.
+    variant = parity["variants"]["openvino_bf16"]
+    assert set(variant) == set(STAGE_PARTS)
+    assert 0 < variant["posteriors"] <= parity["tolerances"]["variant_posteriors"], variant
+
+
+def test_variant_beyond_its_tolerance_fails_export_parity(tiny_bundle, monkeypatch):
+    from export import verify
+
+    bundle = Bundle.open(tiny_bundle)
+    examples = verify.verification_examples()
+    reference = verify.load_reference(bundle)
+    monkeypatch.setattr(verify, "VARIANT_POSTERIOR_TOLERANCE", 0.0)  # bf16 always moves them a little
+    with pytest.raises(verify.ParityError, match="openvino_bf16"):
+        verify.variant_parity(reference, bundle, examples, "transformers")
 
 
 def fresh_examples() -> list[Example]:

@@ -6,6 +6,7 @@ engine, so the model does not matter here; tests/test_server.py covers the real 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -173,3 +174,38 @@ def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
     with pytest.raises(InvalidRequest, match="segment_transcript"):
         stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))
+
+
+@pytest.mark.parametrize("encoding,sr", [("pcm16", 44_100), ("float32", 8_000), ("float32", 16_000)])
+def test_chunked_stream_decodes_like_the_whole_clip(encoding, sr):
+    """Chunks cut anywhere (mid-sample included) decode and resample to the unary request's samples."""
+    from emoq_serve.client.api import encode_audio
+
+    validator = RequestValidator(config(**LIMITS))
+    audio = tone(1.3, sr=sr, freq=310.0)
+    whole = validator.unary(recognize_request(audio, sr, encoding=encoding)).audio
+    data = encode_audio(audio, encoding)
+    stream = validator.stream()
+    stream.feed(pb.StreamingRecognizeRequest(config=recognition_config(sr, encoding=encoding)))
+    cuts = np.cumsum([0, 1, 3, 1001, 5, 7777, 2, 40_000])
+    for a, b in zip([*cuts], [*cuts[1:], len(data)], strict=True):
+        stream.feed(pb.StreamingRecognizeRequest(audio_content=data[a:b]))
+    np.testing.assert_array_equal(stream.utterance(final=True).audio, whole)
+
+
+def test_decoding_runs_off_the_event_loop_thread():
+    """Unary and streamed audio are decoded on worker threads, never on the server's event loop."""
+    with RunningServer(StandInRecognizer, config(**LIMITS)) as srv:
+        validator = srv.server.service.validator
+        threads = []
+        inner = validator.decode_samples
+
+        def recording(*args):
+            threads.append(threading.get_ident())
+            return inner(*args)
+
+        validator.decode_samples = recording
+        srv.stub.Recognize(recognize_request(tone(0.5, sr=44_100), 44_100, "fine"), timeout=10)
+        list(srv.stub.StreamingRecognize(stream_messages(tone(1.0), 16_000, "ok", chunk_ms=100, interim=True), timeout=10))
+        assert len(threads) >= 11  # the unary request and every chunk
+        assert srv.thread.ident not in threads

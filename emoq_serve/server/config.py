@@ -44,6 +44,8 @@ class ServerConfig:
     # Streaming.
     interim_span_s: float = 1.0  # an interim result per this much audio received
     stream_idle_timeout_s: float = 10.0  # longest silence between two stream messages
+    #: Worker threads that decode, resample and segment audio off the event loop.
+    decode_threads: int = 2
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
     # Engine supervision (see emoq_serve.server.supervisor): a batch slower than this is a hung

@@ -19,7 +19,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -35,6 +37,7 @@ from emoq_serve.server.supervisor import EngineUnavailable
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StreamIdle(Exception):
@@ -90,6 +93,16 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Decoding, resampling (and VAD) run here, so a large chunk never stalls the event loop
+        # that every other stream's messages and results go through.
+        self._workers = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="emoq-decode")
+
+    async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on a decode worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float) -> int:
         """Refuse new calls, wait up to `timeout` s for accepted ones, then cut the rest off
@@ -173,8 +186,19 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         started = time.monotonic()
         async with self._outcome("Recognize", context):
-            utterance = self.validator.unary(request)
+            utterance = await self.off_loop(self.validator.unary, request)
             return pb.RecognizeResponse(result=await self._recognize(utterance, context, True, started))
+
+    async def _next_message(self, requests: AsyncIterator[pb.StreamingRecognizeRequest]) -> pb.StreamingRecognizeRequest | None:
+        """The stream's next message, None after half-close; StreamIdle past the idle timeout."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise StreamIdle(
+                f"no stream message for {self.cfg.stream_idle_timeout_s:g} s: send audio or half-close"
+            ) from None
 
     async def StreamingRecognize(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
@@ -185,25 +209,20 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             span = self.cfg.interim_span_s
             next_interim = span
             requests = aiter(request_iterator)
-            while True:
-                try:
-                    request = await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise StreamIdle(
-                        f"no stream message for {self.cfg.stream_idle_timeout_s:g} s: send audio or half-close"
-                    ) from None
-                stream.feed(request)
+            while (request := await self._next_message(requests)) is not None:
+                await self.off_loop(stream.feed, request)
                 if stream.config.interim_results and stream.audio_seconds >= next_interim:
                     # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
                     # model skips interim points instead of queueing a backlog of stale ones.
                     started = time.monotonic()
-                    result = await self._recognize(stream.utterance(final=False), context, False, started)
-                    yield pb.StreamingRecognizeResponse(result=result)
+                    utterance = await self.off_loop(stream.utterance, False)
+                    if len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
+                        result = await self._recognize(utterance, context, False, started)
+                        yield pb.StreamingRecognizeResponse(result=result)
                     next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
             started = time.monotonic()
-            result = await self._recognize(stream.utterance(final=True), context, True, started)
+            utterance = await self.off_loop(stream.utterance, True)
+            result = await self._recognize(utterance, context, True, started)
             yield pb.StreamingRecognizeResponse(result=result)
 
     async def GetModelInfo(

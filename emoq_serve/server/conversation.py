@@ -63,7 +63,7 @@ def vad_params(cfg: ServerConfig, va: pb.VoiceActivityConfig) -> VadParams:
     min_silence = int(pick(va.min_silence_ms, d.min_silence_ms, 100, 5_000))
     min_speech = int(pick(va.min_speech_ms, d.min_speech_ms, 0, 5_000))
     pad = int(pick(va.speech_pad_ms, d.speech_pad_ms, 0, min(1_000, min_silence)))
-    longest = cfg.max_segment_s
+    longest = min(cfg.max_segment_s, cfg.max_audio_seconds)  # a segment is one model input
     max_segment = pick(va.max_segment_s, min(d.max_segment_s, longest), 1.0, longest)
     max_segment = max(max_segment, (min_speech + 2 * pad) / 1000)  # VadParams' own consistency rule
     if max_segment > longest:

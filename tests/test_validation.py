@@ -16,6 +16,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request, recognition_config, stream_messages
+from emoq_serve.client.conversation import conversation_messages
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -228,4 +229,10 @@ def test_decoding_runs_off_the_event_loop_thread():
         srv.stub.Recognize(recognize_request(tone(0.5, sr=44_100), 44_100, "fine"), timeout=10)
         list(srv.stub.StreamingRecognize(stream_messages(tone(1.0), 16_000, "ok", chunk_ms=100, interim=True), timeout=10))
         assert len(threads) >= 11  # the unary request and every chunk
-        assert srv.thread.ident not in threads
+        # VOICE_ACTIVITY: decoding and the VAD steps too.
+        vad = srv.run(srv.server.service.vad())
+        vad_threads, step = [], vad.step
+        vad.step = lambda *a: (vad_threads.append(threading.get_ident()), step(*a))[1]
+        list(srv.stub.StreamingRecognize(conversation_messages(tone(1.0), 16_000), timeout=10))
+        assert len(vad_threads) == 31 and len(threads) >= 21
+        assert srv.thread.ident not in threads + vad_threads

@@ -149,6 +149,38 @@ def test_silence_only_stream_ends_with_no_result(server):
     assert results == []
 
 
+def test_client_command_prints_the_conversation_timeline(server, talk, tmp_path, capsys):
+    import argparse
+    import json
+
+    import soundfile as sf
+
+    from emoq_serve.client import register
+
+    wav, meta = talk.save(tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def run(path, *flags: str) -> str:
+        args = parser.parse_args(["client", str(path), "--server", server.address, "--conversation", *flags])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    lines = [json.loads(x) for x in run(wav, "--segment-texts", str(meta), "--json").splitlines()]
+    assert [x["segment_index"] for x in lines] == list(range(len(talk.turns)))
+    for x, turn in zip(lines, talk.turns, strict=True):
+        assert abs(x["start_s"] - turn.start_s) <= TOLERANCE_S and abs(x["end_s"] - turn.end_s) <= TOLERANCE_S
+        assert (x["transcript"], x["transcript_source"], x["speaker"]) == (turn.transcript, "client", turn.speaker)
+        assert x["latency_ms"] >= 0 and x["label"] in x["probabilities"]
+    # Paced like a microphone (the first turn only), as a table.
+    first = tmp_path / "first.wav"
+    sf.write(first, talk.audio[:round((talk.turns[0].end_s + 0.8) * 16_000)], 16_000, subtype="PCM_16")
+    table = run(first, "--realtime", "--interim").splitlines()
+    assert table[0] == f"{first}: 1 segment(s)"
+    assert table[1].split() == ["seg", "start", "end", "speaker", "transcript", "label", "prob", "latency_ms"]
+    assert table[-1].split()[0] == "0" and "(none)" in table[-1] and all(r.split()[0] == "0~" for r in table[2:-1])
+
+
 # --- server-wide limits -------------------------------------------------------------------------
 
 

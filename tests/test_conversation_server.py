@@ -307,3 +307,43 @@ def test_real_limits_answer_resource_exhausted_and_the_server_keeps_serving(real
         assert [r.result.is_final for r in call] == [True]
     results = [r.result for r in server.stub.StreamingRecognize(conversation_messages(talk.audio, 16_000), timeout=120)]
     assert_one_result_per_turn(results, talk)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.slow
+def test_ten_minute_stream_holds_bounded_memory():
+    """A 10-minute conversation fed faster than real time: the server's RSS barely grows between
+    minute 2 and minute 10 (the stream itself is 38 MB of 16 kHz float32)."""
+    from server_harness import spawn_server
+
+    from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
+
+    minute = make_conversation(seconds=60.0, seed=3)
+    proc, port = spawn_server(max_audio_seconds=30.0, stream_idle_timeout_s=60.0)
+    try:
+        rss = {}
+
+        def messages():
+            sent = 0
+            for i, m in enumerate(conversation_messages(np.tile(minute.audio, 10), 16_000, chunk_ms=500)):
+                if m.audio_content:
+                    sent += len(m.audio_content) // 4
+                    for mark in (120, 600):
+                        if sent >= mark * 16_000 and mark not in rss:
+                            rss[mark] = rss_mb(proc.pid)
+                yield m
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            results = [r.result for r in pb_grpc.EmotionRecognizerStub(channel).StreamingRecognize(messages(), timeout=300)]
+        assert len(results) == 10 * len(minute.turns)
+        assert results[-1].end_s > 590
+        # The issue asks for <= 50 MB; holding the whole stream would add ~31 MB from minute 2 to 10
+        # (measured: 38 MB with the segmenter's trimming disabled, 6 MB as is), so check 20 MB.
+        assert rss[600] - rss[120] <= 20, rss
+    finally:
+        proc.kill()
+        proc.wait(10)

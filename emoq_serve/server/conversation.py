@@ -181,7 +181,8 @@ class ConversationStream:
                     if not self._undecided:
                         self.transcripts.prune(self._next_index, self._closed_end_s)
                 self._close(fed.closed)
-                if self.config.interim_results and (seconds := self.segmenter.total_samples / SAMPLE_RATE) >= next_interim:
+                seconds = self.segmenter.total_samples / SAMPLE_RATE
+                if self.config.interim_results and seconds >= next_interim:
                     self._start_interim()
                     next_interim = (math.floor(seconds / span) + 1) * span
             closed = await self.service.off_loop(self._finish)
@@ -237,9 +238,8 @@ class ConversationStream:
                 self._undecided -= 1
                 if not self._undecided:
                     self.transcripts.prune(self._next_index, self._closed_end_s)
-            transcript, source = (st.transcript, pb.TRANSCRIPT_CLIENT) if st is not None and st.transcript else ("", pb.TRANSCRIPT_NONE)
+            transcript, source, speaker = self._from_client(st)
             transcript, source = await self._transcribe(seg, transcript, source)
-            speaker = (st.speaker if st is not None else "") or self.config.speaker
             return await self._score(seg, transcript, source, speaker, final=True, started=closed_at)
         finally:
             self._closed_samples -= len(seg.audio)
@@ -258,6 +258,13 @@ class ConversationStream:
                 await asyncio.wait_for(arrival.wait(), remaining)
         return st
 
+    def _from_client(self, st: pb.SegmentTranscript | None) -> tuple[str, int, str]:
+        """(transcript, source, speaker) from the client's segment transcript, if any."""
+        speaker = (st.speaker if st is not None else "") or self.config.speaker
+        if st is not None and st.transcript:
+            return st.transcript, pb.TRANSCRIPT_CLIENT, speaker
+        return "", pb.TRANSCRIPT_NONE, speaker
+
     async def _transcribe(self, seg: Segment, transcript: str, source: int) -> tuple[str, int]:
         """The ASR hook: a server ASR stage goes here, between segmentation and recognition
         (transcribe `seg.audio` when `source` is TRANSCRIPT_NONE and config.asr asks for it, or
@@ -273,8 +280,7 @@ class ConversationStream:
         if seg is None or len(seg.audio) < self.cfg.min_audio_seconds * SAMPLE_RATE:
             return
         st = self.transcripts.find(seg.index, seg.start_s, seg.end_s, take=False)
-        transcript, source = (st.transcript, pb.TRANSCRIPT_CLIENT) if st is not None and st.transcript else ("", pb.TRANSCRIPT_NONE)
-        speaker = (st.speaker if st is not None else "") or self.config.speaker
+        transcript, source, speaker = self._from_client(st)
         self._interim = self._spawn(self._interim_result(seg, transcript, source, speaker))
 
     async def _interim_result(self, seg: Segment, transcript: str, source: int, speaker: str) -> pb.EmotionResult | None:

@@ -2,8 +2,8 @@
 
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
 and counts them by status, so the error contract lives in one place:
-InvalidRequest -> INVALID_ARGUMENT, QueueFull and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED, DeadlineExpired and an idle
-stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
+InvalidRequest -> INVALID_ARGUMENT, QueueFull and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
+DeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
 ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
 message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
 text, which may hold paths or data; the server logs the detail under the same id. Calls still

@@ -98,6 +98,29 @@ def test_interims_describe_only_the_open_segment(server, talk):
     assert all(order.index((i, False)) < order.index((i, True)) for i, _ in order if (i, False) in order)
 
 
+def test_at_most_one_interim_in_flight(talk):
+    """While the engine is busy, later interim points are skipped, not queued: one interim per
+    stream in flight, so a slow model never builds a backlog of stale interims."""
+    from server_harness import GatedRecognizer
+
+    cfg = config(max_audio_seconds=30.0, interim_span_s=0.25)
+    with RunningServer(lambda: GatedRecognizer(StandInRecognizer()), cfg) as srv:
+        gated = srv.recognizer
+        vad = srv.run(srv.server.service.vad())
+        steps, step = [], vad.step
+        vad.step = lambda *a: (steps.append(1), step(*a))[1]
+        turn = talk.turns[0]
+        speech = talk.audio[:round((turn.start_s + 2.5) * 16_000)]  # 2.5 s into the first turn: 8+ interim points
+        srv.call_soon(gated.gate.clear)
+        outbox, call = held_stream(srv, conversation_messages(speech, 16_000, interim=True))
+        wait_for(lambda: len(steps) == len(speech) // 512, "all audio through the VAD")
+        assert len(gated.batch_sizes) + srv.server.batcher.queue_depth == 1  # one interim submitted
+        srv.call_soon(gated.gate.set)
+        outbox.put(None)
+        results = [r.result for r in call]
+        assert [r.is_final for r in results] == [False, True]
+
+
 def test_resampled_and_chunked_conversation_segments_like_16k(server, talk):
     """44.1 kHz PCM16 in odd chunks: the same turns, within the same tolerance."""
     from emoq_serve.audio import resample

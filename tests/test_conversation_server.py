@@ -337,6 +337,22 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def test_cancelled_and_failed_streams_give_their_share_back(server, talk):
+    limits = server.server.service.limits
+    outbox, call = held_stream(server, conversation_messages(talk.audio[:5 * 16_000], 16_000, interim=True))
+    wait_for(lambda: limits.open_streams == 1 and limits.held_samples > 0, "a conversation holding audio")
+    call.cancel()
+    wait_for(lambda: (limits.open_streams, limits.held_samples) == (0, 0), "the cancelled stream released")
+    outbox, call = held_stream(server, list(stream_messages(tone(0.5), 16_000, "x"))[:3])
+    wait_for(lambda: limits.held_samples > 0, "an utterance holding audio")
+    outbox.put(pb.StreamingRecognizeRequest(audio_content=b"\x00" * 3))  # a partial float32 sample, then half-close
+    outbox.put(None)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wait_for(lambda: (limits.open_streams, limits.held_samples) == (0, 0), "the failed stream released")
+
+
 @pytest.mark.slow
 def test_ten_minute_stream_holds_bounded_memory():
     """A 10-minute conversation fed faster than real time: the server's RSS barely grows between

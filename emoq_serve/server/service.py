@@ -3,8 +3,8 @@
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
 and counts them by status, so the error contract lives in one place:
 InvalidRequest -> INVALID_ARGUMENT, QueueFull and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
-DeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
-ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
+DeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine
+failed or restarting) and ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
 message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
 text, which may hold paths or data; the server logs the detail under the same id. Calls still
 running when the drain timeout ends are cut off with UNAVAILABLE and a message, so no accepted call
@@ -212,7 +212,9 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             utterance = await self.off_loop(self.validator.unary, request)
             return pb.RecognizeResponse(result=await self.recognize_utterance(utterance, context, True, started))
 
-    async def _next_message(self, requests: AsyncIterator[pb.StreamingRecognizeRequest]) -> pb.StreamingRecognizeRequest | None:
+    async def _next_message(
+        self, requests: AsyncIterator[pb.StreamingRecognizeRequest]
+    ) -> pb.StreamingRecognizeRequest | None:
         """The stream's next message, None after half-close; StreamIdle past the idle timeout."""
         try:
             return await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)

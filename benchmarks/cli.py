@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from benchmarks.config import ENGINES
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
@@ -39,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flops-bundle", default=None,
                    help="with --server: the served bundle, read for FLOPs estimates and tokenizers")
     p.add_argument("--metrics-url", default=None, help="with --server: its Prometheus endpoint (mean batch size)")
-    p.add_argument("--engine", choices=("onnx", "eager", "both"), default="onnx",
-                   help="both = eager then onnx on the same workload, with onnx/eager ratios")
+    p.add_argument("--engine", choices=(*ENGINES, "both"), default="onnx",
+                   help="both = eager fp32, eager bf16, then onnx on the same workload, with onnx/eager ratios")
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
     p.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16), help="closed loop, comma list (1,2,4,8,16,32)")
     p.add_argument("--rate", type=_floats, default=(1.0,), help="open loop: requests/s, comma list")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         server=args.server,
         bundle=Path(args.bundle or args.flops_bundle) if (args.bundle or args.flops_bundle) else None,
-        engines=("eager", "onnx") if args.engine == "both" else (args.engine,),
+        engines=ENGINES if args.engine == "both" else (args.engine,),
         mode=args.mode, concurrency=args.concurrency, rates=args.rate, api=args.api,
         chunk_ms=args.chunk_ms, realtime=args.realtime,
         budget=Budget(requests=args.requests, duration_s=None if args.requests else (args.duration or 30.0),

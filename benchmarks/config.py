@@ -10,7 +10,15 @@ from benchmarks.loadgen import Budget
 from benchmarks.target import Api
 from benchmarks.workload import WorkloadConfig
 
-ENGINES = ("eager", "onnx")
+#: Engine names in reports -> the `emoq serve` flags that select them. The eager baseline runs in
+#: both precisions so the optimised engine is compared with the best plain PyTorch loop too.
+ENGINE_FLAGS = {
+    "eager": ("--engine", "eager", "--dtype", "float32"),
+    "eager-bf16": ("--engine", "eager", "--dtype", "bfloat16"),
+    "onnx": ("--engine", "onnx"),
+}
+ENGINES = tuple(ENGINE_FLAGS)
+BASELINES = ("eager", "eager-bf16")
 
 
 @dataclass

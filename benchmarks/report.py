@@ -117,14 +117,14 @@ def markdown(report: dict[str, Any]) -> str:
                  *(f"{eff[s]['achieved_gflops']:.1f} ({eff[s]['pct_of_peak']:.0f}%)" if s in eff else "–"
                    for s in per_request)]
         lines.append("| " + " | ".join(cells) + " |")
-    if report.get("ratios"):
-        r = report["ratios"]
-        lines.append("\n## Optimized (onnx) / eager\n")
+    for baseline, r in report.get("ratios", {}).items():
+        lines.append(f"\n## Optimized (onnx) / {baseline}\n")
         lines.append("| concurrency | throughput ratio |\n|---|---|")
         lines.extend(f"| {c} | {v:.2f}× |" for c, v in r["throughput"].items())
         for p in ("p50", "p99"):
             if f"{p}_at_c1" in r:
-                lines.append(f"\n{p} latency at concurrency 1: onnx/eager = {r[f'{p}_at_c1']:.2f} (below 1 = onnx faster)")
+                lines.append(f"\n{p} latency at concurrency 1: onnx/{baseline} = {r[f'{p}_at_c1']:.2f} "
+                             "(below 1 = onnx faster)")
     for note in report.get("notes", []):
         lines.append(f"\n> {note}")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import flops, report, stats
-from benchmarks.config import BenchConfig
+from benchmarks.config import BASELINES, ENGINE_FLAGS, BenchConfig
 from benchmarks.loadgen import run_closed, run_open
 from benchmarks.server_proc import ServerProcess
 from benchmarks.target import make_call
@@ -29,7 +29,7 @@ from emoq_serve.runtime.types import STAGES
 
 #: Whether an engine's per-request stage timings are the wall time of the whole batch (the
 #: batched ONNX pipeline) or of that request alone (the eager engine runs a batch one by one).
-TIMINGS_COVER_BATCH = {"onnx": True, "eager": False}
+TIMINGS_COVER_BATCH = {"onnx": True, "eager": False, "eager-bf16": False}
 
 #: Thread-pool environment variables worth recording (they change what a server does).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
@@ -77,7 +77,7 @@ def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--bundle", str(cfg.bundle), "--engine", engine, *cfg.serve_args.split()])
+    args = parser.parse_args(["serve", "--bundle", str(cfg.bundle), *ENGINE_FLAGS[engine], *cfg.serve_args.split()])
     runtime, server = configs(args)
     return {"runtime": asdict(runtime), "batching": asdict(server.batcher())}
 
@@ -104,7 +104,9 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
 
     from emoq_serve.client.api import EmotionClient
 
-    async with EmotionClient(address, timeout=cfg.timeout_s) as client:
+    # No client retries: a refused or failed call is counted as the server answered it, not
+    # hidden behind a retry's backoff in the latency figures.
+    async with EmotionClient(address, timeout=cfg.timeout_s, retries=0) as client:
         info = await client.model_info()
         call = make_call(client, cfg.api, cfg.timeout_s, cfg.chunk_ms, cfg.realtime)
         loads = cfg.concurrency if cfg.mode == "closed" else cfg.rates
@@ -178,7 +180,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "flops_per_request": per_request,
         "stages": list(STAGES),
         "points": points,
-        "ratios": report.ratios(points) if set(cfg.engines) == {"eager", "onnx"} else {},
+        "ratios": {b: report.ratios(points, baseline=b) for b in BASELINES if {b, "onnx"} <= set(cfg.engines)},
         "notes": [],
     }
     if machine["load_average"][0] > 0.5 * (machine["logical_cores"] or 1):

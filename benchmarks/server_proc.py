@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.config import ENGINE_FLAGS
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "emoq_serve.cli", "serve", "--bundle", str(self.bundle), "--engine", self.engine,
+            sys.executable, "-m", "emoq_serve.cli", "serve", "--bundle", str(self.bundle), *ENGINE_FLAGS[self.engine],
             "--host", self.host, "--port", str(self.port), "--metrics-port", str(self.metrics_port),
             *shlex.split(self.extra_args),
         ]

@@ -154,14 +154,21 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert report["bundle_id"] == Bundle.open(tiny_bundle).bundle_id and report["preset"] == "tiny"
     assert [(p["engine"], p["concurrency"]) for p in report["points"]] == \
-        [("eager", 1), ("eager", 2), ("onnx", 1), ("onnx", 2)]
+        [("eager", 1), ("eager", 2), ("eager-bf16", 1), ("eager-bf16", 2), ("onnx", 1), ("onnx", 2)]
     for p in report["points"]:
         check_point(p)
         assert set(p["extra"]["efficiency"]) == {"audio_encoder", "former", "pooling", "llm"}
-    assert set(report["ratios"]["throughput"]) == {"1", "2"} and report["ratios"]["p50_at_c1"] > 0
+    assert set(report["ratios"]) == {"eager", "eager-bf16"}
+    for r in report["ratios"].values():
+        assert set(r["throughput"]) == {"1", "2"} and r["p50_at_c1"] > 0
+    assert report["threads"]["eager"]["runtime"]["dtype"] == "float32"
+    assert report["threads"]["eager-bf16"]["runtime"]["dtype"] == "bfloat16"
+    assert {e: i["versions"]["dtype"] for e, i in report["model_info"].items()} == \
+        {"eager": "float32", "eager-bf16": "bfloat16", "onnx": report["model_info"]["onnx"]["versions"]["dtype"]}
     assert all(report["flops_per_request"][s] > 0 for s in ("audio_encoder", "former", "pooling", "llm"))
     assert report["machine"]["logical_cores"] >= 1 and report["machine"]["cpu_model"]
     assert report["threads"]["onnx"]["runtime"]["audio_threads"] >= 1
     assert "torch" in report["versions"]["bench"] and report["peak_fp32_gflops"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| eager | 1 |" in (out / "bench.md").read_text()
+    assert "## Optimized (onnx) / eager-bf16" in (out / "bench.md").read_text()

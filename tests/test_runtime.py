@@ -22,6 +22,7 @@ from emoq_serve.runtime import load_recognizer
 from emoq_serve.runtime.assets import prompt_builder
 from emoq_serve.runtime.config import RuntimeConfig, runtime_preset
 from emoq_serve.runtime.eager import EagerPipeline
+from emoq_serve.runtime.openvino import OvStage
 from emoq_serve.runtime.ort import OrtStage, providers, session_options
 from emoq_serve.runtime.pipeline import OnnxPipeline
 from emoq_serve.runtime.types import STAGES, Utterance
@@ -161,12 +162,111 @@ def test_eager_pipeline_matches_model(tiny_bundle, reference):
     asyncio.run(engine.close())
 
 
+def test_eager_pipeline_workers_and_bf16(tiny_bundle, reference, monkeypatch):
+    """Workers run utterances side by side, each on a single torch thread; bf16 stays close."""
+    bundle = Bundle.open(tiny_bundle, verify_hashes=False)
+    engine = EagerPipeline(bundle, runtime_preset("test").replace(eager_workers=2, dtype="bfloat16"))
+    seen: list[tuple[str, int]] = []
+    run_one = engine.recognize_one
+
+    def spy(utterance):
+        import threading
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return run_one(utterance)
+
+    monkeypatch.setattr(engine, "recognize_one", spy)
+    got = posteriors(engine, utterances())
+    asyncio.run(engine.close())
+    assert engine.info()["dtype"] == "bfloat16" and engine.info()["eager_workers"] == "2"
+    assert engine.llm.model.dtype == torch.bfloat16
+    assert {n for n, _ in seen} <= {"emoq-eager_0", "emoq-eager_1"} and {t for _, t in seen} == {1}
+    assert 0 < np.abs(got - reference).max() < 0.05  # bf16 differs from fp32, but only a little
+    with pytest.raises(ValueError, match="eager_workers"):
+        EagerPipeline(bundle, runtime_preset("test").replace(eager_workers=-1))
+
+
 def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):
     got = posteriors(onnx_transformers, utterances())
     assert got.shape == reference.shape
     assert np.abs(got - reference).max() < TOL
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
     assert np.abs(reference - reference[0]).max() > 1e-4  # the rows differ, so the check can fail
+
+
+@pytest.mark.parametrize("graph", [names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX])
+def test_openvino_stage_matches_onnxruntime(tiny_bundle, graph):
+    """The shipped graph (ORT's fused ops included) in OpenVINO: f32 equals ORT, bf16 is close."""
+    path = Bundle.open(tiny_bundle, verify_hashes=False).file(graph)
+    ort_stage = OrtStage(path, 1)
+    torch.manual_seed(0)
+    if graph == names.AUDIO_ENCODER_ONNX:
+        inputs = {"waveforms": 0.1 * torch.randn(2, 16000), "lengths": torch.tensor([16000, 9000])}
+    else:
+        audio = OrtStage(Bundle.open(tiny_bundle, verify_hashes=False).file(names.AUDIO_ENCODER_ONNX), 1).run(
+            waveforms=0.1 * torch.randn(2, 16000), lengths=torch.tensor([16000, 9000]))
+        inputs = {"frames": audio["frames"], "frame_mask": audio["frame_mask"],
+                  "input_ids": torch.tensor([[101, 7592, 102, 0], [101, 2088, 2003, 102]]),
+                  "text_mask": torch.tensor([[True, True, True, False], [True] * 4])}
+    want = ort_stage.run(**inputs)
+    for precision, tol in (("float32", 1e-4), ("bfloat16", 0.1)):
+        got = OvStage(path, 1, precision).run(**inputs)
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert got[name].dtype == value.dtype and got[name].shape == value.shape
+            if value.dtype == torch.bool:
+                assert torch.equal(got[name], value)
+            else:
+                diff = (got[name] - value).abs().max().item()
+                assert diff < tol, (precision, name, diff)
+                if precision == "bfloat16":
+                    assert diff > 0  # really ran in bf16
+    with pytest.raises(ValueError, match="missing inputs"):
+        OvStage(path, 1, "float32").run()
+
+
+def test_onnx_pipeline_openvino_matches_model(tiny_bundle, reference):
+    """OpenVINO in f32 reproduces the model; in bf16 (the CPU preset's choice on AVX512-BF16) it
+    stays within bf16's reach."""
+    bundle = Bundle.open(tiny_bundle, verify_hashes=False)
+    cfg = runtime_preset("test").replace(llm_backend="transformers", graph_runtime="openvino")
+    for dtype, tol in (("float32", TOL), ("bfloat16", 0.05)):
+        pipeline = OnnxPipeline(bundle, cfg.replace(dtype=dtype))
+        got = posteriors(pipeline, utterances())
+        assert pipeline.info()["graph_runtime"] == "openvino"
+        asyncio.run(pipeline.close())
+        assert np.abs(got - reference).max() < tol, dtype
+    # Two graph workers run two batches' ONNX stages at once, each thread its own infer request.
+    pipeline = OnnxPipeline(bundle, cfg.replace(graph_workers=2))
+    threads = []
+    encode = pipeline.encode
+    pipeline.encode = lambda batch: threads.append(__import__("threading").current_thread().name) or encode(batch)
+
+    async def both():
+        batch = utterances()
+        return await asyncio.gather(pipeline.recognize(batch[:2]), pipeline.recognize(batch[2:]))
+
+    first, second = asyncio.run(both())
+    asyncio.run(pipeline.close())
+    got = np.stack([p.probabilities for p in first + second])
+    assert np.abs(got - reference).max() < TOL and len(set(threads)) == 2
+    assert runtime_preset("test").resolved_graph_runtime() == "onnxruntime"
+    with pytest.raises(ValueError, match="CPU only"):
+        cfg.replace(device="cuda").resolved_graph_runtime()
+
+
+def test_onnx_pipeline_audio_per_utterance_matches_model(tiny_bundle, reference):
+    """Each clip encoded alone (no padding) gives the padded batch's posteriors."""
+    cfg = runtime_preset("test").replace(llm_backend="transformers", audio_per_utterance=True)
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    calls = []
+    run = pipeline.audio.run
+    pipeline.audio.run = lambda **kw: calls.append(kw["waveforms"].shape) or run(**kw)
+    batch = utterances()
+    got = posteriors(pipeline, batch)
+    asyncio.run(pipeline.close())
+    assert np.abs(got - reference).max() < TOL
+    assert [s[0] for s in calls] == [1] * len(batch)  # one clip per run, each at its own length
+    assert sorted(s[1] for s in calls) == sorted(max(len(u.audio), 1) for u in batch)
 
 
 def test_onnx_pipeline_is_batch_invariant(onnx_transformers, reference):

@@ -47,7 +47,8 @@ async def sigterm_under_load(port: int, proc, streams: int, seconds: float, unar
         except grpc.aio.AioRpcError as err:
             return err.code().name, err.details()
 
-    async with EmotionClient(f"127.0.0.1:{port}") as client:
+    # No client retries: the test checks the server's own answer to a call refused while draining.
+    async with EmotionClient(f"127.0.0.1:{port}", retries=0) as client:
         health = health_pb2_grpc.HealthStub(client.channel)
         tasks = [asyncio.create_task(stream(client, i)) for i in range(streams)]
         await asyncio.wait_for(running.wait(), 30)

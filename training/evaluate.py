@@ -66,7 +66,8 @@ def checkpoint_predictions(path: str, examples: list[Any], labels: tuple[str, ..
     return y_pred, {"checkpoint": str(folder), "stage": stage, "preset": cfg.preset}
 
 
-def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], batch_size: int, engine: str) -> tuple[np.ndarray, dict[str, Any]]:
+def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], batch_size: int, engine: str,
+                       runtime: str = "test") -> tuple[np.ndarray, dict[str, Any]]:
     """Predicted class per example through the serving runtime (`load_recognizer`)."""
     import asyncio
 
@@ -74,7 +75,7 @@ def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], 
     from emoq_serve.runtime.config import runtime_preset
     from emoq_serve.runtime.types import Utterance
 
-    recognizer = load_recognizer(path, runtime_preset("test").replace(max_batch=batch_size), engine=engine)
+    recognizer = load_recognizer(path, runtime_preset(runtime).replace(max_batch=batch_size), engine=engine)
     _check_labels(tuple(recognizer.labels), labels, path)
     utterances = [
         Utterance(audio=np.zeros(0, np.float32) if e.audio is None else e.audio, transcript=e.transcript, speaker=e.speaker)
@@ -121,7 +122,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint:
         y_pred, source = checkpoint_predictions(args.checkpoint, examples, corpus.labels, args.batch_size)
     else:
-        y_pred, source = bundle_predictions(args.bundle, examples, corpus.labels, args.batch_size, args.engine)
+        y_pred, source = bundle_predictions(args.bundle, examples, corpus.labels, args.batch_size, args.engine,
+                                            args.runtime)
     seconds = time.perf_counter() - started
     y_true = np.asarray([e.label for e in examples], dtype=np.int64)
     report = {
@@ -167,4 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--engine", choices=["onnx", "eager"], default="onnx", help="bundle engine")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--runtime", choices=["test", "cpu", "cuda"], default="test",
+                   help="bundle runtime preset: test = exact fp32; cpu = what `emoq serve` runs here "
+                        "(bf16 graphs and LLM on CPUs with native bf16)")
     p.set_defaults(func=_run)

@@ -1,12 +1,24 @@
 """`EmotionClient` (asyncio) and the request builders for the gRPC API.
 
 The demo, the benchmark and `emoq client` drive the server through this module, so request
-building (encoding, chunking, the late-transcript convention) is written once, here.
+building (encoding, chunking, the late-transcript convention) and the retry policy are written
+once, here.
+
+Retries: the channel carries a gRPC service-config retry policy (`retry_service_config`): a call
+that ends UNAVAILABLE (engine restarting, server draining) or RESOURCE_EXHAUSTED (queue full) is
+tried again after an exponential, jittered backoff, at most `retries` more times, all within the
+call's one deadline. Every method is idempotent (scoring changes no server state), so all are
+retried. gRPC retries a call only until it is committed: a stream is no longer retried once the
+first response (e.g. an interim result) has arrived, or once more than the per-call retry buffer
+(`grpc.per_rpc_retry_buffer_size`, 256 KiB by default: about 4 s of float32 audio at 16 kHz) has
+been sent; those failures reach the caller. A channel-wide retry throttle stops retrying while
+most calls fail, so an overloaded server is not hit harder. `retries=0` turns retries off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +32,54 @@ from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 Encoding = Literal["float32", "pcm16"]
 _ENCODINGS = {"float32": pb.FLOAT32, "pcm16": pb.LINEAR16}
 _TIMING_FIELDS = ("queue", "audio_encoder", "former", "pooling", "llm", "total")
+
+#: What a retry may fix: the server is restarting its engine or draining, or its queue is full.
+RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+#: gRPC caps a retry policy at 5 attempts (more are silently cut to 5).
+MAX_RETRIES = 4
+DEFAULT_RETRIES = 3
+
+
+def retry_service_config(retries: int, initial_backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> str | None:
+    """The gRPC service config (JSON) retrying every `emoq.v1.EmotionRecognizer` method on
+    `RETRYABLE_CODES` up to `retries` more times; None for `retries=0`.
+
+    Attempt n+1 waits a random time in [0, min(initial * 2**(n-1), max)] s (gRPC's jitter)."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(
+            f"retries must be between 0 (off) and {MAX_RETRIES} (gRPC allows at most 5 attempts), got {retries}"
+        )
+    if initial_backoff_s <= 0 or max_backoff_s < initial_backoff_s:
+        raise ValueError(f"need 0 < initial_backoff_s <= max_backoff_s, got {initial_backoff_s} and {max_backoff_s}")
+    if retries == 0:
+        return None
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": f"{initial_backoff_s:g}s",
+        "maxBackoff": f"{max_backoff_s:g}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": list(RETRYABLE_CODES),
+    }
+    return json.dumps({
+        "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_name}],
+                          "retryPolicy": policy}],
+        # Retries pause while failures outweigh successes (token bucket of 10, +0.1 per success).
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    })
+
+
+def channel_options(max_message_bytes: int, retries: int = DEFAULT_RETRIES,
+                    retry_backoff_s: float = 0.2) -> list[tuple[str, int | str]]:
+    """Channel options: message size limits and the retry policy (`retries=0`: none)."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    config = retry_service_config(retries, retry_backoff_s)
+    if config is None:
+        options.append(("grpc.enable_retries", 0))
+    else:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", config)]
+    return options
 
 
 @dataclass
@@ -89,15 +149,17 @@ class EmotionClient:
     """Async client. `async with EmotionClient("host:port") as c: r = await c.recognize(x, 16000)`.
 
     `token` adds `authorization: Bearer <token>`; `root_cert` (PEM bytes) switches to TLS, and
-    `client_cert`/`client_key` add a client certificate for mutual TLS.
+    `client_cert`/`client_key` add a client certificate for mutual TLS. `retries` (0 = off, at
+    most 4) retries UNAVAILABLE and RESOURCE_EXHAUSTED with backoff starting at `retry_backoff_s`
+    (see the module docstring for what streams can retry); `timeout` bounds all attempts together.
     """
 
     def __init__(
         self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_cert: bytes | None = None,
         client_cert: bytes | None = None, client_key: bytes | None = None, timeout: float | None = 60.0,
-        max_message_bytes: int = 16 * 1024 * 1024,
+        max_message_bytes: int = 16 * 1024 * 1024, retries: int = DEFAULT_RETRIES, retry_backoff_s: float = 0.2,
     ) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+        options = channel_options(max_message_bytes, retries, retry_backoff_s)
         if root_cert is not None:
             creds = grpc.ssl_channel_credentials(root_cert, private_key=client_key, certificate_chain=client_cert)
             self.channel = grpc.aio.secure_channel(target, creds, options=options)

@@ -31,6 +31,7 @@ async def _run(args: argparse.Namespace) -> int:
     client = EmotionClient(
         args.server, token=args.token or os.environ.get("EMOQ_TOKEN"), root_cert=_read(args.tls_ca),
         client_cert=_read(args.tls_cert), client_key=_read(args.tls_key), timeout=args.timeout,
+        retries=args.retries,
     )
     rows: list[tuple[str, EmotionResult, float]] = []
     failed = 0

@@ -16,6 +16,7 @@ from typing import Literal
 LLMBackendName = Literal["vllm", "transformers"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 DTypeName = Literal["float32", "bfloat16", "auto"]
+GraphRuntimeName = Literal["onnxruntime", "openvino", "auto"]
 
 
 @dataclass
@@ -29,10 +30,20 @@ class RuntimeConfig:
     #: times *slower* on CPUs without it (AVX2 emulates it). `auto` picks by the hardware.
     dtype: DTypeName = "float32"
     max_batch: int = 16
+    #: What runs audio_encoder.onnx and former.onnx: onnxruntime (any device, fp32), or OpenVINO
+    #: (CPU, in `dtype`: bf16 matmuls where the CPU has them). `auto`: OpenVINO when the graphs
+    #: would run on a CPU in bf16 and it is installed, onnxruntime otherwise.
+    graph_runtime: GraphRuntimeName = "onnxruntime"
     #: onnxruntime intra-op threads for audio_encoder.onnx / former.onnx (inter-op is always 1:
     #: the graphs are sequential chains, a second pool only competes for the same cores).
     audio_threads: int = 1
     former_threads: int = 1
+    #: Run the audio encoder on each clip alone instead of on the zero-padded batch: on a CPU a
+    #: batch buys little and the padding is pure waste; on a GPU batching pays.
+    audio_per_utterance: bool = False
+    #: Worker threads running the ONNX stages of different batches at once (each stage with its
+    #: own thread budget), so two batches' audio encoders can use two cores while the LLM waits.
+    graph_workers: int = 1
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).
@@ -49,6 +60,9 @@ class RuntimeConfig:
     #: LLM context the engine reserves: the longest prompt (template + transcript + soft
     #: tokens) plus the one scored token; at most the model's max_position_embeddings.
     max_prompt_tokens: int = 512
+    #: The eager baseline's single-thread workers (0: one per core), each running whole
+    #: utterances on one shared copy of the weights.
+    eager_workers: int = 0
     #: Check every bundle file's sha256 at load (slow for big bundles, catches corruption).
     verify_hashes: bool = True
 
@@ -65,6 +79,18 @@ class RuntimeConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.resolved_device() == "cuda" or cpu_has_native_bf16() else "float32"
+
+    def resolved_graph_runtime(self) -> Literal["onnxruntime", "openvino"]:
+        if self.graph_runtime != "auto":
+            if self.graph_runtime == "openvino" and self.resolved_device() != "cpu":
+                raise ValueError("graph_runtime 'openvino' runs on the CPU only; use onnxruntime on CUDA")
+            return self.graph_runtime
+        if self.resolved_device() == "cpu" and self.resolved_dtype() == "bfloat16":
+            from emoq_serve.runtime.openvino import openvino_available
+
+            if openvino_available():
+                return "openvino"
+        return "onnxruntime"
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
@@ -88,7 +114,8 @@ RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # (ServerConfig.max_inflight_batches=2: the ONNX stages of one overlap the LLM of the other,
     # one core each), and because a 2-thread matmul on a shared box collapses (1-2 GFLOP/s
     # against ~60 on one thread, measured under load). The LLM in bf16 where the CPU has it.
-    "cpu": RuntimeConfig(device="cpu", dtype="auto", audio_threads=1, former_threads=1, torch_threads=1),
+    "cpu": RuntimeConfig(device="cpu", dtype="auto", graph_runtime="auto", audio_threads=1, former_threads=1,
+                         torch_threads=1),
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }
 

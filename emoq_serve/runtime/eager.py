@@ -1,16 +1,24 @@
-"""The researcher's baseline engine: the PyTorch model, one request at a time, in fp32.
+"""The researcher's baseline engine: the PyTorch model, one request at a time per worker.
 
 No ONNX, no batching, no vLLM: HuBERT from the bundle's eager/audio_encoder folder, the
 EmoQ-Former from eager/former.safetensors and the merged LLM in transformers, each utterance
 run alone. It is what "just serve the training code" would cost, so benchmarks compare the
-optimised engine against it (`emoq serve --engine eager`), and it must give the same
+optimised engine against it (`emoq serve --engine eager`), and in fp32 it must give the same
 posteriors as the optimised engine.
+
+Two knobs make it the honest baseline on a CPU with native bf16: `cfg.dtype` (fp32 by default;
+bf16 runs the encoder and former under bf16 autocast and the LLM in bf16) and `cfg.eager_workers`
+single-thread workers sharing one copy of the weights, one per core by default: a plain loop per
+core, which beats one loop with many intra-op threads on small per-utterance ops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,12 +45,21 @@ from emoq_serve.runtime.llm_backends import TransformersBackend
 from emoq_serve.runtime.types import Prediction, Utterance
 
 
+def eager_workers(cfg: RuntimeConfig) -> int:
+    """`cfg.eager_workers`, or one per core when it is 0."""
+    if cfg.eager_workers < 0:
+        raise ValueError(f"eager_workers must be >= 0 (0: one per core), got {cfg.eager_workers}")
+    return cfg.eager_workers or os.cpu_count() or 1
+
+
 class EagerPipeline:
-    """PyTorch HuBERT + EmoQ-Former + transformers LLM, per request, fp32."""
+    """PyTorch HuBERT + EmoQ-Former + transformers LLM, one request at a time per worker."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
         self.device = engine_device(bundle, cfg, "eager")
         self.bundle, self.cfg = bundle, cfg
+        self.dtype = cfg.resolved_dtype()
+        self.workers = eager_workers(cfg)
         self.labels = bundle.labels
         model_cfg = bundle.model_config
         audio_cfg = dataclasses.replace(model_cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR)))
@@ -55,36 +72,51 @@ class EagerPipeline:
         _, projector = load_heads(bundle)
         self.projector = projector.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
-        self.llm = TransformersBackend(bundle.file(names.LLM_DIR), "float32", self.device.type)
+        self.llm = TransformersBackend(bundle.file(names.LLM_DIR), self.dtype, self.device.type)
         # The LLM's own input embeddings, not embed_tokens.safetensors: the baseline uses only
         # the training-side artefacts.
         self.prompts = PromptEmbedder(prompt_builder(bundle), self.llm.model.get_input_embeddings().weight)
-        # One request at a time, like the researcher's loop, but off the event loop.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-eager")
+        # The researcher's loop, once per worker, off the event loop; each worker a single
+        # intra-op thread (torch's thread count is per OS thread, so set it in each).
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._tokenizing = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="emoq-eager",
+                                          initializer=torch.set_num_threads, initargs=(1,))
 
     def info(self) -> dict[str, str]:
-        return engine_info(self.bundle, "eager", "transformers", self.device.type, "float32", ("torch", "transformers"))
+        info = engine_info(self.bundle, "eager", "transformers", self.device.type, self.dtype, ("torch", "transformers"))
+        return {**info, "eager_workers": str(self.workers)}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def recognize_one(self, utterance: Utterance) -> Prediction:
         """One utterance through the whole model; timings are its own."""
         clock = StageClock()
-        batch = model_batch(self.bundle, self.tokenizer, [utterance])
-        frames, frame_mask = self.audio_encoder(batch["waveforms"].to(self.device), batch["lengths"].to(self.device))
-        clock.lap("audio_encoder")
-        states = self.former(frames, text_only(self.bundle, frame_mask), batch["input_ids"].to(self.device),
-                             batch["text_mask"].to(self.device))
-        clock.lap("former")
-        z = self.former.pool(states)
-        clock.lap("pooling")
-        embeds = self.prompts(self.projector(z), batch["transcripts"], batch["speakers"])
+        with self._tokenizing:
+            batch = model_batch(self.bundle, self.tokenizer, [utterance])
+        with self._autocast():
+            frames, frame_mask = self.audio_encoder(batch["waveforms"].to(self.device),
+                                                    batch["lengths"].to(self.device))
+            clock.lap("audio_encoder")
+            states = self.former(frames, text_only(self.bundle, frame_mask), batch["input_ids"].to(self.device),
+                                 batch["text_mask"].to(self.device))
+            clock.lap("former")
+            z = self.former.pool(states)
+            clock.lap("pooling")
+            soft = self.projector(z)
+            with self._tokenizing:
+                embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
         posteriors = self.llm.posteriors_sync(embeds, self.prompts.emotion_token_ids)
         clock.lap("llm")
         return predictions(self.labels, posteriors, clock.timings)[0]
 
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(self._worker, self.recognize_one, u) for u in batch]
+        return list(await asyncio.gather(*(loop.run_in_executor(self._worker, self.recognize_one, u) for u in batch)))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)

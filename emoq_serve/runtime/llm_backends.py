@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from emoq_serve.runtime.config import RuntimeConfig
+from emoq_serve.runtime.types import EngineFailure
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ class _EngineThread:
 
     Callers enqueue work as closures; the thread runs them between engine steps, steps while
     requests are unfinished, and resolves each request's asyncio future on its own loop.
+
+    Any exception while driving the engine (`step`, `abort_request`, ...) leaves vLLM's
+    scheduler in an unknown state, so it breaks the engine for good: every in-flight request
+    fails at once with `EngineFailure`, the `watch_failure` callback is told (the supervisor
+    rebuilds), and the thread stays up only to refuse new work until `close()`. Without this
+    the thread died silently and its callers waited for the watchdog.
     """
 
     def __init__(self, build: Callable[[], Any]) -> None:
@@ -114,7 +121,12 @@ class _EngineThread:
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
+        # Guards _closed/_failure/_on_failure: nothing is queued after close's sentinel, and a
+        # failure and a late `watch_failure` cannot miss each other.
+        self._lock = threading.Lock()
         self._closed = False
+        self._failure: str | None = None  # why the engine broke; set once, by the engine thread
+        self._on_failure: Callable[[BaseException], None] | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(build, ready), name="vllm-engine", daemon=True)
         self._thread.start()
@@ -123,15 +135,29 @@ class _EngineThread:
             raise RuntimeError(f"vLLM engine failed to start: {self._startup_error}") from self._startup_error
 
     def submit(self, prompt: dict[str, Any], params: Any) -> asyncio.Future:
-        """Queue one request; the future gets its final `RequestOutput`. Cancelling aborts it."""
-        if self._closed:
-            raise RuntimeError("vLLM engine is closed")
+        """Queue one request; the future gets its final `RequestOutput`. Cancelling aborts it.
+
+        Raises `EngineFailure` at once if the engine is closed or broken."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         request_id = f"emoq-{next(self._ids)}"
-        self._inbox.put(lambda: self._add(request_id, prompt, params, loop, future))
+        with self._lock:
+            if self._closed:
+                raise EngineFailure("vLLM engine is closed")
+            if self._failure is not None:
+                raise EngineFailure(self._failure)
+            self._inbox.put(lambda: self._add(request_id, prompt, params, loop, future))
         future.add_done_callback(lambda f: self._on_done(request_id, f))
         return future
+
+    def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(EngineFailure)` (on the engine thread) when the engine breaks; at once
+        if it already has."""
+        with self._lock:
+            self._on_failure = callback
+            failure = self._failure
+        if failure is not None:
+            callback(EngineFailure(failure))
 
     def _on_done(self, request_id: str, future: asyncio.Future) -> None:
         """A cancelled caller (deadline, disconnect) frees its slot in the running batch."""
@@ -139,13 +165,18 @@ class _EngineThread:
             self._inbox.put(lambda: self._abort(request_id))
 
     def close(self) -> None:
-        self._closed = True
-        self._inbox.put(None)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(None)
         self._thread.join()
 
     def _add(self, request_id: str, prompt: dict[str, Any], params: Any, loop: asyncio.AbstractEventLoop,
              future: asyncio.Future) -> None:
         if future.cancelled():
+            return
+        if self._failure is not None:  # queued just before the engine broke
+            _notify(loop, future, None, EngineFailure(self._failure))
             return
         try:
             # vLLM suffixes an internal id; outputs and aborts use the id given here.
@@ -168,42 +199,66 @@ class _EngineThread:
             ready.set()
         while True:
             try:
-                item = self._inbox.get(block=not self._pending)
-                while True:
-                    if item is None:
-                        self._fail_all(RuntimeError("vLLM engine closed"))
-                        self._shutdown()
-                        return
-                    item()
-                    item = self._inbox.get_nowait()
-            except queue.Empty:
-                pass
-            if not self._pending:
-                continue
-            try:
-                outputs = self._engine.step()
+                if self._run_queued():
+                    break
+                if self._pending:
+                    self._step()
             except Exception as exc:
-                log.exception("vLLM engine step failed")
-                self._fail_all(exc)
-                continue
-            for out in outputs:
-                if out.finished and out.request_id in self._pending:
-                    loop, future = self._pending.pop(out.request_id)
-                    _notify(loop, future, out, None)
+                self._break(exc)
+        self._fail_all("vLLM engine closed")
+        self._shutdown()
+
+    def _run_queued(self) -> bool:
+        """Run the queued closures (waiting for one while nothing is in flight); True on close."""
+        try:
+            item = self._inbox.get(block=not self._pending)
+            while item is not None:
+                item()
+                item = self._inbox.get_nowait()
+            return True
+        except queue.Empty:
+            return False
+
+    def _step(self) -> None:
+        for out in self._engine.step():
+            if out.finished and out.request_id in self._pending:
+                loop, future = self._pending.pop(out.request_id)
+                _notify(loop, future, out, None)
+
+    def _break(self, exc: Exception) -> None:
+        """The engine is unusable: fail what is in flight, refuse the rest, tell the watcher."""
+        log.error("vLLM engine failed; failing %d in-flight request(s) and refusing new ones", len(self._pending),
+                  exc_info=exc)
+        with self._lock:
+            first = self._failure is None
+            if first:
+                self._failure = f"the vLLM engine failed ({type(exc).__name__}: {exc}) and must be rebuilt"
+            callback = self._on_failure
+        self._fail_all(self._failure)
+        if first and callback is not None:
+            try:
+                callback(EngineFailure(self._failure))
+            except Exception:  # the engine thread must outlive a broken watcher
+                log.exception("the engine failure callback raised")
 
     def _shutdown(self) -> None:
         """Release the worker and vLLM's process-global distributed state, so another engine
-        can start in this process (tests, or a server reloading a bundle)."""
+        can start in this process (tests, or a server reloading a bundle). Also after a failure:
+        the rebuilt engine needs that global state cleared."""
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        self._engine.engine_core.shutdown()
-        self._engine = None
-        cleanup_dist_env_and_memory()
+        try:
+            self._engine.engine_core.shutdown()
+        except Exception:  # a broken engine may fail to shut down; it is dropped either way
+            log.exception("vLLM engine shutdown failed")
+        finally:
+            self._engine = None
+            cleanup_dist_env_and_memory()
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for request_id, (loop, future) in list(self._pending.items()):
-            self._engine.abort_request([request_id])
-            _notify(loop, future, None, exc)
+    def _fail_all(self, reason: str) -> None:
+        """Fail every in-flight request with `EngineFailure(reason)`; no engine call (it may be broken)."""
+        for loop, future in self._pending.values():
+            _notify(loop, future, None, EngineFailure(reason))
         self._pending.clear()
 
 
@@ -278,6 +333,10 @@ class VllmBackend:
             raise
         logprobs = [[out.outputs[0].logprobs[0][i].logprob for i in ids] for out in outputs]
         return renormalise(np.array(logprobs))
+
+    def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """See `Recognizer`: `callback(EngineFailure)` once the engine thread breaks."""
+        self._engine.watch_failure(callback)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.close)

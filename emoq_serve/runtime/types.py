@@ -29,8 +29,18 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+class EngineFailure(RuntimeError):
+    """The engine itself broke (e.g. the vLLM engine thread failed): every request on it fails
+    and only a rebuild helps, so the supervisor answers UNAVAILABLE and rebuilds it."""
+
+
 class Recognizer(Protocol):
-    """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline)."""
+    """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline).
+
+    An engine that can break by itself between batches (a background engine thread) may also
+    offer `watch_failure(callback)`: it calls `callback(EngineFailure)` once, from any thread,
+    when it breaks, so the supervisor can rebuild it before the next request finds it broken.
+    """
 
     labels: tuple[str, ...]
 

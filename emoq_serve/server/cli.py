@@ -25,7 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-backend", choices=("vllm", "transformers"), default=None, help="override the preset's LLM backend")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default=None,
-                   help="LLM precision (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
+                   help="onnx engine: LLM precision (default: the runtime preset's; auto: bf16 on GPUs and CPUs "
+                        "with native bf16, else fp32); eager engine: the whole model's precision (default float32)")
+    p.add_argument("--eager-workers", type=int, default=None,
+                   help="eager engine: single-thread workers, one utterance each (default: one per core)")
+    p.add_argument("--graph-runtime", choices=("onnxruntime", "openvino", "auto"), default=None,
+                   help="onnx engine: what runs the ONNX graphs (default: the preset's; cpu: auto = OpenVINO "
+                        "in bf16 on CPUs with native bf16, else onnxruntime)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
@@ -63,8 +69,10 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     runtime = runtime_preset(args.runtime).replace(
         max_batch=args.max_batch,
         verify_hashes=not args.no_verify,
-        **{k: v for k in ("llm_backend", "device", "dtype") if (v := getattr(args, k)) is not None},
+        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "eager_workers") if (v := getattr(args, k)) is not None},
     )
+    if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
+        runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
     server = ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if server.metrics_port is not None and server.metrics_port < 0:

@@ -11,8 +11,10 @@ listener (the server flips gRPC health NOT_SERVING -> SERVING).
 Failure classes:
 - transient: the batch raised, the engine still looks fine. Those callers get INTERNAL.
 - fatal: the batch ran past `engine_timeout_s` (hung), raised an error that names a dead engine
-  (`FATAL_ERROR_NAMES`, MemoryError, SystemError), or `max_consecutive_failures` batches failed
-  in a row. Those callers get UNAVAILABLE (`EngineUnavailable`) and the engine is rebuilt.
+  (`EngineFailure`, `FATAL_ERROR_NAMES`, MemoryError, SystemError), or `max_consecutive_failures`
+  batches failed in a row. Those callers get UNAVAILABLE (`EngineUnavailable`) and the engine is
+  rebuilt. An engine with `watch_failure` (the vLLM engine thread) also reports its own breakage,
+  which starts the rebuild at once, even with no batch in flight.
 While rebuilding, batches fail at once with UNAVAILABLE instead of queueing behind a dead engine.
 """
 
@@ -25,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
+from emoq_serve.runtime.types import EngineFailure, Prediction, Recognizer, Utterance
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class SupervisorConfig:
 
 def is_fatal(exc: BaseException) -> bool:
     """Whether `exc` alone shows the engine is broken (as opposed to one bad batch)."""
-    return isinstance(exc, MemoryError | SystemError) or type(exc).__name__ in FATAL_ERROR_NAMES
+    return isinstance(exc, EngineFailure | MemoryError | SystemError) or type(exc).__name__ in FATAL_ERROR_NAMES
 
 
 @dataclass
@@ -88,12 +90,18 @@ class EngineSupervisor:
         self.on_state = on_state
         self.stats = SupervisorStats()
         self._factory = factory
-        self._engine: Recognizer | None = factory()
-        self.labels = self._engine.labels
-        self._info = self._engine.info()
         self._consecutive = 0
         self._restart: asyncio.Task[None] | None = None
         self._closed = False
+        # The loop that owns this supervisor: engine threads report failures onto it. Known here
+        # when built on the serving loop (as the server does), else from the first batch.
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._engine: Recognizer | None = self._adopt(factory())
+        self.labels = self._engine.labels
+        self._info = self._engine.info()
 
     @property
     def serving(self) -> bool:
@@ -102,7 +110,24 @@ class EngineSupervisor:
     def info(self) -> dict[str, str]:
         return dict(self._info)  # cached: answers GetModelInfo during a restart too
 
+    def _adopt(self, engine: Recognizer) -> Recognizer:
+        """Subscribe to `engine`'s own failure reports, if it makes any."""
+        watch = getattr(engine, "watch_failure", None)
+        if watch is not None:
+            watch(lambda exc: self._reported(engine, exc))
+        return engine
+
+    def _reported(self, engine: Recognizer, exc: BaseException) -> None:
+        """`engine` says it broke (called from its own thread): rebuild it on the serving loop."""
+        loop = self._loop
+        if loop is None:  # no batch ran yet: the next one finds the engine broken (EngineFailure)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to serve
+            loop.call_soon_threadsafe(self._fatal, engine, f"{type(exc).__name__}: {exc} (reported by the engine)")
+
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         engine = self._engine
         if engine is None:
             raise EngineUnavailable("the engine is restarting after a failure: retry shortly")
@@ -154,7 +179,7 @@ class EngineSupervisor:
         backoff = self.cfg.restart_backoff_s
         while True:
             try:
-                engine = await asyncio.to_thread(self._factory)
+                engine = self._adopt(await asyncio.to_thread(self._factory))
                 if tuple(engine.labels) != tuple(self.labels):
                     await engine.close()
                     raise RuntimeError(f"the rebuilt engine has labels {engine.labels}, expected {self.labels}")

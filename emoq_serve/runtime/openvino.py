@@ -1,0 +1,65 @@
+"""OpenVINO for the bundle's ONNX graphs on CPUs that compute bf16 natively.
+
+Same interface as `OrtStage` (named torch tensors in, named torch tensors out), so the pipeline
+does not know which runtime ran a graph. onnxruntime's CPU kernels have no bf16 path on x86;
+OpenVINO's CPU plugin runs the same graph with bf16 matmuls on AVX512-BF16/AMX, which is where
+the audio encoder's time goes (benchmarks/results/ has the measurements that chose it).
+OpenVINO reads the bundle's graph as shipped, ORT's fused contrib ops included.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: RuntimeConfig precision -> OpenVINO's inference precision hint.
+_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OvStage:
+    """One ONNX graph compiled by OpenVINO's CPU plugin with a fixed thread budget."""
+
+    def __init__(self, path: str | Path, threads: int, precision: str = "bfloat16") -> None:
+        import openvino as ov
+
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if precision not in _PRECISION:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION)}")
+        self.path, self.precision = Path(path), precision
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        # One stream and no pinning: the other stages and the LLM share these cores.
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": _PRECISION[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,
+        })
+        self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
+        self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
+        self._local = threading.local()  # an infer request per calling thread: requests are not shareable
+
+    def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""
+        missing = set(self.input_names) - inputs.keys()
+        unknown = inputs.keys() - set(self.input_names)
+        if missing or unknown:
+            raise ValueError(f"{self.path.name}: missing inputs {sorted(missing)}, unknown inputs {sorted(unknown)}")
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()})
+        return {name: torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.output_names}

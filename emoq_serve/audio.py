@@ -41,6 +41,25 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     return soxr.resample(x, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
+class StreamResampler:
+    """`resample` for audio that arrives in pieces: soxr's stream resampler keeps the filter state
+    between chunks, so the concatenated output equals `resample` of the whole clip sample for
+    sample, however the input was chunked (resampling each chunk alone would click at every
+    boundary and drift in length)."""
+
+    def __init__(self, sr_in: int, sr_out: int = SAMPLE_RATE) -> None:
+        if sr_in <= 0 or sr_out <= 0:
+            raise ValueError(f"sample rates must be positive; got {sr_in} Hz -> {sr_out} Hz")
+        self._stream = None if sr_in == sr_out else soxr.ResampleStream(sr_in, sr_out, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        """The output samples now determined by the input so far; `last=True` flushes the tail."""
+        x = np.asarray(x, dtype=np.float32)
+        if self._stream is None:
+            return x.copy()
+        return np.asarray(self._stream.resample_chunk(x, last=last), dtype=np.float32)
+
+
 def _check_finite(x: np.ndarray, what: str) -> np.ndarray:
     bad = int(np.count_nonzero(~np.isfinite(x)))
     if bad:
@@ -48,23 +67,26 @@ def _check_finite(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+def partial_sample_error(encoding: str, num_bytes: int) -> ValueError:
+    """The error for audio whose byte count is not a whole number of samples."""
+    rule = "an even number of bytes (2 per sample)" if encoding == "LINEAR16" else "a multiple of 4 bytes (4 per sample)"
+    return ValueError(
+        f"{encoding} audio must have {rule}; got {num_bytes} bytes. "
+        f"Check that the encoding is {encoding} and that chunks were not split mid-sample."
+    )
+
+
 def decode_pcm16(data: bytes) -> np.ndarray:
     """LINEAR16 wire bytes (little-endian int16) to float32 in [-1, 1)."""
     if len(data) % 2:
-        raise ValueError(
-            f"LINEAR16 audio must have an even number of bytes (2 per sample); got {len(data)} bytes. "
-            "Check that the encoding is LINEAR16 and that chunks were not split mid-sample."
-        )
+        raise partial_sample_error("LINEAR16", len(data))
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
 def decode_float32(data: bytes) -> np.ndarray:
     """FLOAT32 wire bytes (little-endian IEEE 754) to float32, rejecting NaN/Inf."""
     if len(data) % 4:
-        raise ValueError(
-            f"FLOAT32 audio must have a multiple of 4 bytes (4 per sample); got {len(data)} bytes. "
-            "Check that the encoding is FLOAT32 and that chunks were not split mid-sample."
-        )
+        raise partial_sample_error("FLOAT32", len(data))
     return _check_finite(np.frombuffer(data, dtype="<f4").astype(np.float32), "FLOAT32 audio")
 
 

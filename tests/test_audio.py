@@ -97,3 +97,26 @@ def test_load_audio_through_ffmpeg(tmp_path) -> None:
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wav), str(m4a)], check=True)
     y = load_audio(m4a)
     assert abs(len(y) - 16000) < 1600 and abs(_peak_hz(y, 16000) - 500.0) < 3.0
+
+
+@pytest.mark.parametrize("sr_in", [8000, 44100, 48000])
+def test_stream_resampler_is_chunking_invariant(sr_in: int) -> None:
+    """Chunks of any size (1 sample, odd sizes, big ones) resample to exactly the whole clip's samples."""
+    from emoq_serve.audio import StreamResampler
+
+    x = (np.random.default_rng(sr_in).standard_normal(sr_in * 2) * 0.1).astype(np.float32)
+    whole = resample(x, sr_in)
+    rs, parts, i = StreamResampler(sr_in), [], 0
+    for n in [1, 7, 1000, 333, 20011, 5000] * 3:
+        parts.append(rs(x[i:i + n]))
+        i += n
+    parts.append(rs(x[i:], last=True))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_stream_resampler_passes_16k_through() -> None:
+    from emoq_serve.audio import StreamResampler
+
+    x = _sine(300.0, 16000, 0.1)
+    rs = StreamResampler(16000)
+    np.testing.assert_array_equal(np.concatenate([rs(x[:777]), rs(x[777:]), rs(x[:0], last=True)]), x)

@@ -6,6 +6,7 @@ engine, so the model does not matter here; tests/test_server.py covers the real 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -15,6 +16,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request, recognition_config, stream_messages
+from emoq_serve.client.conversation import conversation_messages
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -156,22 +158,84 @@ def test_resampling_keeps_duration():
     assert utt.audio.dtype == np.float32 and len(utt.audio) == 16_000
 
 
-def test_fields_of_unbuilt_features_are_refused_not_ignored() -> None:
-    """VOICE_ACTIVITY and segment transcripts exist in the API before the server serves them: a request using them gets INVALID_ARGUMENT instead of silently other behaviour."""
-    from emoq_serve._proto import emoq_pb2 as pb
-    from emoq_serve.server.config import ServerConfig
-    from emoq_serve.server.validation import InvalidRequest, RequestValidator
-
-    validator = RequestValidator(ServerConfig())
+def test_asr_fields_are_refused_and_segmentation_fields_checked() -> None:
+    """On a server without ASR, ASR_AUTO/ASR_ALWAYS get INVALID_ARGUMENT instead of silently other
+    behaviour. VOICE_ACTIVITY is served on streams; its fields are refused where they mean nothing."""
+    validator = RequestValidator(config())
     base = dict(encoding=pb.LINEAR16, sample_rate_hz=16000)
     validator.check_config(pb.RecognitionConfig(**base))
-    for extra in (dict(segmentation=pb.VOICE_ACTIVITY),):
-        with pytest.raises(InvalidRequest):
-            validator.check_config(pb.RecognitionConfig(**base, **extra))
+    validator.check_config(pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY, segment_transcript_wait_ms=500,
+                                                voice_activity=pb.VoiceActivityConfig(min_silence_ms=300)))
+    refused = {
+        "speech recognition": [dict(asr=pb.ASR_ALWAYS), dict(asr=pb.ASR_AUTO)],
+        "segmentation 7 is unknown": [dict(segmentation=7)],
+        "need segmentation VOICE_ACTIVITY": [dict(segment_transcript_wait_ms=100),
+                                             dict(voice_activity=pb.VoiceActivityConfig())],
+        "segment_transcript messages": [dict(segmentation=pb.VOICE_ACTIVITY, transcript="hi")],
+    }
+    for message, extras in refused.items():
+        for extra in extras:
+            with pytest.raises(InvalidRequest, match=message):
+                validator.check_config(pb.RecognitionConfig(**base, **extra))
+    with pytest.raises(InvalidRequest, match="needs StreamingRecognize"):
+        validator.unary(pb.RecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY),
+                                            audio_content=b"\x00\x00" * 800))
     stream = validator.stream()
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
-    with pytest.raises(InvalidRequest, match="segment_transcript"):
+    with pytest.raises(InvalidRequest, match="segment_transcript needs segmentation VOICE_ACTIVITY"):
         stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))
+    stream = validator.stream()
+    stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY)))
+    for bad, message in [(pb.SegmentTranscript(transcript="hi"), "no target"),
+                         (pb.SegmentTranscript(segment_index=-1), "numbered from 0"),
+                         (pb.SegmentTranscript(time_range=pb.TimeRange(start_s=2, end_s=1)), "0 <= start_s < end_s"),
+                         (pb.SegmentTranscript(time_range=pb.TimeRange(start_s=0, end_s=float("nan"))), "start_s < end_s")]:
+        with pytest.raises(InvalidRequest, match=message):
+            stream.feed(pb.StreamingRecognizeRequest(segment_transcript=bad))
+    with pytest.raises(InvalidRequest, match="a stream transcript needs UTTERANCE mode"):
+        stream.feed(pb.StreamingRecognizeRequest(transcript="hi"))
+
+
+
+@pytest.mark.parametrize("encoding,sr", [("pcm16", 44_100), ("float32", 8_000), ("float32", 16_000)])
+def test_chunked_stream_decodes_like_the_whole_clip(encoding, sr):
+    """Chunks cut anywhere (mid-sample included) decode and resample to the unary request's samples."""
+    from emoq_serve.client.api import encode_audio
+
+    validator = RequestValidator(config(**LIMITS))
+    audio = tone(1.3, sr=sr, freq=310.0)
+    whole = validator.unary(recognize_request(audio, sr, encoding=encoding)).audio
+    data = encode_audio(audio, encoding)
+    stream = validator.stream()
+    stream.feed(pb.StreamingRecognizeRequest(config=recognition_config(sr, encoding=encoding)))
+    cuts = np.cumsum([0, 1, 3, 1001, 5, 7777, 2, 40_000])
+    for a, b in zip([*cuts], [*cuts[1:], len(data)], strict=True):
+        stream.feed(pb.StreamingRecognizeRequest(audio_content=data[a:b]))
+    np.testing.assert_array_equal(stream.utterance(final=True).audio, whole)
+
+
+def test_decoding_runs_off_the_event_loop_thread():
+    """Unary and streamed audio are decoded on worker threads, never on the server's event loop."""
+    with RunningServer(StandInRecognizer, config(**LIMITS)) as srv:
+        validator = srv.server.service.validator
+        threads = []
+        inner = validator.decode_samples
+
+        def recording(*args):
+            threads.append(threading.get_ident())
+            return inner(*args)
+
+        validator.decode_samples = recording
+        srv.stub.Recognize(recognize_request(tone(0.5, sr=44_100), 44_100, "fine"), timeout=10)
+        list(srv.stub.StreamingRecognize(stream_messages(tone(1.0), 16_000, "ok", chunk_ms=100, interim=True), timeout=10))
+        assert len(threads) >= 11  # the unary request and every chunk
+        # VOICE_ACTIVITY: decoding and the VAD steps too.
+        vad = srv.run(srv.server.service.vad())
+        vad_threads, step = [], vad.step
+        vad.step = lambda *a: (vad_threads.append(threading.get_ident()), step(*a))[1]
+        list(srv.stub.StreamingRecognize(conversation_messages(tone(1.0), 16_000), timeout=10))
+        assert len(vad_threads) == 31 and len(threads) >= 21
+        assert srv.thread.ident not in threads + vad_threads
 
 
 def test_asr_modes_need_a_server_with_asr() -> None:

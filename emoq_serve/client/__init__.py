@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default="", help="transcript of the utterance(s)")
     p.add_argument("--speaker", default=None, help="speaker name for the prompt")
     p.add_argument("--stream", action="store_true", help="use StreamingRecognize instead of Recognize")
+    p.add_argument("--conversation", action="store_true",
+                   help="stream each file as a conversation (VOICE_ACTIVITY): one result per speech segment, as a timeline")
+    p.add_argument("--segment-texts", default=None, metavar="JSON",
+                   help="with --conversation: send the turns' transcripts of a generated conversation.json by time range")
     p.add_argument("--chunk-ms", type=float, default=100.0, help="stream chunk length")
     p.add_argument("--realtime", action="store_true", help="send stream chunks at the audio's speed")
     p.add_argument("--interim", action="store_true", help="ask for interim results while streaming")

@@ -41,7 +41,11 @@ async def _run(args: argparse.Namespace) -> int:
             audio = to_mono(audio)
             t0 = time.perf_counter()
             try:
-                if args.stream:
+                if args.conversation:
+                    from emoq_serve.client.conversation import run_conversation
+
+                    await run_conversation(client, path, audio, sr, args)
+                elif args.stream:
                     async for r in client.stream(
                         audio, sr, args.text, args.speaker, chunk_ms=args.chunk_ms, realtime=args.realtime,
                         interim=args.interim,

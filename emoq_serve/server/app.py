@@ -161,6 +161,7 @@ class EmotionServer:
             log.warning("drain timeout (%.1f s): cut off %d call(s) with UNAVAILABLE", self.cfg.drain_timeout_s, left)
         await server.stop(grace=1.0)
         await self.batcher.close(timeout=1.0)
+        self.service.close()
         self.metrics.stop()
         self._stopped.set()
         log.info("server stopped")

@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--interim-span-s", type=float, default=d.interim_span_s)
     p.add_argument("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s)
+    p.add_argument("--max-streams", type=int, default=d.max_streams,
+                   help="concurrent StreamingRecognize calls; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-buffered-audio-s", type=float, default=d.max_buffered_audio_s,
+                   help="seconds of audio all open streams may hold together; a stream past it gets RESOURCE_EXHAUSTED")
+    p.add_argument("--max-segment-s", type=float, default=d.max_segment_s,
+                   help="VOICE_ACTIVITY: longest segment before a forced cut (clients may ask for less)")
+    p.add_argument("--max-segment-transcript-wait-ms", type=int, default=d.max_segment_transcript_wait_ms,
+                   help="VOICE_ACTIVITY: longest wait for a segment's client transcript after it closes")
     p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
     p.add_argument("--engine-timeout-s", type=float, default=d.engine_timeout_s,
                    help="a batch slower than this means a hung engine: fail it (UNAVAILABLE) and rebuild the engine")

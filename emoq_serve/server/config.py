@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from emoq_serve.runtime.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
 from emoq_serve.server.supervisor import SupervisorConfig
 
-if TYPE_CHECKING:  # the CLI parser imports this module: keep it light
+if TYPE_CHECKING:  # the CLI parser imports this module: keep it light (vad imports onnxruntime)
     from emoq_serve.runtime.asr import AsrConfig
+    from emoq_serve.runtime.vad import VadParams
 
 #: Server-wide ASR settings (`--asr`).
 ASR_MODES = ("off", "auto", "always")
@@ -51,6 +52,16 @@ class ServerConfig:
     # Streaming.
     interim_span_s: float = 1.0  # an interim result per this much audio received
     stream_idle_timeout_s: float = 10.0  # longest silence between two stream messages
+    #: Worker threads that decode, resample and segment audio off the event loop.
+    decode_threads: int = 2
+    # Conversation streaming (VOICE_ACTIVITY mode; see emoq_serve.server.conversation).
+    vad: VadParams | None = None  # default VAD settings (None = VadParams()); clients tune within limits
+    max_segment_s: float = 15.0  # longest segment: client values are clamped to it (bounds memory per stream)
+    max_segment_transcript_wait_ms: int = 2_000  # cap on the client's segment_transcript_wait_ms
+    max_pending_segment_transcripts: int = 64  # transcripts sent ahead of their segment, per stream
+    # Server-wide stream limits (RESOURCE_EXHAUSTED beyond them; see emoq_serve.server.limits).
+    max_streams: int = 256  # concurrent StreamingRecognize calls
+    max_buffered_audio_s: float = 1_800.0  # 16 kHz audio held over all streams (115 MB of float32)
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
     # Engine supervision (see emoq_serve.server.supervisor): a batch slower than this is a hung

@@ -40,6 +40,10 @@ class ServerMetrics:
         self.queue_depth = Gauge("emoq_queue_depth", "Utterances waiting for a batch.", registry=self.registry)
         self.queue_depth.set_function(queue_depth)
         self.inflight = Gauge("emoq_inflight_calls", "gRPC calls being handled.", registry=self.registry)
+        self.open_streams = Gauge("emoq_open_streams", "StreamingRecognize calls open.", registry=self.registry)
+        self.buffered_audio = Gauge(
+            "emoq_buffered_audio_seconds", "Audio held over all open streams (16 kHz seconds).", registry=self.registry
+        )
         self._http = None
 
     def observe_result(self, timings_ms: dict[str, float], total_ms: float) -> None:

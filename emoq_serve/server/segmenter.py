@@ -114,6 +114,8 @@ class Segmenter:
             prob = float(self.vad.step([self._state], w[None])[0])
             out += self._advance(w, prob)
         self._pending = x[n_windows * WINDOW:].copy()
+        if out:  # a closed segment's audio now lives in the Segment: stop holding it here too
+            self._trim()
         return out
 
     def finish(self) -> list[Segment]:
@@ -193,14 +195,18 @@ class Segmenter:
         audio = self._store[start - self._held_from:end - self._held_from].copy()
         return Segment(self._index, start / SAMPLE_RATE, end / SAMPLE_RATE, audio, forced)
 
-    def _append(self, x: np.ndarray) -> None:
-        """Hold `x` (the next samples), first dropping what no segment can still need."""
+    def _trim(self) -> None:
+        """Drop the held audio no segment can still need."""
         keep = self._seg_start if self._open else max(self._consumed - self._pad, self._prev_end)
         drop = min(keep - self._held_from, self._n)
         if drop > 0:
             self._store[:self._n - drop] = self._store[drop:self._n]
             self._n -= drop
             self._held_from += drop
+
+    def _append(self, x: np.ndarray) -> None:
+        """Hold `x` (the next samples), first dropping what no segment can still need."""
+        self._trim()
         need = self._n + len(x)
         if need > len(self._store):
             # Doubling, but not past what the longest segment needs, so a stream holds at most that.

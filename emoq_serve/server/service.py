@@ -2,9 +2,9 @@
 
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
 and counts them by status, so the error contract lives in one place:
-InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, DeadlineExpired and an idle
-stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine failed or restarting) and
-ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
+InvalidRequest -> INVALID_ARGUMENT, QueueFull and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
+DeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine
+failed or restarting) and ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
 message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
 text, which may hold paths or data; the server logs the detail under the same id. Calls still
 running when the drain timeout ends are cut off with UNAVAILABLE and a message, so no accepted call
@@ -20,7 +20,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -30,13 +32,17 @@ from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
 from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
+from emoq_serve.runtime.vad import SileroVad
 from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.conversation import ConversationStream
+from emoq_serve.server.limits import ServerBusy, StreamLimits, StreamTicket
 from emoq_serve.server.metrics import RESULT_STAGES, ServerMetrics
 from emoq_serve.server.supervisor import EngineUnavailable
 from emoq_serve.server.transcripts import Transcript, TranscriptStage
-from emoq_serve.server.validation import InvalidRequest, RequestValidator
+from emoq_serve.server.validation import InvalidRequest, RequestValidator, StreamAssembler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StreamIdle(Exception):
@@ -50,6 +56,7 @@ class ShuttingDown(Exception):
 _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherClosed: grpc.StatusCode.UNAVAILABLE,
@@ -94,6 +101,28 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Decoding, resampling (and VAD) run here, so a large chunk never stalls the event loop
+        # that every other stream's messages and results go through.
+        self._workers = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="emoq-decode")
+        self.limits = StreamLimits(cfg.max_streams, cfg.max_buffered_audio_s)
+        metrics.open_streams.set_function(lambda: self.limits.open_streams)
+        metrics.buffered_audio.set_function(lambda: self.limits.buffered_seconds)
+        self._vad: SileroVad | None = None
+        self._vad_lock = asyncio.Lock()
+
+    async def vad(self) -> SileroVad:
+        """The Silero VAD all VOICE_ACTIVITY streams share, loaded on first use (off the loop)."""
+        async with self._vad_lock:
+            if self._vad is None:
+                self._vad = await self.off_loop(SileroVad)
+        return self._vad
+
+    async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on a decode worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float) -> int:
         """Refuse new calls, wait up to `timeout` s for accepted ones, then cut the rest off
@@ -152,16 +181,22 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             if self._calls == 0:
                 self._idle.set()
 
-    async def _recognize(
+    async def recognize_utterance(
         self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float,
         asr_mode: int = pb.ASR_SERVER_DEFAULT,
     ) -> pb.EmotionResult:
+        """One utterance (or segment): its transcript (client's, ASR's or none), then the shared
+        batcher under the call's deadline."""
         transcript = await self.transcripts.transcript_for(utterance, asr_mode)
         utterance = dataclasses.replace(utterance, transcript=transcript.text)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         prediction = await self.batcher.submit(utterance, deadline)
-        return self._result(prediction, len(utterance.audio) / SAMPLE_RATE, final, started, transcript)
+        seconds = len(utterance.audio) / SAMPLE_RATE
+        result = self._result(prediction, seconds, final, started, transcript)
+        # UTTERANCE mode: segment 0 spans the whole audio (VOICE_ACTIVITY overwrites these).
+        result.end_s, result.speaker = seconds, utterance.speaker or ""
+        return result
 
     def _result(
         self, prediction: Prediction, audio_seconds: float, final: bool, started: float,
@@ -185,40 +220,70 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         started = time.monotonic()
         async with self._outcome("Recognize", context):
-            utterance = self.validator.unary(request)
-            result = await self._recognize(utterance, context, True, started, request.config.asr)
+            utterance = await self.off_loop(self.validator.unary, request)
+            result = await self.recognize_utterance(utterance, context, True, started, request.config.asr)
             return pb.RecognizeResponse(result=result)
+
+    async def _next_message(
+        self, requests: AsyncIterator[pb.StreamingRecognizeRequest]
+    ) -> pb.StreamingRecognizeRequest | None:
+        """The stream's next message, None after half-close; StreamIdle past the idle timeout."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise StreamIdle(
+                f"no stream message for {self.cfg.stream_idle_timeout_s:g} s: send audio or half-close"
+            ) from None
 
     async def StreamingRecognize(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
-        """Config, audio chunks, optional late transcript; interim results per span; final on half-close."""
+        """UTTERANCE: config, audio chunks, optional late transcript; interim results per span;
+        final on half-close. VOICE_ACTIVITY: a result per speech segment (ConversationStream)."""
         async with self._outcome("StreamingRecognize", context):
-            stream = self.validator.stream()
-            span = self.cfg.interim_span_s
-            next_interim = span
-            requests = aiter(request_iterator)
-            while True:
-                try:
-                    request = await asyncio.wait_for(anext(requests), self.cfg.stream_idle_timeout_s)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise StreamIdle(
-                        f"no stream message for {self.cfg.stream_idle_timeout_s:g} s: send audio or half-close"
-                    ) from None
-                stream.feed(request)
-                if stream.config.interim_results and stream.audio_seconds >= next_interim:
-                    # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
-                    # model skips interim points instead of queueing a backlog of stale ones.
-                    started = time.monotonic()
-                    result = await self._recognize(stream.utterance(final=False), context, False, started,
-                                                   stream.config.asr)
+            ticket = self.limits.open()
+            try:
+                stream = self.validator.stream()
+                requests = aiter(request_iterator)
+                first = await self._next_message(requests)
+                if first is not None:
+                    await self.off_loop(stream.feed, first)
+                if stream.voice_activity:
+                    conversation = ConversationStream(self, stream, context, ticket, await self.vad())
+                    async for response in conversation.run(lambda: self._next_message(requests)):
+                        yield response
+                else:
+                    async for response in self._utterance_stream(stream, requests, context, ticket, first is None):
+                        yield response
+            finally:
+                ticket.close()
+
+    async def _utterance_stream(
+        self, stream: StreamAssembler, requests: AsyncIterator[pb.StreamingRecognizeRequest],
+        context: grpc.aio.ServicerContext, ticket: StreamTicket, ended: bool,
+    ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
+        """UTTERANCE mode after the first message: the whole stream is one utterance."""
+        span = self.cfg.interim_span_s
+        next_interim = span
+        while not ended and (request := await self._next_message(requests)) is not None:
+            await self.off_loop(stream.feed, request)
+            ticket.hold(stream.held_samples)
+            if stream.config.interim_results and stream.audio_seconds >= next_interim:
+                # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
+                # model skips interim points instead of queueing a backlog of stale ones.
+                started = time.monotonic()
+                utterance = await self.off_loop(stream.utterance, False)
+                if len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
+                    result = await self.recognize_utterance(utterance, context, False, started,
+                                                             stream.config.asr)
                     yield pb.StreamingRecognizeResponse(result=result)
-                    next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
-            started = time.monotonic()
-            result = await self._recognize(stream.utterance(final=True), context, True, started, stream.config.asr)
-            yield pb.StreamingRecognizeResponse(result=result)
+                next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
+        started = time.monotonic()
+        utterance = await self.off_loop(stream.utterance, True)
+        result = await self.recognize_utterance(utterance, context, True, started, stream.config.asr)
+        yield pb.StreamingRecognizeResponse(result=result)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import threading
+
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from emoq_serve.audio import decode_float32, decode_pcm16, resample
+from emoq_serve.audio import StreamResampler, decode_float32, decode_pcm16, partial_sample_error, resample
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.types import Utterance
 from emoq_serve._proto import emoq_pb2 as pb
@@ -26,6 +28,7 @@ from emoq_serve.server.config import ServerConfig
 
 #: Bytes per sample of each accepted encoding.
 SAMPLE_BYTES = {pb.LINEAR16: 2, pb.FLOAT32: 4}
+ENCODING_NAMES = {pb.LINEAR16: "LINEAR16", pb.FLOAT32: "FLOAT32"}
 
 M = TypeVar("M", bound=Message)
 
@@ -75,6 +78,8 @@ class RequestValidator:
         self.cfg = cfg
         self.count_tokens = count_tokens
         self.asr_available = asr_available  # whether ASR_AUTO/ASR_ALWAYS can be served
+        # Decoding runs on worker threads; a fast tokenizer must not be entered by two at once.
+        self._token_lock = threading.Lock()
 
     def check_config(self, config: pb.RecognitionConfig) -> None:
         if config.encoding == pb.ENCODING_UNSPECIFIED:
@@ -89,9 +94,14 @@ class RequestValidator:
         if len(config.speaker) > self.cfg.max_speaker_chars:
             raise InvalidRequest(f"config.speaker has {len(config.speaker)} characters; the limit is {self.cfg.max_speaker_chars}")
         self.check_transcript(config.transcript)
-        # API fields of features still being built (conversation streaming): refused, never ignored.
-        if config.segmentation != pb.UTTERANCE:
-            raise InvalidRequest("segmentation VOICE_ACTIVITY is not served yet: send one utterance per stream (UTTERANCE)")
+        if config.segmentation not in (pb.UTTERANCE, pb.VOICE_ACTIVITY):
+            raise InvalidRequest(f"config.segmentation {config.segmentation} is unknown: use UTTERANCE or VOICE_ACTIVITY")
+        if config.segmentation == pb.UTTERANCE and (config.HasField("voice_activity") or config.segment_transcript_wait_ms):
+            raise InvalidRequest("config.voice_activity and segment_transcript_wait_ms need segmentation VOICE_ACTIVITY: "
+                                 "set it, or leave them unset")
+        if config.segmentation == pb.VOICE_ACTIVITY and config.transcript:
+            raise InvalidRequest("config.transcript is one utterance's text: in VOICE_ACTIVITY mode send "
+                                 "segment_transcript messages (by segment index or time range)")
         if config.asr not in pb.AsrMode.values():
             raise InvalidRequest(f"config.asr {config.asr} is unknown: use ASR_SERVER_DEFAULT, ASR_OFF, ASR_AUTO or ASR_ALWAYS")
         if config.asr in (pb.ASR_AUTO, pb.ASR_ALWAYS) and not self.asr_available:
@@ -103,8 +113,28 @@ class RequestValidator:
             raise InvalidRequest(
                 f"transcript has {len(text)} characters; the limit is {self.cfg.max_transcript_chars}: shorten it"
             )
-        if self.count_tokens is not None and (n := self.count_tokens(text)) > self.cfg.max_transcript_tokens:
+        if self.count_tokens is None or not text:
+            return
+        with self._token_lock:
+            n = self.count_tokens(text)
+        if n > self.cfg.max_transcript_tokens:
             raise InvalidRequest(f"transcript has {n} tokens; the limit is {self.cfg.max_transcript_tokens}: shorten it")
+
+    def check_segment_transcript(self, st: pb.SegmentTranscript) -> None:
+        target = st.WhichOneof("target")
+        if target is None:
+            raise InvalidRequest("segment_transcript has no target: set segment_index or time_range")
+        if target == "segment_index" and st.segment_index < 0:
+            raise InvalidRequest(f"segment_transcript.segment_index={st.segment_index}: segments are numbered from 0")
+        if target == "time_range":
+            a, b = st.time_range.start_s, st.time_range.end_s
+            if not (np.isfinite(a) and np.isfinite(b) and 0 <= a < b):
+                raise InvalidRequest(f"segment_transcript.time_range [{a}, {b}] is not a range of stream seconds: "
+                                     "send 0 <= start_s < end_s")
+        if len(st.speaker) > self.cfg.max_speaker_chars:
+            raise InvalidRequest(f"segment_transcript.speaker has {len(st.speaker)} characters; "
+                                 f"the limit is {self.cfg.max_speaker_chars}")
+        self.check_transcript(st.transcript)
 
     def check_length(self, config: pb.RecognitionConfig, num_bytes: int) -> None:
         """Refuse audio longer than the limit, judged from its size alone."""
@@ -115,11 +145,9 @@ class RequestValidator:
                 f"({seconds:.1f} s received): split it into shorter requests"
             )
 
-    def decode(self, config: pb.RecognitionConfig, data: bytes) -> np.ndarray:
-        """Checked audio bytes -> mono float32 at 16 kHz."""
-        if not data:
-            raise InvalidRequest("no audio: send audio_content with at least one sample")
-        self.check_length(config, len(data))
+    def decode_samples(self, config: pb.RecognitionConfig, data: bytes) -> np.ndarray:
+        """Whole samples of wire bytes -> float32 at the client's rate, refusing NaN/Inf and
+        out-of-range values. Runs on a worker thread, never on the event loop."""
         decode = decode_pcm16 if config.encoding == pb.LINEAR16 else decode_float32
         try:  # partial samples and NaN/Inf are refused by the decoders, with the reason
             audio = decode(data)
@@ -127,15 +155,26 @@ class RequestValidator:
             raise InvalidRequest(str(exc)) from exc
         # Finite but huge FLOAT32 values are not audio (often integer PCM sent as FLOAT32) and
         # overflow the model's activations into NaN posteriors.
-        if (peak := float(np.abs(audio).max())) > self.cfg.max_abs_sample:
+        if audio.size and (peak := float(np.abs(audio).max())) > self.cfg.max_abs_sample:
             raise InvalidRequest(
                 f"FLOAT32 audio peaks at {peak:.3g}; samples must lie in [-1, 1] (limit {self.cfg.max_abs_sample:g}): "
                 "scale the audio, or send LINEAR16 if these are 16-bit integer samples"
             )
-        if (seconds := len(audio) / config.sample_rate_hz) < self.cfg.min_audio_seconds:
+        return audio
+
+    def check_min_length(self, config: pb.RecognitionConfig, num_samples: int) -> None:
+        if (seconds := num_samples / config.sample_rate_hz) < self.cfg.min_audio_seconds:
             raise InvalidRequest(
                 f"audio is {seconds * 1e3:.1f} ms long; the model needs at least {self.cfg.min_audio_seconds * 1e3:g} ms"
             )
+
+    def decode(self, config: pb.RecognitionConfig, data: bytes) -> np.ndarray:
+        """Checked audio bytes -> mono float32 at 16 kHz."""
+        if not data:
+            raise InvalidRequest("no audio: send audio_content with at least one sample")
+        self.check_length(config, len(data))
+        audio = self.decode_samples(config, data)
+        self.check_min_length(config, len(audio))
         return np.ascontiguousarray(resample(audio, config.sample_rate_hz, SAMPLE_RATE), dtype=np.float32)
 
     def unary(self, request: pb.RecognizeRequest | MalformedMessage) -> Utterance:
@@ -145,6 +184,8 @@ class RequestValidator:
         if not request.HasField("config"):
             raise InvalidRequest("RecognizeRequest.config is missing: set encoding and sample_rate_hz")
         self.check_config(request.config)
+        if request.config.segmentation == pb.VOICE_ACTIVITY:
+            raise InvalidRequest("segmentation VOICE_ACTIVITY needs StreamingRecognize: Recognize scores one utterance")
         audio = self.decode(request.config, request.audio_content)
         return Utterance(audio=audio, transcript=request.config.transcript, speaker=request.config.speaker or None)
 
@@ -152,11 +193,52 @@ class RequestValidator:
         return StreamAssembler(self)
 
 
+class ChunkDecoder:
+    """One stream's audio bytes -> 16 kHz float32, chunk by chunk.
+
+    A sample split across two chunks is carried to the next one, and resampling is incremental
+    (`StreamResampler`), so the samples never depend on where the client cut its chunks: the
+    concatenated output equals decoding the whole stream at once.
+    """
+
+    def __init__(self, validator: RequestValidator, config: pb.RecognitionConfig) -> None:
+        self.validator, self.config = validator, config
+        self._width = SAMPLE_BYTES[config.encoding]
+        self._rest = b""
+        self._resampler = StreamResampler(config.sample_rate_hz, SAMPLE_RATE)
+        self.num_bytes = 0
+
+    @property
+    def input_samples(self) -> int:
+        """Whole samples received (at the client's rate)."""
+        return self.num_bytes // self._width
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The next chunk; returns the 16 kHz samples it completes (possibly none)."""
+        self.num_bytes += len(data)
+        if self._rest:
+            data = self._rest + data
+        whole = len(data) - len(data) % self._width
+        self._rest = data[whole:]
+        return self._resampler(self.validator.decode_samples(self.config, data[:whole]))
+
+    def flush(self) -> np.ndarray:
+        """End of stream: the resampler's tail; refuses a trailing partial sample or no audio."""
+        if self.num_bytes == 0:
+            raise InvalidRequest("no audio: send audio_content with at least one sample")
+        if self._rest:
+            raise InvalidRequest(str(partial_sample_error(ENCODING_NAMES[self.config.encoding], self.num_bytes)))
+        return self._resampler(np.zeros(0, np.float32), last=True)
+
+
 class StreamAssembler:
     """The state of one `StreamingRecognize` call: config first, audio chunks, late transcript.
 
-    Audio is kept as received bytes and decoded when a result is due, so interim results see
-    exactly the audio so far and the final result sees all of it.
+    Audio chunks are decoded as they arrive (`ChunkDecoder`; `feed` runs on a worker thread);
+    in UTTERANCE mode the decoded samples are kept, so interim results see exactly the audio
+    so far and the final result all of it. In VOICE_ACTIVITY mode `feed` hands each chunk's
+    samples and each segment transcript back to the caller (the conversation loop), which holds
+    only what its segments need.
     """
 
     def __init__(self, validator: RequestValidator) -> None:
@@ -164,10 +246,21 @@ class StreamAssembler:
         self.config: pb.RecognitionConfig | None = None
         self.transcript = ""
         self._late_transcript = False
-        self._chunks: list[bytes] = []
-        self.num_bytes = 0
+        self._decoder: ChunkDecoder | None = None
+        self._audio: list[np.ndarray] = []
+        self.held_samples = 0  # 16 kHz samples kept (UTTERANCE mode)
 
-    def feed(self, request: pb.StreamingRecognizeRequest | MalformedMessage) -> None:
+    @property
+    def voice_activity(self) -> bool:
+        return self.config is not None and self.config.segmentation == pb.VOICE_ACTIVITY
+
+    @property
+    def num_bytes(self) -> int:
+        return 0 if self._decoder is None else self._decoder.num_bytes
+
+    def feed(self, request: pb.StreamingRecognizeRequest | MalformedMessage) -> np.ndarray | pb.SegmentTranscript | None:
+        """Check and take one message. Returns a VOICE_ACTIVITY stream's decoded audio or segment
+        transcript (for the caller to route), else None."""
         if isinstance(request, MalformedMessage):
             raise request.reject()
         kind = request.WhichOneof("streaming_request")
@@ -181,18 +274,41 @@ class StreamAssembler:
             self.validator.check_config(request.config)
             self.config = request.config
             self.transcript = request.config.transcript
-        elif kind == "transcript":
+            self._decoder = ChunkDecoder(self.validator, request.config)
+            return None
+        if kind == "transcript":
+            if self.voice_activity:
+                raise InvalidRequest("a stream transcript needs UTTERANCE mode: in VOICE_ACTIVITY mode send "
+                                     "segment_transcript messages (by segment index or time range)")
             if self.transcript or self._late_transcript:
                 raise InvalidRequest("transcript given twice: send it in the config or in one late message, not both")
             self.validator.check_transcript(request.transcript)
             self.transcript = request.transcript
             self._late_transcript = True
-        elif kind == "segment_transcript":
-            raise InvalidRequest("segment_transcript needs segmentation VOICE_ACTIVITY, which this server does not serve yet")
-        else:
-            self.validator.check_length(self.config, self.num_bytes + len(request.audio_content))
-            self._chunks.append(request.audio_content)
-            self.num_bytes += len(request.audio_content)
+            return None
+        if kind == "segment_transcript":
+            if not self.voice_activity:
+                raise InvalidRequest("segment_transcript needs segmentation VOICE_ACTIVITY: in UTTERANCE mode send "
+                                     "the transcript in the config or as one late transcript message")
+            self.validator.check_segment_transcript(request.segment_transcript)
+            return request.segment_transcript
+        assert self._decoder is not None
+        if self.voice_activity:  # no stream length limit: the segmenter bounds what is held
+            return self._decoder.decode(request.audio_content)
+        self.validator.check_length(self.config, self.num_bytes + len(request.audio_content))
+        audio = self._decoder.decode(request.audio_content)
+        if audio.size:
+            self._audio.append(audio)
+            self.held_samples += len(audio)
+        return None
+
+    def finish(self) -> np.ndarray:
+        """Half-close: the resampler's tail (and the checks that need the whole stream)."""
+        if self.config is None or self._decoder is None:
+            raise InvalidRequest("the stream ended before any config: send the RecognitionConfig first")
+        tail = self._decoder.flush()
+        self.validator.check_min_length(self.config, self._decoder.input_samples)
+        return tail
 
     @property
     def audio_seconds(self) -> float:
@@ -202,12 +318,16 @@ class StreamAssembler:
         return self.num_bytes / SAMPLE_BYTES[self.config.encoding] / self.config.sample_rate_hz
 
     def utterance(self, final: bool) -> Utterance:
-        """The audio so far; an interim view ignores a trailing partial sample."""
+        """The audio so far (UTTERANCE mode); an interim view leaves out a trailing partial sample
+        and the resampler's not yet determined tail."""
         if self.config is None:
             raise InvalidRequest("the stream ended before any config: send the RecognitionConfig first")
-        data = b"".join(self._chunks)
-        self._chunks = [data]
-        if not final:
-            data = data[: len(data) - len(data) % SAMPLE_BYTES[self.config.encoding]]
-        audio = self.validator.decode(self.config, data)
+        if final:
+            tail = self.finish()
+            if tail.size:
+                self._audio.append(tail)
+                self.held_samples += len(tail)
+        if len(self._audio) > 1:
+            self._audio = [np.concatenate(self._audio)]
+        audio = self._audio[0] if self._audio else np.zeros(0, np.float32)
         return Utterance(audio=audio, transcript=self.transcript, speaker=self.config.speaker or None)

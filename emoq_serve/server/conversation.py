@@ -1,0 +1,291 @@
+"""VOICE_ACTIVITY streams: one long stream in, one final result per speech segment out.
+
+Per call, a reader task takes the client's messages (decoding, resampling and VAD on the
+service's worker threads), and every segment the `Segmenter` closes becomes a scoring task at
+once: wait (bounded) for the segment's client transcript, then go through the shared dynamic
+batcher, so segments of many streams batch together. Results leave in the order their tasks
+were made (segment order, interims in between), each as soon as it and the ones before it are
+done. Interim results describe only the open segment (at most `max_segment_s` of audio) with at
+most one in flight, so a long stream never re-scores a growing prefix.
+
+Segment transcripts (`SegmentTranscript`) attach by segment index, or by time range to the
+segment that overlaps the range most. A segment waits up to `segment_transcript_wait_ms` (the
+client's value, capped by the server) after it closes; with none by then, or once the client
+half-closed, it is scored with the server's ASR transcript (`--asr auto`, the default) or, with
+ASR off, without one (TRANSCRIPT_NONE).
+
+Memory: the segmenter holds the open segment (bounded); closed segments are held until their
+result is sent; pending transcripts are bounded by `max_pending_segment_transcripts`. All of it
+is reported to the server-wide `StreamTicket` after every message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve.config import SAMPLE_RATE
+from emoq_serve.runtime.batcher import QueueFull
+from emoq_serve.runtime.types import Utterance
+from emoq_serve.runtime.vad import SileroVad, VadParams
+from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.limits import StreamTicket
+from emoq_serve.server.segmenter import Segment, Segmenter
+from emoq_serve.server.validation import InvalidRequest, StreamAssembler
+
+if TYPE_CHECKING:
+    from emoq_serve.server.service import EmotionRecognizerService
+
+log = logging.getLogger(__name__)
+
+
+def vad_params(cfg: ServerConfig, va: pb.VoiceActivityConfig) -> VadParams:
+    """The client's VAD settings (0 = the server's default), clamped to the server's limits."""
+    d = cfg.vad or VadParams()
+    values = (va.speech_threshold, va.min_silence_ms, va.min_speech_ms, va.max_segment_s, va.speech_pad_ms)
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidRequest(f"voice_activity settings must be finite numbers; got {list(values)}")
+
+    def pick(value: float, default: float, lo: float, hi: float) -> float:
+        return default if value == 0 else min(max(value, lo), hi)
+
+    threshold = pick(va.speech_threshold, d.threshold, 0.05, 0.95)
+    min_silence = int(pick(va.min_silence_ms, d.min_silence_ms, 100, 5_000))
+    min_speech = int(pick(va.min_speech_ms, d.min_speech_ms, 0, 5_000))
+    pad = int(pick(va.speech_pad_ms, d.speech_pad_ms, 0, min(1_000, min_silence)))
+    longest = min(cfg.max_segment_s, cfg.max_audio_seconds)  # a segment is one model input
+    max_segment = pick(va.max_segment_s, min(d.max_segment_s, longest), 1.0, longest)
+    max_segment = max(max_segment, (min_speech + 2 * pad) / 1000)  # VadParams' own consistency rule
+    if max_segment > longest:
+        raise InvalidRequest(f"voice_activity.min_speech_ms + 2 * speech_pad_ms is longer than this server's longest "
+                             f"segment ({longest:g} s): lower them")
+    return VadParams(threshold=threshold, min_silence_ms=min_silence, min_speech_ms=min_speech,
+                     max_segment_s=max_segment, speech_pad_ms=pad)
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+class SegmentTranscripts:
+    """A stream's transcripts that arrived before (or while) their segment waits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._pending: list[pb.SegmentTranscript] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, st: pb.SegmentTranscript) -> None:
+        if len(self._pending) >= self.limit:
+            raise InvalidRequest(f"{self.limit} segment transcripts are waiting for segments that have not closed: "
+                                 "send each one near its segment (by index or time range), not far ahead")
+        self._pending.append(st)
+
+    def find(self, index: int, start_s: float, end_s: float, take: bool) -> pb.SegmentTranscript | None:
+        """The transcript for segment `index` spanning [start_s, end_s): by index, or a range this
+        segment overlaps at least as much as any later segment could (they start at >= end_s)."""
+        for i, st in enumerate(self._pending):
+            if st.WhichOneof("target") == "segment_index":
+                hit = st.segment_index == index
+            else:
+                r = st.time_range
+                ov = _overlap(start_s, end_s, r.start_s, r.end_s)
+                hit = ov > 0 and ov >= r.end_s - end_s
+            if hit:
+                return self._pending.pop(i) if take else st
+        return None
+
+    def prune(self, next_index: int, closed_end_s: float) -> None:
+        """Drop transcripts no segment can take any more (every earlier segment is decided)."""
+        def alive(st: pb.SegmentTranscript) -> bool:
+            if st.WhichOneof("target") == "segment_index":
+                return st.segment_index >= next_index
+            return st.time_range.end_s > closed_end_s
+
+        kept = [st for st in self._pending if alive(st)]
+        if len(kept) != len(self._pending):
+            log.debug("dropped %d segment transcript(s) that matched no open segment", len(self._pending) - len(kept))
+        self._pending = kept
+
+
+@dataclass
+class _Fed:
+    closed: list[Segment]
+    transcript: pb.SegmentTranscript | None = None
+
+
+class ConversationStream:
+    """One VOICE_ACTIVITY call (see the module docstring)."""
+
+    def __init__(self, service: EmotionRecognizerService, stream: StreamAssembler, context: grpc.aio.ServicerContext,
+                 ticket: StreamTicket, vad: SileroVad) -> None:
+        assert stream.config is not None
+        self.service, self.stream, self.context, self.ticket = service, stream, context, ticket
+        self.cfg: ServerConfig = service.cfg
+        self.config = stream.config
+        self.segmenter = Segmenter(vad, vad_params(self.cfg, self.config.voice_activity))
+        self.wait_s = min(self.config.segment_transcript_wait_ms, self.cfg.max_segment_transcript_wait_ms) / 1e3
+        self.transcripts = SegmentTranscripts(self.cfg.max_pending_segment_transcripts)
+        self._out: asyncio.Queue[asyncio.Task[pb.EmotionResult | None] | BaseException | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._interim: asyncio.Task[pb.EmotionResult | None] | None = None
+        self._arrival = asyncio.Event()  # set (and replaced) whenever a segment transcript arrives
+        self._ended = False  # half-closed: no transcript can arrive any more
+        self._undecided = 0  # closed segments still waiting for their transcript
+        self._next_index = 0  # segments closed so far
+        self._closed_end_s = 0.0
+        self._closed_samples = 0  # audio of closed segments whose result is not sent yet
+
+    # -- the call -------------------------------------------------------------------------------------
+
+    async def run(
+        self, next_message: Callable[[], Awaitable[pb.StreamingRecognizeRequest | None]]
+    ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
+        reader = asyncio.create_task(self._read(next_message))
+        try:
+            while (item := await self._out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                result = await item
+                if result is not None:
+                    yield pb.StreamingRecognizeResponse(result=result)
+        finally:  # an error, a cancelled call or a finished one: nothing of this stream keeps running
+            reader.cancel()
+            for task in self._tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+
+    async def _read(self, next_message: Callable[[], Awaitable[pb.StreamingRecognizeRequest | None]]) -> None:
+        try:
+            span = self.cfg.interim_span_s
+            next_interim = span
+            while (request := await next_message()) is not None:
+                fed = await self.service.off_loop(self._feed, request)
+                if fed.transcript is not None:
+                    self.transcripts.add(fed.transcript)
+                    self._arrival.set()
+                    self._arrival = asyncio.Event()
+                    if not self._undecided:
+                        self.transcripts.prune(self._next_index, self._closed_end_s)
+                self._close(fed.closed)
+                seconds = self.segmenter.total_samples / SAMPLE_RATE
+                if self.config.interim_results and seconds >= next_interim:
+                    self._start_interim()
+                    next_interim = (math.floor(seconds / span) + 1) * span
+            closed = await self.service.off_loop(self._finish)
+            self._ended = True
+            self._arrival.set()
+            self._close(closed)
+            self._out.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the response side, which raises it into the call's status
+            self._out.put_nowait(exc)
+
+    def _feed(self, request: pb.StreamingRecognizeRequest) -> _Fed:
+        """On a worker thread: check and decode one message, run the VAD over its audio."""
+        item = self.stream.feed(request)
+        if isinstance(item, np.ndarray):
+            return _Fed(self.segmenter.feed(item) if item.size else [])
+        return _Fed([], item)
+
+    def _finish(self) -> list[Segment]:
+        """On a worker thread: the resampler's tail, then close the open segment."""
+        tail = self.stream.finish()
+        closed = self.segmenter.feed(tail) if tail.size else []
+        return closed + self.segmenter.finish()
+
+    def _hold(self) -> None:
+        self.ticket.hold(self.segmenter.buffered_samples + self._closed_samples)
+
+    def _close(self, segments: list[Segment]) -> None:
+        """Each closed segment is scored at once (its task joins the ordered output)."""
+        for seg in segments:
+            self._next_index = seg.index + 1
+            self._closed_end_s = seg.end_s
+            self._closed_samples += len(seg.audio)
+            self._undecided += 1
+            self._spawn(self._final(seg, time.monotonic()))
+        self._hold()
+
+    def _spawn(self, coro: Awaitable[pb.EmotionResult | None]) -> asyncio.Task[pb.EmotionResult | None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._out.put_nowait(task)
+        return task
+
+    # -- scoring -----------------------------------------------------------------------------------------
+
+    async def _final(self, seg: Segment, closed_at: float) -> pb.EmotionResult:
+        try:
+            try:
+                st = await self._client_transcript(seg)
+            finally:
+                self._undecided -= 1
+                if not self._undecided:
+                    self.transcripts.prune(self._next_index, self._closed_end_s)
+            transcript, speaker = self._from_client(st)
+            return await self._score(seg, transcript, speaker, final=True, started=closed_at)
+        finally:
+            self._closed_samples -= len(seg.audio)
+            with contextlib.suppress(Exception):  # shrinking never raises; the ticket may be closed
+                self._hold()
+
+    async def _client_transcript(self, seg: Segment) -> pb.SegmentTranscript | None:
+        """The segment's transcript: already here, or arriving within the bounded wait."""
+        deadline = time.monotonic() + self.wait_s
+        while (st := self.transcripts.find(seg.index, seg.start_s, seg.end_s, take=True)) is None:
+            remaining = deadline - time.monotonic()
+            if self._ended or remaining <= 0:
+                return None
+            arrival = self._arrival
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrival.wait(), remaining)
+        return st
+
+    def _from_client(self, st: pb.SegmentTranscript | None) -> tuple[str, str]:
+        """(transcript, speaker) from the client's segment transcript, if any."""
+        speaker = (st.speaker if st is not None else "") or self.config.speaker
+        return (st.transcript if st is not None else ""), speaker
+
+    def _start_interim(self) -> None:
+        """An interim result on the open segment so far, unless one is still in flight."""
+        if self._interim is not None and not self._interim.done():
+            return
+        seg = self.segmenter.open_segment()
+        if seg is None or len(seg.audio) < self.cfg.min_audio_seconds * SAMPLE_RATE:
+            return
+        st = self.transcripts.find(seg.index, seg.start_s, seg.end_s, take=False)
+        transcript, speaker = self._from_client(st)
+        self._interim = self._spawn(self._interim_result(seg, transcript, speaker))
+
+    async def _interim_result(self, seg: Segment, transcript: str, speaker: str) -> pb.EmotionResult | None:
+        """Best effort: a full queue skips this interim point instead of failing the stream."""
+        try:
+            return await self._score(seg, transcript, speaker, final=False, started=time.monotonic())
+        except QueueFull:
+            return None
+
+    async def _score(self, seg: Segment, transcript: str, speaker: str, final: bool,
+                     started: float) -> pb.EmotionResult:
+        # The service picks the transcript the model reads: the client's, else ASR's (per
+        # config.asr and the server's --asr), else none; the result says which.
+        utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
+        result = await self.service.recognize_utterance(utterance, self.context, final, started, self.config.asr)
+        result.segment_index = seg.index
+        result.start_s, result.end_s = seg.start_s, seg.end_s
+        return result

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graph-runtime", choices=("onnxruntime", "openvino", "auto"), default=None,
                    help="onnx engine: what runs the ONNX graphs (default: the preset's; cpu: auto = OpenVINO "
                         "in bf16 on CPUs with native bf16, else onnxruntime)")
+    p.add_argument("--graph-workers", type=int, default=None,
+                   help="onnx engine: threads running different batches' ONNX stages at once (default: the preset's)")
+    p.add_argument("--audio-batching", choices=("padded", "per-utterance"), default=None,
+                   help="onnx engine: the audio encoder on the zero-padded batch, or on each clip alone "
+                        "(default: the preset's)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
@@ -77,8 +82,10 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     runtime = runtime_preset(args.runtime).replace(
         max_batch=args.max_batch,
         verify_hashes=not args.no_verify,
-        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "eager_workers") if (v := getattr(args, k)) is not None},
+        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers") if (v := getattr(args, k)) is not None},
     )
+    if args.audio_batching is not None:
+        runtime = runtime.replace(audio_per_utterance=args.audio_batching == "per-utterance")
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}

@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.stats import latency_summary
 from benchmarks.target import BYTES_PER_SAMPLE, ENCODING
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.data.conversation import Conversation, Turn
+from emoq_serve.data.conversation import Conversation, match_turn
 
 @dataclass
 class Segment:
@@ -48,26 +48,15 @@ class StreamRun:
     code: str  # gRPC status name of the stream, "OK" when it ended normally
 
 
-def match_turn(turns: Sequence[Turn], start_s: float, end_s: float) -> Turn | None:
-    """The turn whose speech overlaps [start_s, end_s] most; None when none does."""
-    best, overlap = None, 0.0
-    for t in turns:
-        o = min(end_s, t.end_s) - max(start_s, t.start_s)
-        if o > overlap:
-            best, overlap = t, o
-    return best
-
-
 async def stream_conversation(client, stream: int, conv: Conversation, *, chunk_ms: float, realtime: bool,
                               client_transcripts: bool, timeout_s: float) -> StreamRun:
     """Send one conversation (pcm16, `chunk_ms` chunks, paced at its own speed when `realtime`),
     with the generator's transcripts by time range right after each turn when asked."""
     import grpc
 
-    from emoq_serve.client.conversation import SegmentText, conversation_messages
+    from emoq_serve.client.conversation import conversation_messages, texts_from_turns
 
-    texts = [SegmentText(t.transcript, start_s=t.start_s, end_s=t.end_s, speaker=t.speaker, after_s=t.end_s)
-             for t in conv.turns] if client_transcripts else []
+    texts = texts_from_turns(conv.meta()["turns"]) if client_transcripts else []
     sent: list[tuple[float, float]] = []  # (stream seconds sent so far, monotonic time)
 
     async def paced():

@@ -60,13 +60,12 @@ async def stream_conversation(client, stream: int, conv: Conversation, *, chunk_
     sent: list[tuple[float, float]] = []  # (stream seconds sent so far, monotonic time)
 
     async def paced():
-        seconds = 0.0
+        seconds, start = 0.0, time.monotonic()
         for m in conversation_messages(conv.audio, SAMPLE_RATE, texts, chunk_ms=chunk_ms, encoding=ENCODING):
             if m.audio_content:
-                n = len(m.audio_content) / BYTES_PER_SAMPLE / SAMPLE_RATE
-                if realtime:
-                    await asyncio.sleep(n)
-                seconds += n
+                seconds += len(m.audio_content) / BYTES_PER_SAMPLE / SAMPLE_RATE
+                if realtime:  # against the stream's own clock, so sleep overshoots never add up
+                    await asyncio.sleep(start + seconds - time.monotonic())
             yield m
             if m.audio_content:
                 sent.append((seconds, time.monotonic()))

@@ -44,11 +44,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=(*ENGINES, "both"), default="onnx",
                    help="both = eager fp32, eager bf16, then onnx on the same workload, with onnx/eager ratios")
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
-    p.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16), help="closed loop, comma list (1,2,4,8,16,32)")
+    p.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16),
+                   help="closed loop, comma list (1,2,4,8,16,32); with --api conversation: concurrent streams")
     p.add_argument("--rate", type=_floats, default=(1.0,), help="open loop: requests/s, comma list")
-    p.add_argument("--api", choices=("unary", "stream"), default="unary")
+    p.add_argument("--api", choices=("unary", "stream", "conversation"), default="unary",
+                   help="conversation: concurrent VOICE_ACTIVITY streams of generated conversations, "
+                        "segment latency and the real-time streams sustained")
     p.add_argument("--chunk-ms", type=float, default=100.0, help="stream chunk length")
     p.add_argument("--realtime", action="store_true", help="stream chunks at the audio's own pace")
+    conv = p.add_argument_group("--api conversation")
+    conv.add_argument("--conversation-seconds", type=float, default=180.0, help="length of each stream's conversation")
+    conv.add_argument("--asr-transcripts", action="store_true",
+                      help="send no transcripts: the server's ASR (when on) supplies them")
+    conv.add_argument("--latency-bound-ms", type=float, default=3000.0,
+                      help="sustained: p95 segment latency (end of speech -> result) below this")
+    conv.add_argument("--max-slope-ms-per-min", type=float, default=500.0,
+                      help="sustained: segment latency grows by less than this per minute of stream")
+    conv.add_argument("--server-pid", type=int, default=None, help="with --server: its pid, to sample its memory")
     p.add_argument("--warmup", type=int, default=4, help="discarded requests before each load point")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--requests", type=int, default=None, help="measured requests per load point")
@@ -82,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, workload=WorkloadConfig(num_utterances=args.utterances, seed=args.seed),
         out=Path(args.out), serve_args=args.serve_args, metrics_url=args.metrics_url,
         timeout_s=args.timeout, peak_seconds=args.peak_seconds,
+        conversation_seconds=args.conversation_seconds, client_transcripts=not args.asr_transcripts,
+        latency_bound_ms=args.latency_bound_ms, max_slope_ms_per_min=args.max_slope_ms_per_min,
+        server_pid=args.server_pid,
         command=canonical_command(args),
     )
     print(markdown(run_bench(cfg)))

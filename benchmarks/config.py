@@ -50,6 +50,15 @@ class BenchConfig:
     timeout_s: float = 300.0
     #: Seconds per matmul-peak measurement (best-of repeats within it).
     peak_seconds: float = 1.0
+    #: --api conversation: each stream's conversation length, whether streams send the generator's
+    #: transcripts (else the server's ASR, when on, supplies them), what counts as sustained, and
+    #: the pid of a --server to sample its memory (servers the harness starts are sampled anyway).
+    conversation_seconds: float = 180.0
+    client_transcripts: bool = True
+    latency_bound_ms: float = 3000.0
+    #: Noise on a few-minute run is tens of ms/min; falling 5 % behind real time is ~3000 ms/min.
+    max_slope_ms_per_min: float = 500.0
+    server_pid: int | None = None
     #: The command line, recorded in the report so a result can be reproduced.
     command: str = ""
 
@@ -63,5 +72,8 @@ class BenchConfig:
             raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {ENGINES}")
         if self.mode == "closed" and (not self.concurrency or min(self.concurrency) < 1):
             raise ValueError("closed loop needs concurrencies >= 1")
+        if self.api == "conversation" and (self.mode != "closed" or self.conversation_seconds < 5.0):
+            raise ValueError("--api conversation runs --concurrency streams (closed mode) of "
+                             "--conversation-seconds >= 5 each")
         if self.mode == "open" and (not self.rates or min(self.rates) <= 0):
             raise ValueError("open loop needs rates > 0")

@@ -77,8 +77,44 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def conversation_markdown(report: dict[str, Any]) -> str:
+    """`--api conversation`: one row per (engine, stream count), then the streams sustained."""
+    m, c = report["machine"], report["conversation"]
+    lines = [f"# EmoQ serve conversation benchmark — bundle `{report['bundle_id']}` ({report.get('preset') or '?'})\n",
+             f"- machine: {m['cpu_model']}, {m['logical_cores']} cores, {m['memory_gib']} GiB; "
+             f"load average at start {m['load_average']}, at end {report.get('load_average_end')}",
+             f"- command: `{report['command']}`",
+             f"- each stream: a {c['seconds']:g} s generated conversation ({c['turns_per_stream']:.1f} turns on "
+             f"average, seeds {c['seeds'][0]}..{c['seeds'][1]}), {c['chunk_ms']:g} ms chunks, "
+             f"{'paced in real time' if c['realtime'] else 'unpaced'}, transcripts: {c['transcripts']}",
+             f"- latency: end of a turn's speech (ground truth) -> its final result; sustained = every turn "
+             f"answered, no failed stream, p95 < {c['latency_bound_ms']:g} ms and latency slope < "
+             f"{c['max_slope_ms_per_min']:g} ms per minute of stream",
+             f"- threads: {json.dumps(report['threads'])}", "",
+             "| engine | streams | segments ok | turns missing | failed streams | p50 ms | p95 ms | p99 ms | max ms "
+             "| slope ms/min | RSS before MB | RSS peak MB | MB/stream | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        lat, mem = p["latency_ms"], p["memory"] or {}
+        lines.append(
+            f"| {p['engine']} | {p['streams']} | {p['segments_ok']} | {p['turns_missing']} | "
+            f"{', '.join(f'{k}: {v}' for k, v in p['errors'].items()) or '0'} | {_fmt(lat.get('p50'), 0)} | "
+            f"{_fmt(lat.get('p95'), 0)} | {_fmt(lat.get('p99'), 0)} | {_fmt(lat.get('max'), 0)} | "
+            f"{_fmt(p['latency_slope_ms_per_min'], 0)} | {_fmt(mem.get('before_mb'), 0)} | {_fmt(mem.get('peak_mb'), 0)} | "
+            f"{_fmt(mem.get('per_stream_mb'), 1)} | {'yes' if p['sustained'] else 'no: ' + '; '.join(p['why_not'])} |")
+    lines.append("")
+    for engine, n in report["sustained_streams"].items():
+        lines.append(f"**{engine}: {n} real-time stream(s) sustained** (the largest count tried that, with every "
+                     "smaller count tried, met the bounds above).")
+    for note in report.get("notes", []):
+        lines.append(f"\n> {note}")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Human-readable tables: load points, server breakdown, FLOPs efficiency and ratios."""
+    if report.get("api") == "conversation":
+        return conversation_markdown(report)
     m, lines = report["machine"], []
     lines.append(f"# EmoQ serve benchmark — bundle `{report['bundle_id']}` ({report.get('preset') or '?'})\n")
     lines.append(f"- machine: {m['cpu_model']}, {m['logical_cores']} cores, {m['memory_gib']} GiB; "
@@ -141,6 +177,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if report.get("api") == "conversation":  # segment latency against the number of streams
+        for engine in dict.fromkeys(p["engine"] for p in report["points"]):
+            pts = sorted((p for p in report["points"] if p["engine"] == engine and p["latency_ms"]),
+                         key=lambda p: p["streams"])
+            x = [p["streams"] for p in pts]
+            line, = ax.plot(x, [p["latency_ms"]["p50"] for p in pts], "o-", label=f"{engine} p50")
+            ax.plot(x, [p["latency_ms"]["p95"] for p in pts], "s--", color=line.get_color(), label=f"{engine} p95")
+        ax.axhline(report["conversation"]["latency_bound_ms"], color="grey", lw=0.8, label="bound")
+        ax.set_xlabel("concurrent conversation streams")
+        ax.set_ylabel("segment latency after end of speech (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     for engine in dict.fromkeys(p["engine"] for p in report["points"]):
         pts = sorted((p for p in report["points"] if p["engine"] == engine and p["latency_ms"]),
                      key=lambda p: p["concurrency"] or p["rate"])  # in load order, like perf_analyzer

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import flops, report, stats
+from benchmarks import conversation, flops, report, stats
 from benchmarks.config import BASELINES, ENGINE_FLAGS, BenchConfig
 from benchmarks.loadgen import run_closed, run_open
 from benchmarks.server_proc import ServerProcess
@@ -95,14 +95,14 @@ def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def endpoint(cfg: BenchConfig, engine: str) -> Iterator[tuple[str, str | None]]:
-    """(gRPC address, metrics URL) of the server to measure; starts and stops it if needed."""
+def endpoint(cfg: BenchConfig, engine: str) -> Iterator[tuple[str, str | None, int | None]]:
+    """(gRPC address, metrics URL, pid) of the server to measure; starts and stops it if needed."""
     if cfg.server is not None:
-        yield cfg.server, cfg.metrics_url
+        yield cfg.server, cfg.metrics_url, cfg.server_pid
         return
     with ServerProcess(bundle=cfg.bundle, engine=engine, log_path=cfg.out / f"server-{engine}.log",
                        extra_args=cfg.serve_args) as server:
-        yield server.address, server.metrics_url
+        yield server.address, server.metrics_url, server.pid
 
 
 def _scrape(url: str | None) -> dict[str, float]:
@@ -144,13 +144,77 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
                 rate=float(load) if cfg.mode == "open" else None,
                 mean_batch_size=stats.mean_batch_size(before, after),
             ))
-    model_info = {"labels": list(info.labels), "bundle_id": info.bundle_id, "preset": info.preset,
-                  "sample_rate_hz": info.sample_rate_hz, "versions": dict(info.versions)}
-    return model_info, points
+    return info_dict(info), points
+
+
+def info_dict(info) -> dict[str, Any]:
+    """The report's copy of a GetModelInfoResponse."""
+    return {"labels": list(info.labels), "bundle_id": info.bundle_id, "preset": info.preset,
+            "sample_rate_hz": info.sample_rate_hz, "versions": dict(info.versions)}
+
+
+async def conversation_sweep(cfg: BenchConfig, engine: str, address: str, pid: int | None,
+                             conversations: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from emoq_serve.client.api import EmotionClient
+
+    async with EmotionClient(address, timeout=cfg.timeout_s, retries=0) as client:
+        info = await client.model_info()
+        points = await conversation.sweep(
+            client, engine, conversations, cfg.concurrency, chunk_ms=cfg.chunk_ms, realtime=cfg.realtime,
+            client_transcripts=cfg.client_transcripts, timeout_s=cfg.timeout_s, server_pid=pid,
+            latency_bound_ms=cfg.latency_bound_ms, max_slope_ms_per_min=cfg.max_slope_ms_per_min,
+            progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return info_dict(info), points
+
+
+def run_conversation_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """`--api conversation`: one generated conversation per stream (seeds seed, seed+1, ...), each
+    stream count of `cfg.concurrency` in turn, per engine; the report says how many streams each
+    engine sustains."""
+    from emoq_serve.data.conversation import make_conversation
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    machine = report.machine_description()
+    conversations = [make_conversation(seconds=cfg.conversation_seconds, seed=cfg.seed + i)
+                     for i in range(max(cfg.concurrency))]
+    points, infos = [], {}
+    threads: dict[str, Any] = {"env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+    for engine in cfg.engines:
+        if cfg.server is None:
+            threads[engine] = server_runtime(cfg, engine)
+        with endpoint(cfg, engine) as (address, _, pid):
+            infos[engine], engine_points = asyncio.run(conversation_sweep(cfg, engine, address, pid, conversations))
+        points += engine_points
+    first = next(iter(infos.values()))
+    result = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": cfg.command, "bundle_id": first["bundle_id"], "preset": first["preset"],
+        "machine": machine, "load_average_end": list(os.getloadavg()), "threads": threads,
+        "versions": {"bench": report.library_versions(), **{f"server_{e}": i["versions"] for e, i in infos.items()}},
+        "model_info": infos, "api": "conversation",
+        "conversation": {"seconds": cfg.conversation_seconds, "seeds": [cfg.seed, cfg.seed + len(conversations) - 1],
+                         "turns_per_stream": float(np.mean([len(c.turns) for c in conversations])),
+                         "chunk_ms": cfg.chunk_ms, "realtime": cfg.realtime,
+                         "transcripts": "client" if cfg.client_transcripts else "server (ASR when on)",
+                         "latency_bound_ms": cfg.latency_bound_ms, "max_slope_ms_per_min": cfg.max_slope_ms_per_min},
+        "points": points,
+        "sustained_streams": conversation.sustained_streams(points),
+        "notes": [],
+    }
+    if not cfg.realtime:
+        result["notes"].append("streams were not paced in real time (--realtime not given): latency and "
+                               "sustained streams describe a burst, not live conversations")
+    if machine["load_average"][0] > 0.5 * (machine["logical_cores"] or 1):
+        result["notes"].append(f"other processes were loading the machine when this run started (1-min load "
+                               f"average {machine['load_average'][0]:.2f} on {machine['logical_cores']} cores)")
+    report.write(result, cfg.out)
+    return result
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run everything `cfg` asks for and return the report (also written to `cfg.out`)."""
+    if cfg.api == "conversation":
+        return run_conversation_bench(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     machine = report.machine_description()
     workload = make_workload(cfg.workload)
@@ -163,7 +227,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for engine in cfg.engines:
         if cfg.server is None:
             threads[engine] = server_runtime(cfg, engine)
-        with endpoint(cfg, engine) as (address, metrics_url):
+        with endpoint(cfg, engine) as (address, metrics_url, _):
             infos[engine], engine_points = asyncio.run(sweep(cfg, engine, address, metrics_url, workload))
         peak = efficiency_peak(peaks, engine, infos[engine], threads.get(engine))
         for point in engine_points:

@@ -74,6 +74,11 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id (for sampling its memory), None when not running."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 

@@ -22,7 +22,7 @@ from benchmarks.workload import BenchRequest
 from emoq_serve.client.api import EmotionClient, EmotionResult, stream_messages
 from emoq_serve.config import SAMPLE_RATE
 
-Api = Literal["unary", "stream"]
+Api = Literal["unary", "stream", "conversation"]  # conversation: benchmarks.conversation
 #: Wire format: 16-bit PCM, what microphones and telephony send (and half the bytes of float32).
 ENCODING = "pcm16"
 BYTES_PER_SAMPLE = 2

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from emoq_serve.demo_bundle import demo_dir
 
 if TYPE_CHECKING:
     from emoq_serve.client.api import EmotionResult
+    from emoq_serve.data.conversation import Conversation
     from emoq_serve.data.types import Example
 
 log = logging.getLogger(__name__)
@@ -115,18 +117,29 @@ def _test_accuracy(report: dict[str, Any]) -> str:
     return f"{test['wa']:.3f} (UA {test['ua']:.3f})" if "wa" in test else "n/a"
 
 
-async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResult, float]]:
-    """Serve `bundle` on 127.0.0.1, stream every demo utterance, stop cleanly.
+#: Length of the demo conversation streamed in VOICE_ACTIVITY mode.
+CONVERSATION_SECONDS = 60.0
 
-    Returns (utterance, final result, client-side milliseconds) per demo utterance."""
+
+async def query_demo(bundle: Path, seed: int) -> tuple[list[tuple[Example, EmotionResult, float]], Conversation,
+                                                        list[dict[str, Any]]]:
+    """Serve `bundle` on 127.0.0.1 (with the server's ASR on), stream every demo utterance, then a
+    one-minute conversation in VOICE_ACTIVITY mode without transcripts, stop cleanly.
+
+    Returns (utterance, final result, client-side milliseconds) per demo utterance, the
+    conversation and its timeline (one `result_row` per final segment result)."""
     from emoq_serve.client.api import EmotionClient
+    from emoq_serve.client.conversation import result_row, stream_conversation
+    from emoq_serve.data.conversation import make_conversation
     from emoq_serve.data.synthetic import demo_utterances
     from emoq_serve.runtime.config import runtime_preset
     from emoq_serve.server.app import bundle_server
     from emoq_serve.server.config import ServerConfig
 
+    _step(f"generating a {CONVERSATION_SECONDS:.0f} s conversation (espeak-ng speakers taking turns)")
+    conv = make_conversation(seconds=CONVERSATION_SECONDS, seed=seed)
     _step(f"starting the gRPC server on the bundle {bundle}")
-    rows = []
+    rows, timeline = [], []
     async with bundle_server(bundle, runtime_preset("cpu"), ServerConfig(port=0, metrics_port=None)) as server:
         _step(f"streaming the demo utterances to 127.0.0.1:{server.port} (100 ms chunks)")
         async with EmotionClient(f"127.0.0.1:{server.port}") as client:
@@ -135,8 +148,50 @@ async def query_demo(bundle: Path, seed: int) -> list[tuple[Example, EmotionResu
                 async for result in client.stream(example.audio, 16_000, example.transcript, chunk_ms=100):
                     if result.is_final:
                         rows.append((example, result, (time.perf_counter() - t0) * 1e3))
+            # No client transcripts: the server's ASR supplies each segment's (source "asr").
+            _step(f"streaming the conversation ({conv.duration_s:.0f} s, {len(conv.turns)} turns) in "
+                  "VOICE_ACTIVITY mode, no transcripts sent: the server segments it and transcribes each segment")
+            async for r, latency in stream_conversation(client, conv.audio, 16_000, chunk_ms=100, timeout=600):
+                if r.is_final:
+                    timeline.append(result_row("conversation", r, latency))
         _step("stopping the server (drain, then stop)")
-    return rows
+    return rows, conv, timeline
+
+
+def format_conversation(conv: Conversation, timeline: list[dict[str, Any]]) -> str:
+    """The server's segments next to the generator's ground truth (the turn each overlaps most;
+    turns no segment covered are listed as missed), and how many labels match the truth."""
+    from emoq_serve.data.conversation import match_turn
+
+    def cut(text: str, n: int = 38) -> str:
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    header = ["seg", "start", "end", "spk", "transcript (source)", "label", "prob", "|", "truth: start", "end", "spk",
+              "label", "transcript"]
+    body, matched = [], set()
+    for r in timeline:
+        t = match_turn(conv.turns, r["start_s"], r["end_s"])
+        row = [str(r["segment_index"]), f"{r['start_s']:.2f}", f"{r['end_s']:.2f}", r["speaker"] or "-",
+               f"{cut(r['transcript']) or '-'} ({r['transcript_source']})", r["label"], f"{r['probability']:.2f}", "|"]
+        if t is None:
+            row += ["(no turn: a false segment)", "", "", "", ""]
+        else:
+            matched.add(t.index)
+            row += [f"{t.start_s:.2f}", f"{t.end_s:.2f}", t.speaker, t.label, cut(t.transcript)]
+        body.append(row)
+    for t in conv.turns:
+        if t.index not in matched:
+            body.append(["-", "", "", "", "(missed: no segment)", "", "", "|", f"{t.start_s:.2f}", f"{t.end_s:.2f}",
+                         t.speaker, t.label, cut(t.transcript)])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = [f"conversation timeline: the server's segments (speaker: what the client sent, none here) | the "
+             "generator's ground truth"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
+    right = sum(1 for r in timeline if (t := match_turn(conv.turns, r["start_s"], r["end_s"])) and r["label"] == t.label)
+    lines.append(f"conversation: {len(timeline)} segment(s) for {len(conv.turns)} turn(s); labels matching the "
+                 f"ground truth: {right}/{len(conv.turns)}; transcripts from "
+                 + ", ".join(f"{src}: {n}" for src, n in sorted(Counter(r["transcript_source"] for r in timeline).items())))
+    return "\n".join(lines)
 
 
 def quiet_libraries() -> None:
@@ -160,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DEMO_PRESETS["quick" if args.quick else "full"]
     bundle = build_demo_bundle(cfg, rebuild=args.rebuild)
     report = json.loads((bundle.parent / "report.json").read_text())
-    results = asyncio.run(query_demo(bundle, cfg.seed))
+    results, conv, timeline = asyncio.run(query_demo(bundle, cfg.seed))
     labels = report["labels"]
     print()
     print(format_table([(f"{ex.id} ({ex.cue}): \"{ex.transcript}\"", r, ms) for ex, r, ms in results]))
@@ -169,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo utterances right: {correct}/{len(results)}; held-out synthetic test accuracy: {_test_accuracy(report)};"
           f" export parity: embeddings {report['parity']['embedding_max_abs']:.2e},"
           f" posteriors {report['parity']['posterior_max_abs']:.2e}")
+    print()
+    print(format_conversation(conv, timeline))
     print(f"demo finished in {time.perf_counter() - started:.0f} s (bundle: {bundle})")
     return 0
 

@@ -174,3 +174,65 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| eager | 1 |" in (out / "bench.md").read_text()
     assert "## Optimized (onnx) / eager-bf16" in (out / "bench.md").read_text()
+
+
+def test_conversation_bench_reports_segment_latency_memory_and_sustained_streams(tmp_path):
+    """`--api conversation` against a stand-in server process (real gRPC, real Silero VAD): real-time
+    paced streams of short generated conversations, every turn answered, the server's RSS sampled
+    through its pid; the same run under an unmeetable latency bound is reported as not sustained."""
+    from server_harness import spawn_server
+
+    proc, port = spawn_server(max_audio_seconds=30.0)
+    try:
+        def bench(out, *flags):
+            assert main(["bench", "--server", f"127.0.0.1:{port}", "--server-pid", str(proc.pid),
+                         "--api", "conversation", "--conversation-seconds", "10", "--chunk-ms", "100",
+                         "--out", str(out), *flags]) == 0
+            return json.loads((out / "bench.json").read_text())
+
+        # Bounds no loaded machine misses: this run checks what is measured; the bound and slope
+        # checks are shown by the next run and by the test below.
+        report = bench(tmp_path / "ok", "--concurrency", "1,2", "--realtime", "--latency-bound-ms", "600000",
+                       "--max-slope-ms-per-min", "1e9")
+        slow = bench(tmp_path / "bound", "--concurrency", "1", "--latency-bound-ms", "1")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert [p["streams"] for p in report["points"]] == [1, 2]
+    for p in report["points"]:
+        assert p["api"] == "conversation" and p["errors"] == {} and p["turns_missing"] == 0
+        assert p["turns"] == p["streams"] * report["conversation"]["turns_per_stream"] >= 2 * p["streams"]
+        assert p["segments_ok"] == p["turns"] and p["false_segments"] == 0
+        lat = p["latency_ms"]
+        # from the end of speech the segment only closes after the segmenter's minimum silence
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert p["realtime_factor"] <= 1.0  # paced: no stream outruns its audio
+        assert p["memory"]["before_mb"] > 10 and p["memory"]["peak_mb"] >= p["memory"]["before_mb"]
+        assert p["sustained"] and p["why_not"] == []
+    assert report["sustained_streams"] == {"onnx": 2}
+    md = (tmp_path / "ok" / "bench.md").read_text()
+    assert "**onnx: 2 real-time stream(s) sustained**" in md and "| onnx | 2 |" in md
+    assert (tmp_path / "ok" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (point,) = slow["points"]
+    assert not point["sustained"] and point["why_not"] == ["p95 above 1 ms"]
+    assert slow["sustained_streams"] == {"onnx": 0} and any("not paced" in n for n in slow["notes"])
+
+
+def test_conversation_latency_that_grows_over_the_stream_is_not_sustained():
+    """An overloaded server falls behind real time: latency grows with the stream even while p95 is
+    under the bound; a missing turn and a failed stream are each disqualifying too."""
+    from benchmarks.conversation import Segment, StreamRun, summarize_point, sustained_streams
+
+    def point(streams, latencies, turns=None, code="OK"):
+        segs = [Segment(0, 10.0 * i, 10.0 * i + 2, i, lat) for i, lat in enumerate(latencies)]
+        runs = [StreamRun(segs, turns or len(segs), code)] + [StreamRun([], 0, "OK")] * (streams - 1)
+        return summarize_point("onnx", runs, 60.0, None, 60.0 * streams, 3000.0, 500.0)
+
+    flat = point(1, [0.5, 0.6, 0.5, 0.6, 0.5, 0.6])
+    growing = point(2, [0.5, 0.7, 0.9, 1.1, 1.3, 1.5])  # +0.2 s per 10 s of stream = 1200 ms/min
+    assert flat["sustained"] and abs(flat["latency_slope_ms_per_min"]) < 100
+    assert not growing["sustained"] and growing["why_not"] == ["latency grows 1200 ms/min"]
+    assert growing["latency_ms"]["p95"] < 3000
+    assert point(1, [0.5] * 4, turns=5)["why_not"] == ["1 turn(s) without a result"]
+    assert point(1, [0.5] * 4, code="DEADLINE_EXCEEDED")["why_not"] == ["failed streams {'DEADLINE_EXCEEDED': 1}"]
+    assert sustained_streams([flat, growing, {**flat, "streams": 4}]) == {"onnx": 1}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,18 @@ def run_demo(cache: Path) -> str:
     return done.stdout
 
 
+def check_conversation_timeline(output: str) -> None:
+    """The one-minute conversation, streamed without transcripts: ASR supplies them, every turn
+    has its segment and each segment's line shows its ground truth beside it."""
+    section = output[output.index("conversation timeline"):].splitlines()
+    segments = [line for line in section[2:] if line[:1].isdigit()]
+    summary = re.search(r"^conversation: (\d+) segment\(s\) for (\d+) turn\(s\); labels matching the ground "
+                        r"truth: \d+/\d+; transcripts from asr: (\d+)$", output, re.MULTILINE)
+    assert summary and int(summary[2]) >= 10 and summary[1] == summary[2] == summary[3], section
+    assert len(segments) == int(summary[1]) and all("(asr)" in line and " | " in line for line in segments), section
+    assert "(missed" not in output and "false segment" not in output, section
+
+
 def test_demo_builds_serves_and_reuses_its_bundle(tmp_path: Path) -> None:
     first = run_demo(tmp_path)
     for step in ("synthesizing", "stage 1", "stage 2", "export", "starting the gRPC server", "stopping the server"):
@@ -37,6 +50,9 @@ def test_demo_builds_serves_and_reuses_its_bundle(tmp_path: Path) -> None:
     rows = [line for line in first.splitlines() if line.startswith("demo-")]
     assert len(rows) == 5, first  # one per emotion plus the prosody-only utterance
     assert all(" final " in row for row in rows)
+    # The one-minute conversation, streamed without transcripts: ASR supplies them, every turn has
+    # its segment and the timeline shows ground truth beside each.
+    check_conversation_timeline(first)
 
     report = json.loads((tmp_path / "demo" / DEMO_PRESETS["quick"].key / "report.json").read_text())
     assert report["parity"]["posterior_max_abs"] < 1e-4
@@ -45,3 +61,4 @@ def test_demo_builds_serves_and_reuses_its_bundle(tmp_path: Path) -> None:
     second = run_demo(tmp_path)
     assert "building the demo bundle" not in second
     assert len([line for line in second.splitlines() if line.startswith("demo-")]) == 5
+    check_conversation_timeline(second)

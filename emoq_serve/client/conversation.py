@@ -77,9 +77,13 @@ def texts_from_ground_truth(path: str) -> list[SegmentText]:
     by time range right after its turn's speech ends (as a live captioner would)."""
     import json
 
-    meta = json.loads(open(path).read())
+    return texts_from_turns(json.loads(open(path).read())["turns"])
+
+
+def texts_from_turns(turns: Sequence[dict]) -> list[SegmentText]:
+    """`texts_from_ground_truth` for turns already in memory (`Conversation.meta()["turns"]`)."""
     return [SegmentText(t["transcript"], start_s=t["start_s"], end_s=t["end_s"], speaker=t.get("speaker", ""),
-                        after_s=t["end_s"]) for t in meta["turns"]]
+                        after_s=t["end_s"]) for t in turns]
 
 
 async def stream_conversation(client, audio: np.ndarray, sample_rate: int, texts: Sequence[SegmentText] = (), *,

@@ -85,6 +85,16 @@ class Conversation:
         return wav, meta
 
 
+def match_turn(turns: list[Turn], start_s: float, end_s: float) -> Turn | None:
+    """The turn whose speech overlaps [start_s, end_s] most (a segment's ground truth); None if none does."""
+    best, overlap = None, 0.0
+    for t in turns:
+        o = min(end_s, t.end_s) - max(start_s, t.start_s)
+        if o > overlap:
+            best, overlap = t, o
+    return best
+
+
 def load_conversation(path: str | Path) -> Conversation:
     """Read a saved conversation from its folder (or its .wav/.json path)."""
     path = Path(path)

@@ -50,8 +50,12 @@ def tokenizer_corpus(transcripts: Iterable[str], words: Sequence[str]) -> list[s
     return texts
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a Qwen-style byte-level BPE tokenizer and save it (with chat template) to `out_dir`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, placeholder: bool = True,
+                    chat_template: str = CHAT_TEMPLATE):
+    """Train a Qwen-style byte-level BPE tokenizer and save it (with chat template) to `out_dir`.
+
+    `placeholder=False` leaves `<AUDIO>` out, as in a real Qwen2.5 folder (tests of that layout).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,7 +67,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    special = [*SPECIAL_TOKENS, PLACEHOLDER]
+    special = [*SPECIAL_TOKENS, PLACEHOLDER] if placeholder else list(SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -75,8 +79,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", PLACEHOLDER],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=special[1:],
+        chat_template=chat_template,
     )
     fast.padding_side = "left"
     fast.save_pretrained(str(out_dir))

@@ -128,7 +128,8 @@ class LLMConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     emotion_word_weight: float = 5.0  # loss weight of the emotion-word token(s)
     #: Emotion word per class label (label -> word); the word's continuation after
-    #: "Emotion:" must be a single token. Empty = the label itself.
+    #: "Emotion:" must be a single token (or, under emotion_word_rule "first", start with a token no
+    #: other word starts with). Empty = the label itself.
     emotion_words: dict[str, str] = field(default_factory=dict)
     #: One of `EMOTION_WORD_RULES`: "single" (each word one token) or "first" (a multi-token word
     #: is scored by its first token; the first tokens must be distinct). Recorded in the manifest.

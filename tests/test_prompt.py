@@ -17,6 +17,7 @@ from emoq_serve.model.prompt import (
     PLACEHOLDER,
     PromptBuilder,
     check_single_token_words,
+    emotion_word_token_ids,
     inject_soft_prompt,
 )
 
@@ -51,6 +52,32 @@ def test_emotion_words_are_single_tokens(tokenizer):
         assert tokenizer.decode([i]) == " " + word  # the leading space lives in the token
     with pytest.raises(ValueError, match="'xylophonic' is not a single token"):
         check_single_token_words(tokenizer, ["xylophonic"])
+
+
+def test_first_token_rule_scores_a_multi_token_word_by_its_first_token(tokenizer):
+    """"xylophonic" is several tokens for this tokenizer: "single" refuses it, "first" scores it
+    by its first token; the manifest section records the rule in use."""
+    from export.bundle_writer import prompt_section
+
+    prefix = len(tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False))
+    cont = tokenizer.encode(f"{ANSWER_PREFIX} xylophonic", add_special_tokens=False)[prefix:]
+    assert len(cont) > 1
+    ids = emotion_word_token_ids(tokenizer, ["neutral", "xylophonic"], "first")
+    assert ids == [check_single_token_words(tokenizer, ["neutral"])[0], cont[0]]
+    builder = PromptBuilder(tokenizer, LABELS, {"happy": "xylophonic"}, 1, "first")
+    assert builder.emotion_token_ids[LABELS.index("happy")] == cont[0]
+    assert builder.answer_ids(LABELS.index("happy")) == [cont[0], tokenizer.eos_token_id]
+    assert prompt_section(builder)["emotion_word_rule"] == "first"
+    assert prompt_section(PromptBuilder(tokenizer, LABELS, {}, 1))["emotion_word_rule"] == "single"
+    with pytest.raises(ValueError, match="'xylophonic' is not a single token.*emotion_word_rule='first'"):
+        PromptBuilder(tokenizer, LABELS, {"happy": "xylophonic"}, 1)
+
+
+def test_first_token_rule_requires_distinct_first_tokens(tokenizer):
+    with pytest.raises(ValueError, match="do not map to distinct first tokens"):
+        emotion_word_token_ids(tokenizer, ["xylophonic", "xylophonist"], "first")
+    with pytest.raises(ValueError, match="emotion_word_rule must be one of"):
+        emotion_word_token_ids(tokenizer, LABELS, "last")
 
 
 def test_unknown_emotion_word_label_is_rejected(tokenizer):

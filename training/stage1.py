@@ -43,6 +43,8 @@ STAGE1_DEFAULTS: dict[str, dict[str, Any]] = {
     "small": {"epochs": 5, "batch_size": 16, "lr": 5e-5, "warmup_ratio": 0.1, "supcon_temperature": 0.5,
               "lr_groups": {PARAM_GROUPS["aux_head"]: 2e-3, PARAM_GROUPS["former_fresh"]: 1e-3}},
 }
+# The smollm2 preset's audio encoder and former are the small preset's (only its LLM differs).
+STAGE1_DEFAULTS["smollm2"] = STAGE1_DEFAULTS["small"]
 
 
 def train_config(preset_name: str, **overrides: Any) -> TrainConfig:

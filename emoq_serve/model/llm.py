@@ -1,15 +1,18 @@
-"""The Qwen2-family LLM: a local tokenizer for built models, the model itself, LoRA, posteriors.
+"""The LLM: a local tokenizer for built models, the model itself, LoRA, posteriors.
 
 Built presets (tiny/small/base) have no hub to download from, so they get a Qwen-style byte-level
 BPE tokenizer trained here (same special tokens and chat template as Qwen2.5) and a randomly
-initialised `Qwen2ForCausalLM`; the paper preset loads a real Qwen2.5 folder. Everything after
-this module sees the same kind of objects either way.
+initialised `Qwen2ForCausalLM`. Presets with `LLMConfig.path` load a real causal LM of any family
+transformers loads (the paper preset a Qwen2.5 folder, `smollm2` a Llama-family GGUF) with its
+own tokenizer and chat template. Everything after this module sees the same kind of objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import copy
 
 import torch
 
@@ -47,8 +50,12 @@ def tokenizer_corpus(transcripts: Iterable[str], words: Sequence[str]) -> list[s
     return texts
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a Qwen-style byte-level BPE tokenizer and save it (with chat template) to `out_dir`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, placeholder: bool = True,
+                    chat_template: str = CHAT_TEMPLATE):
+    """Train a Qwen-style byte-level BPE tokenizer and save it (with chat template) to `out_dir`.
+
+    `placeholder=False` leaves `<AUDIO>` out, as in a real Qwen2.5 folder (tests of that layout).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +67,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    special = [*SPECIAL_TOKENS, PLACEHOLDER]
+    special = [*SPECIAL_TOKENS, PLACEHOLDER] if placeholder else list(SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -72,8 +79,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", PLACEHOLDER],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=special[1:],
+        chat_template=chat_template,
     )
     fast.padding_side = "left"
     fast.save_pretrained(str(out_dir))
@@ -83,22 +90,48 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
 def build_or_load_tokenizer(cfg: LLMConfig, words: Sequence[str], transcripts: Iterable[str], out_dir: str | Path):
     """The real model's tokenizer (`cfg.path`), or one trained on the corpus and saved to `out_dir`."""
     if cfg.path:
-        return load_tokenizer(resolve_local_path(cfg.path))
+        return load_tokenizer(resolve_local_path(cfg.path), cfg.gguf_file)
     train_tokenizer(tokenizer_corpus(transcripts, words), cfg.tokenizer_vocab, out_dir)
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | Path):
-    """A saved LLM tokenizer (a built one or a real Qwen folder), left-padding."""
+def load_tokenizer(path: str | Path, gguf_file: str | None = None):
+    """A saved LLM tokenizer (a built one, a real model's folder, or the one inside a GGUF file),
+    left-padding, with a pad token (the eos token when the model defines none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        # Padding is always masked out, so any existing token serves.
+        tok.pad_token = tok.eos_token
     return tok
 
 
+def dequantised_copy(model):
+    """The same weights in a plain model of the same class, without the GGUF quantization config.
+
+    transformers refuses `save_pretrained` (hence peft's merge-then-save, and the bundle) on a
+    GGUF-loaded model even though its weights are already dequantised, so the loaded model is
+    rebuilt from its config minus `quantization_config` and given the state dict.
+    """
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    dtype = model.get_input_embeddings().weight.dtype
+    plain = type(model)(config).to(dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # Tied models list the shared lm_head weight once or twice depending on the loader.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantised copy does not match: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    return plain.eval()
+
+
 def build_or_load_llm(cfg: LLMConfig, tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """The base causal LM: `cfg.path` loaded, or a seeded random Qwen2 sized by `cfg`.
+    """The base causal LM: `cfg.path` (+ `cfg.gguf_file`) loaded, or a seeded random Qwen2 sized by `cfg`.
 
     The embedding table covers the tokenizer (vocab_size = max(cfg.vocab_size, len(tokenizer))),
     so tokens added later (the placeholder) always have a row.
@@ -106,7 +139,10 @@ def build_or_load_llm(cfg: LLMConfig, tokenizer, seed: int = 0, dtype: torch.dty
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(resolve_local_path(cfg.path), dtype=dtype)
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(resolve_local_path(cfg.path), dtype=dtype, **kwargs)
+        if cfg.gguf_file:
+            model = dequantised_copy(model)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         return model

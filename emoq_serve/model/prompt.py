@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from emoq_serve.config import EMOTION_WORD_RULES
+
 PLACEHOLDER = "<AUDIO>"
 ANSWER_PREFIX = "Emotion:"
 SYSTEM_PROMPT = (
@@ -40,28 +42,41 @@ def answer_text(word: str) -> str:
     return f"{ANSWER_PREFIX} {word}"
 
 
-def check_single_token_words(tokenizer, words: Sequence[str]) -> list[int]:
-    """Token id of each word's continuation after "Emotion:"; ValueError unless it is one token.
+def emotion_word_token_ids(tokenizer, words: Sequence[str], rule: str = "single") -> list[int]:
+    """The token id each class is scored by: the word's continuation after "Emotion:".
 
-    Byte-level BPE tokenizers (Qwen's) fold the leading space into the word token (" angry"), so
-    the check tokenizes the prefix with and without the continuation and compares.
+    Byte-level BPE tokenizers (Qwen's, SmolLM2's) fold the leading space into the word token
+    (" angry"), so the continuation is found by tokenizing the prefix with and without the word.
+    rule "single": ValueError unless the continuation is one token. rule "first": a multi-token
+    word is scored by its first token. Either way the ids must be distinct, or two classes would
+    share one score.
     """
+    if rule not in EMOTION_WORD_RULES:
+        raise ValueError(f"emotion_word_rule must be one of {EMOTION_WORD_RULES}, got {rule!r}")
     prefix = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-    ids = []
+    ids, pieces = [], []
     for word in words:
         full = tokenizer.encode(answer_text(word), add_special_tokens=False)
         extra = full[len(prefix):]
-        if full[: len(prefix)] != prefix or len(extra) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(extra)
+        pieces.append(tokenizer.convert_ids_to_tokens(extra))
+        if full[: len(prefix)] != prefix or not extra or (rule == "single" and len(extra) != 1):
             raise ValueError(
                 f"emotion word {word!r} is not a single token after {ANSWER_PREFIX!r} for this tokenizer "
-                f"(continuation {' ' + word!r} -> {len(extra)} tokens {pieces}); choose another word "
-                "through LLMConfig.emotion_words"
+                f"(continuation {' ' + word!r} -> {len(extra)} tokens {pieces[-1]}); choose another word "
+                "through LLMConfig.emotion_words, or score it by its first token "
+                "(LLMConfig.emotion_word_rule='first')"
             )
         ids.append(extra[0])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"emotion words {list(words)} do not map to distinct tokens: {ids}")
+        shared = {w: p[0] for w, p, i in zip(words, pieces, ids) if ids.count(i) > 1}
+        raise ValueError(f"emotion words {list(words)} do not map to distinct {'first ' if rule == 'first' else ''}"
+                         f"tokens: {ids} (shared: {shared}); choose other words through LLMConfig.emotion_words")
     return ids
+
+
+def check_single_token_words(tokenizer, words: Sequence[str]) -> list[int]:
+    """`emotion_word_token_ids` under the "single" rule."""
+    return emotion_word_token_ids(tokenizer, words, "single")
 
 
 def resolve_emotion_words(labels: Sequence[str], emotion_words: dict[str, str]) -> dict[str, str]:
@@ -75,7 +90,8 @@ def resolve_emotion_words(labels: Sequence[str], emotion_words: dict[str, str]) 
 class PromptBuilder:
     """Token ids of the chat prompt for one utterance, and the emotion-word token ids."""
 
-    def __init__(self, tokenizer, labels: tuple[str, ...], emotion_words: dict[str, str], num_soft_tokens: int):
+    def __init__(self, tokenizer, labels: tuple[str, ...], emotion_words: dict[str, str], num_soft_tokens: int,
+                 emotion_word_rule: str = "single"):
         if num_soft_tokens < 1:
             raise ValueError(f"num_soft_tokens must be >= 1, got {num_soft_tokens}")
         self.tokenizer = tokenizer
@@ -88,7 +104,10 @@ class PromptBuilder:
             tokenizer.add_special_tokens({"additional_special_tokens": [PLACEHOLDER]})
         self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
         self.emotion_words = resolve_emotion_words(self.labels, emotion_words)
-        self.emotion_token_ids = check_single_token_words(tokenizer, [self.emotion_words[l] for l in self.labels])
+        self.emotion_word_rule = emotion_word_rule
+        self.emotion_token_ids = emotion_word_token_ids(
+            tokenizer, [self.emotion_words[l] for l in self.labels], emotion_word_rule
+        )
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer has no eos token to end the answer with")
         self.end_token_id: int = tokenizer.eos_token_id
@@ -107,7 +126,10 @@ class PromptBuilder:
         return ids, positions
 
     def answer_ids(self, label_index: int) -> list[int]:
-        """Target tokens after the prompt: the emotion word and the end-of-turn token."""
+        """Target tokens after the prompt: the emotion word and the end-of-turn token.
+
+        Under the "first" rule the word is its first token only: that is all scoring reads, and
+        every class keeps a two-token answer so a batch's targets stack."""
         return [self.emotion_token_ids[label_index], self.end_token_id]
 
 

@@ -1,4 +1,4 @@
-"""Stage 2: the EmoQ-Former's utterance vector as a soft prompt to a LoRA-tuned Qwen2 LLM.
+"""Stage 2: the EmoQ-Former's utterance vector as a soft prompt to a LoRA-tuned causal LLM.
 
 z = pool(former(audio frames, transcript)) -> projector -> K soft tokens written over the
 `<AUDIO>` placeholder(s) of the chat prompt -> LLM logits at the last prompt position, read at
@@ -83,7 +83,8 @@ class EmoQStage2(nn.Module):
         self.text_tokenizer = text_tokenizer
         self.llm = llm
         self.llm_tokenizer = llm_tokenizer
-        self.prompt = PromptBuilder(llm_tokenizer, cfg.labels, cfg.llm.emotion_words, cfg.llm.num_soft_tokens)
+        self.prompt = PromptBuilder(llm_tokenizer, cfg.labels, cfg.llm.emotion_words, cfg.llm.num_soft_tokens,
+                                    cfg.llm.emotion_word_rule)
         in_dim = former.cfg.hidden_size if former is not None else audio_encoder.hidden_size
         llm_hidden = llm.get_input_embeddings().weight.shape[1]
         self.projector = Projector(in_dim, llm_hidden, cfg.llm.num_soft_tokens, cfg.llm.projector_hidden)
@@ -107,7 +108,8 @@ class EmoQStage2(nn.Module):
         The prompt builder runs before the LLM is built so the placeholder token it may add to a
         real Qwen tokenizer gets an embedding row.
         """
-        PromptBuilder(llm_tokenizer, cfg.labels, cfg.llm.emotion_words, cfg.llm.num_soft_tokens)
+        PromptBuilder(llm_tokenizer, cfg.labels, cfg.llm.emotion_words, cfg.llm.num_soft_tokens,
+                      cfg.llm.emotion_word_rule)
         llm = apply_lora(build_or_load_llm(cfg.llm, llm_tokenizer, seed=seed), cfg.llm)
         with torch.random.fork_rng():
             torch.manual_seed(seed)

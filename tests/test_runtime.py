@@ -107,6 +107,24 @@ def test_runtime_presets_are_fresh_copies():
         runtime_preset("nope")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--runtime", "cuda"], 64),  # the preset's size, which also sizes vLLM's max_num_seqs
+    (["--runtime", "cpu"], 8),
+    (["--runtime", "cuda", "--max-batch", "8"], 8),  # an explicit flag still wins
+    (["--runtime", "test", "--max-batch", "32"], 32),
+])
+def test_serve_max_batch_is_the_presets_unless_given(flags, expected):
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    runtime, server = configs(parser.parse_args(["serve", *flags]))
+    # The batcher's batches and the engine's sizing agree.
+    assert runtime.max_batch == server.batcher().max_batch == expected
+
+
 # -- pipelines on the tiny bundle ----------------------------------------------------------------
 
 def utterances() -> list[Utterance]:

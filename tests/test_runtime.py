@@ -73,6 +73,20 @@ def test_providers():
             providers("cuda")
 
 
+def test_cuda_provider_options_share_torchs_stream_and_search_convs_heuristically(monkeypatch):
+    # The options only (no GPU here): the stream and device torch reports, and no per-length conv search.
+    from types import SimpleNamespace
+
+    from emoq_serve.runtime import ort as ort_module
+
+    monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=1234))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    (name, opts), cpu = providers("cuda")
+    assert (name, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert opts == {"device_id": "0", "user_compute_stream": "1234", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
 def test_ort_stage_binds_torch_tensors(toy_graph):
     stage = OrtStage(toy_graph, intra_op_threads=1)
     assert stage.input_names == ("x", "mask") and stage.output_names == ("y", "n")

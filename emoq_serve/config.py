@@ -198,6 +198,10 @@ class TrainConfig:
     select_metric: str = "uar"  # one of wa, ua, wf1 ("uar" accepted as ua)
     num_workers: int = 0
     threads: int | None = None  # torch intra-op threads; None = leave as is
+    #: Where the model and every batch live: auto = CUDA when torch sees a GPU, else CPU.
+    device: str = "auto"
+    #: bf16 autocast on the training device (CUDA, or CPUs with AVX512-BF16/AMX); weights stay fp32.
+    bf16: bool = False
 
 
 def _tiny() -> ModelConfig:

@@ -9,12 +9,14 @@ the eager baseline engine recompute everything from the bundle alone.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from emoq_serve import bundle as names
+from emoq_serve.config import LLMConfig, resolve_local_path
 from emoq_serve.model.stage2 import EmoQStage2
 
 
@@ -37,14 +39,30 @@ def write_eager(model: EmoQStage2, out: Path) -> None:
     _save(model.former.state_dict(), out / names.EAGER_FORMER)
 
 
+def base_checkpoint_dtype(cfg: LLMConfig) -> torch.dtype:
+    """The dtype the base LLM checkpoint ships in (its config.json `torch_dtype`, or `dtype` in newer
+    transformers): the merged LLM is saved in it, so a bf16 7B model stays ~15 GB, not ~30 GB in fp32.
+    Built (random) LLMs have no checkpoint and stay fp32, which keeps export parity at fp32 tolerances."""
+    if cfg.path is None:
+        return torch.float32
+    config = json.loads((Path(resolve_local_path(cfg.path)) / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{cfg.path}/config.json: torch_dtype {name!r} is not a floating-point torch dtype")
+    return dtype
+
+
 def write_merged_llm(model: EmoQStage2, out: Path) -> torch.nn.Module:
-    """Merge LoRA into the base LM, save it (+ tokenizer, chat template) and its embedding table.
+    """Merge LoRA into the base LM, save it (+ tokenizer, chat template) in the base checkpoint's
+    dtype, and its embedding table (fp32, like the other host-side tensors).
 
     Mutates `model.llm` (peft merges in place), so eager references must be computed before.
     Returns the merged model.
     """
     merged = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
-    merged = merged.to(torch.float32)
+    # Merge in the training precision (fp32), round once when saving.
+    merged = merged.to(base_checkpoint_dtype(model.cfg.llm))
     llm_dir = out / names.LLM_DIR
     merged.save_pretrained(str(llm_dir), safe_serialization=True)
     model.llm_tokenizer.save_pretrained(str(llm_dir))

@@ -287,3 +287,41 @@ def test_group_norm_encoder_graph_is_padding_invariant_like_eager(tmp_path):
     np.testing.assert_allclose(frames[mask], eager_frames[eager_mask].numpy(), atol=1e-4)
     alone, alone_mask = session.run(None, {"waveforms": waveforms[1:2, :7_000].numpy(), "lengths": lengths[1:2].numpy()})
     np.testing.assert_allclose(frames[1][mask[1]], alone[0][alone_mask[0]], atol=1e-4)
+
+
+@pytest.mark.parametrize("shipped", ["bfloat16", "float16", None])
+def test_merged_llm_is_saved_in_the_base_checkpoints_dtype(tmp_path, shipped):
+    """A loaded base (Qwen2.5 ships bf16) is saved merged in its own dtype, not fp32 (twice the size);
+    a built (random) base has no checkpoint and stays fp32."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from emoq_serve.config import LLMConfig
+    from export.merge import write_merged_llm
+
+    base_dir = tmp_path / "base"
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    base = Qwen2ForCausalLM(config)
+    if shipped is not None:
+        base.to(getattr(torch, shipped)).save_pretrained(str(base_dir))
+    trained = Qwen2ForCausalLM(config)  # fp32, as training leaves it
+    tokenizer = SimpleNamespace(save_pretrained=lambda path: None)
+    llm_cfg = LLMConfig(path=str(base_dir) if shipped else None)
+    write_merged_llm(SimpleNamespace(llm=trained, llm_tokenizer=tokenizer, cfg=SimpleNamespace(llm=llm_cfg)), tmp_path / "b")
+    expected = getattr(torch, shipped or "float32")
+    saved = load_file(str(tmp_path / "b" / names.LLM_DIR / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {expected}
+    assert AutoConfig.from_pretrained(str(tmp_path / "b" / names.LLM_DIR)).dtype == expected
+    # The host-side embedding table stays fp32 (the server builds prompt embeddings from it).
+    assert load_file(str(tmp_path / "b" / names.EMBED_TOKENS))["weight"].dtype == torch.float32
+
+
+def test_base_checkpoint_with_a_non_float_dtype_fails_clearly(tmp_path):
+    from emoq_serve.config import LLMConfig
+    from export.merge import base_checkpoint_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "int8"}))
+    with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype"):
+        base_checkpoint_dtype(LLMConfig(path=str(tmp_path)))

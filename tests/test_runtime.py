@@ -73,6 +73,20 @@ def test_providers():
             providers("cuda")
 
 
+def test_cuda_provider_options_share_torchs_stream_and_search_convs_heuristically(monkeypatch):
+    # The options only (no GPU here): the stream and device torch reports, and no per-length conv search.
+    from types import SimpleNamespace
+
+    from emoq_serve.runtime import ort as ort_module
+
+    monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=1234))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    (name, opts), cpu = providers("cuda")
+    assert (name, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert opts == {"device_id": "0", "user_compute_stream": "1234", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
 def test_ort_stage_binds_torch_tensors(toy_graph):
     stage = OrtStage(toy_graph, intra_op_threads=1)
     assert stage.input_names == ("x", "mask") and stage.output_names == ("y", "n")
@@ -105,6 +119,24 @@ def test_runtime_presets_are_fresh_copies():
     assert RuntimeConfig(device="auto").resolved_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="unknown runtime preset"):
         runtime_preset("nope")
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--runtime", "cuda"], 64),  # the preset's size, which also sizes vLLM's max_num_seqs
+    (["--runtime", "cpu"], 8),
+    (["--runtime", "cuda", "--max-batch", "8"], 8),  # an explicit flag still wins
+    (["--runtime", "test", "--max-batch", "32"], 32),
+])
+def test_serve_max_batch_is_the_presets_unless_given(flags, expected):
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    runtime, server = configs(parser.parse_args(["serve", *flags]))
+    # The batcher's batches and the engine's sizing agree.
+    assert runtime.max_batch == server.batcher().max_batch == expected
 
 
 # -- pipelines on the tiny bundle ----------------------------------------------------------------

@@ -21,6 +21,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--select-metric", choices=["wa", "ua", "uar", "wf1"], help="dev metric choosing the best checkpoint")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="where the model and batches live (default auto: CUDA when torch sees a GPU, else CPU)")
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 autocast on the chosen device (CUDA, or CPUs with AVX512-BF16/AMX); weights stay fp32")
 
 
 def _run_stage1(args: argparse.Namespace) -> int:
@@ -53,6 +57,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--modality", choices=["both", "audio", "text"], default="both", help="modality ablation")
     stage2.add_argument("--no-former", action="store_true", help="inject mean-pooled raw audio features (ablation)")
     stage2.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
-    stage2.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16/AMX)")
     stage2.add_argument("--feature-cache", help="folder caching frozen HuBERT features across epochs and runs")
     stage2.set_defaults(func=_run_stage2)

@@ -12,6 +12,7 @@ by the caller from the same pair, so a resumed run replays exactly what an unbro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,7 +54,37 @@ def preset_train_config(defaults: dict[str, dict[str, Any]], preset_name: str, *
 
 def flag_overrides(args: Any) -> dict[str, Any]:
     """The `TrainConfig` fields that both trainers' CLIs expose as flags (None = not given)."""
-    return {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "select_metric", "threads")}
+    return {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "select_metric", "threads", "device", "bf16")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`TrainConfig.device` as a torch device: auto = CUDA when torch sees a GPU, else CPU.
+    Asking for CUDA without one fails here, before any model is built."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu or auto")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the trainers move the whole model at once)."""
+    return next(model.parameters()).device
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (lists of strings stay as they are); `index` stays on the
+    CPU because it addresses host-side arrays of predictions."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "index" else v
+        for k, v in batch.items()
+    }
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the training device when asked (CUDA, or CPU with AVX512-BF16/AMX); else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def canonical_metric(name: str) -> str:
@@ -132,7 +163,8 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     start_epoch, best, best_epoch = 0, -math.inf, -1
     if resume:
-        state = torch.load(out / "last" / TRAINER_STATE, weights_only=True)
+        # The optimizer moves its state onto the parameters' device as it loads.
+        state = torch.load(out / "last" / TRAINER_STATE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]

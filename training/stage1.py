@@ -25,7 +25,10 @@ from emoq_serve.data.types import Corpus, Example
 from emoq_serve.metrics import emotion_metrics, emotion_report
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.losses import class_weights_from_labels, mal_loss
-from training.common import PARAM_GROUPS, fit, flag_overrides, preset_train_config, seed_everything, set_threads
+from training.common import (
+    PARAM_GROUPS, autocast, fit, flag_overrides, model_device, move_batch, preset_train_config, resolve_device,
+    seed_everything, set_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +60,36 @@ def iterate_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Collated, length-bucketed batches; shuffled reproducibly by (shuffle_seed, epoch), or in
     length order when `shuffle_seed` is None (evaluation). `batch["index"]` maps rows back to
-    `examples`, since neither order is the examples' own."""
+    `examples`, since neither order is the examples' own. Batches come on the model's device."""
     # Audio length when there is audio (HuBERT cost dominates), else transcript length, so
     # text-only corpora (MELD without clips) are bucketed too instead of padded at random.
     lengths = [len(e.transcript) if e.audio is None else len(e.audio) for e in examples]
     sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle_seed is not None, seed=shuffle_seed or 0)
     sampler.set_epoch(epoch)
+    device = model_device(model)
     for indices in sampler:
         batch = collate([examples[i] for i in indices], model.text_tokenizer, model.cfg.former.max_text_tokens)
         batch["index"] = torch.tensor(indices, dtype=torch.int64)  # rows' positions in `examples`
-        yield batch
+        yield move_batch(batch, device)
 
 
 @torch.no_grad()
-def predict(model: EmoQStage1, examples: Sequence[Example], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(reference labels, argmax of the auxiliary head) over a split, in batch order."""
     model.eval()
     y_true, y_pred = [], []
-    for batch in iterate_batches(examples, model, batch_size):
-        y_true.append(batch["labels"])
-        y_pred.append(model(batch)[1].argmax(-1).cpu())
+    with autocast(model_device(model), bf16):
+        for batch in iterate_batches(examples, model, batch_size):
+            y_true.append(batch["labels"].cpu())
+            y_pred.append(model(batch)[1].argmax(-1).cpu())
     if not y_true:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
 
 
-def evaluate(model: EmoQStage1, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+def evaluate(model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> dict[str, float]:
     """WA/UA/WF1 of the auxiliary head on a split."""
-    return emotion_metrics(*predict(model, examples, batch_size), len(model.cfg.labels))
+    return emotion_metrics(*predict(model, examples, batch_size, bf16), len(model.cfg.labels))
 
 
 def train_stage1(
@@ -98,14 +103,18 @@ def train_stage1(
         raise ValueError("stage 1 needs non-empty train and dev splits")
     set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    model = EmoQStage1.load(out / "last") if resume else EmoQStage1(model_cfg)
+    device = resolve_device(train_cfg.device)
+    model = (EmoQStage1.load(out / "last") if resume else EmoQStage1(model_cfg)).to(device)
     weights = class_weights_from_labels([e.label for e in corpus.train], len(corpus.labels))
     log.info("stage 1: %d train / %d dev examples, class weights %s", len(corpus.train), len(corpus.dev), weights.tolist())
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        z, logits = model(batch)
+        with autocast(device, train_cfg.bf16):
+            z, logits = model(batch)
+        # The loss in fp32: bf16's 8-bit mantissa is too coarse for SupCon's exp(sim / temperature).
         return mal_loss(
-            z, logits, batch["labels"], weights,
+            z.float(), logits.float(),
+            batch["labels"], weights,
             temperature=train_cfg.supcon_temperature, gamma=train_cfg.focal_gamma, lam=train_cfg.mal_lambda,
         )
 
@@ -114,15 +123,15 @@ def train_stage1(
         train_batches=lambda epoch: iterate_batches(corpus.train, model, train_cfg.batch_size, train_cfg.seed, epoch),
         batches_per_epoch=-(-len(corpus.train) // train_cfg.batch_size),
         loss_fn=loss_fn,
-        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size),
+        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16),
         cfg=train_cfg,
         out_dir=out,
         resume=resume,
     )
     summary["train_config"] = dataclasses.asdict(train_cfg)
     if corpus.test:
-        best = EmoQStage1.load(out / "best")
-        summary["test"] = emotion_report(*predict(best, corpus.test, train_cfg.batch_size), corpus.labels)
+        best = EmoQStage1.load(out / "best").to(device)
+        summary["test"] = emotion_report(*predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16), corpus.labels)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -114,8 +114,10 @@ RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # (ServerConfig.max_inflight_batches=2: the ONNX stages of one overlap the LLM of the other,
     # one core each), and because a 2-thread matmul on a shared box collapses (1-2 GFLOP/s
     # against ~60 on one thread, measured under load). The LLM in bf16 where the CPU has it.
+    # max_batch 8: what `emoq serve` ran with when --max-batch always overrode the preset.
     "cpu": RuntimeConfig(device="cpu", dtype="auto", graph_runtime="auto", audio_threads=1, former_threads=1,
-                         torch_threads=1),
+                         torch_threads=1, max_batch=8),
+    # max_batch 64 also sizes vLLM's max_num_seqs (2x: two batches in flight).
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }
 

@@ -53,7 +53,12 @@ def providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
         raise RuntimeError("device 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
                            "(install onnxruntime-gpu)")
     stream = torch.cuda.current_stream().cuda_stream
-    cuda_opts = {"device_id": str(torch.cuda.current_device()), "user_compute_stream": str(stream)}
+    cuda_opts = {
+        "device_id": str(torch.cuda.current_device()),
+        "user_compute_stream": str(stream),
+        # EXHAUSTIVE (the default) benchmarks every conv algorithm again for each new audio length.
+        "cudnn_conv_algo_search": "HEURISTIC",
+    }
     return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
 

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-batching", choices=("padded", "per-utterance"), default=None,
                    help="onnx engine: the audio encoder on the zero-padded batch, or on each clip alone "
                         "(default: the preset's)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="utterances per engine batch (default: the runtime preset's: cpu/test 8, cuda 64; "
+                        "it also sizes vLLM's max_num_seqs)")
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
                    help="batches in the engine at once (2: ONNX stages of one overlap the LLM of another)")
@@ -80,16 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     """The parsed flags as (RuntimeConfig, ServerConfig)."""
     runtime = runtime_preset(args.runtime).replace(
-        max_batch=args.max_batch,
         verify_hashes=not args.no_verify,
-        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers") if (v := getattr(args, k)) is not None},
+        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers", "max_batch")
+           if (v := getattr(args, k)) is not None},
     )
     if args.audio_batching is not None:
         runtime = runtime.replace(audio_per_utterance=args.audio_batching == "per-utterance")
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    server = ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    server = ServerConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "max_batch"},
+                          max_batch=runtime.max_batch)  # the batcher and the engine agree on one size
     if server.metrics_port is not None and server.metrics_port < 0:
         server = server.replace(metrics_port=None)
     return runtime, server

@@ -60,14 +60,13 @@ def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str,
     (transcript tokens for the former, the full chat prompt for the LLM)."""
     from transformers import AutoTokenizer
 
-    from emoq_serve.bundle import FORMER_TOKENIZER_DIR, LLM_DIR, Bundle
-    from emoq_serve.model.prompt import PromptBuilder
+    from emoq_serve.bundle import FORMER_TOKENIZER_DIR, Bundle
+    from emoq_serve.runtime.assets import prompt_builder
 
     bundle = Bundle.open(bundle_path, verify_hashes=False)
-    cfg, prompt = bundle.model_config, bundle.manifest["prompt"]
+    cfg = bundle.model_config
     text_tokenizer = AutoTokenizer.from_pretrained(str(bundle.file(FORMER_TOKENIZER_DIR)))
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(str(bundle.file(LLM_DIR))), bundle.labels,
-                            prompt["emotion_words"], prompt["num_soft_tokens"])
+    builder = prompt_builder(bundle)
     per_request = []
     for req in workload:
         shape = flops.RequestShape(

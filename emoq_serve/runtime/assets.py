@@ -81,7 +81,7 @@ def prompt_builder(bundle: Bundle) -> PromptBuilder:
     cfg = bundle.model_config
     prompt = bundle.manifest["prompt"]
     builder = PromptBuilder(load_tokenizer(bundle.file(names.LLM_DIR)), cfg.labels, prompt["emotion_words"],
-                            int(prompt["num_soft_tokens"]))
+                            int(prompt["num_soft_tokens"]), prompt.get("emotion_word_rule", "single"))
     if list(builder.emotion_token_ids) != list(prompt["emotion_token_ids"]):
         raise BundleError(f"the bundle's LLM tokenizer maps the emotion words to {builder.emotion_token_ids}, "
                           f"but the manifest records {prompt['emotion_token_ids']}")

@@ -42,8 +42,9 @@ def write_eager(model: EmoQStage2, out: Path) -> None:
 def base_checkpoint_dtype(cfg: LLMConfig) -> torch.dtype:
     """The dtype the base LLM checkpoint ships in (its config.json `torch_dtype`, or `dtype` in newer
     transformers): the merged LLM is saved in it, so a bf16 7B model stays ~15 GB, not ~30 GB in fp32.
-    Built (random) LLMs have no checkpoint and stay fp32, which keeps export parity at fp32 tolerances."""
-    if cfg.path is None:
+    Built (random) LLMs have no checkpoint and stay fp32, which keeps export parity at fp32 tolerances;
+    a GGUF checkpoint is quantised and loads dequantised to fp32, so it is saved in fp32 too."""
+    if cfg.path is None or cfg.gguf_file is not None:
         return torch.float32
     config = json.loads((Path(resolve_local_path(cfg.path)) / "config.json").read_text())
     name = config.get("torch_dtype") or config.get("dtype") or "float32"

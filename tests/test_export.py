@@ -325,3 +325,11 @@ def test_base_checkpoint_with_a_non_float_dtype_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "int8"}))
     with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype"):
         base_checkpoint_dtype(LLMConfig(path=str(tmp_path)))
+
+
+def test_gguf_base_is_saved_in_fp32(tmp_path):
+    """A GGUF checkpoint (SmolLM2 ships Q4_1) has no config.json and loads dequantised to fp32."""
+    from emoq_serve.config import LLMConfig
+    from export.merge import base_checkpoint_dtype
+
+    assert base_checkpoint_dtype(LLMConfig(path=str(tmp_path), gguf_file="model.Q4_1.gguf")) == torch.float32

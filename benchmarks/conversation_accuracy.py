@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -53,12 +54,14 @@ def segment_labels(stub: pb_grpc.EmotionRecognizerStub, conv: Conversation, with
     return [predicted.get(t.index) for t in conv.turns], [pb.TranscriptSource.Name(r.transcript_source) for r in finals]
 
 
-def run(bundle: Path, turns: int, seed: int, out_dir: Path) -> dict:
+def run(bundle: Path, turns: int, seed: int) -> dict:
     convs = conversations(turns, seed)
     truth = [t.label for c in convs for t in c.turns]
     rows: dict[str, list] = {"pre_cut": [], "segments_client": [], "segments_asr": []}
     sources: dict[str, list] = {"segments_client": [], "segments_asr": []}
-    with ServerProcess(bundle=bundle, engine="onnx", log_path=out_dir / "server.log",
+    log_dir = Path(tempfile.mkdtemp(prefix="emoq-conv-acc-"))  # the server's log, kept out of results/
+    log.info("server log: %s", log_dir / "server.log")
+    with ServerProcess(bundle=bundle, engine="onnx", log_path=log_dir / "server.log",
                        extra_args="--no-verify --asr auto") as server, grpc.insecure_channel(server.address) as ch:
         stub = pb_grpc.EmotionRecognizerStub(ch)
         for conv in convs:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = run(args.bundle, args.turns, args.seed, args.out.parent)
+    result = run(args.bundle, args.turns, args.seed)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

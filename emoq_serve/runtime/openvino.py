@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoq_serve.runtime.ort import check_inputs
+
 #: RuntimeConfig precision -> OpenVINO's inference precision hint.
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -54,10 +56,7 @@ class OvStage:
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""
-        missing = set(self.input_names) - inputs.keys()
-        unknown = inputs.keys() - set(self.input_names)
-        if missing or unknown:
-            raise ValueError(f"{self.path.name}: missing inputs {sorted(missing)}, unknown inputs {sorted(unknown)}")
+        check_inputs(self.path, self.input_names, inputs)
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()

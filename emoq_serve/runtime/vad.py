@@ -24,7 +24,12 @@ Defaults of `VadParams`, one line of why each:
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,3 +130,103 @@ class SileroVad:
             s.state = np.ascontiguousarray(new_state[:, i:i + 1])
             s.context = x[i, -CONTEXT:].copy()
         return prob[:, 0].astype(np.float32, copy=False)
+
+    def scores(self, state: VadState, windows: np.ndarray) -> np.ndarray:
+        """One stream's windows [k, 512] in order, one step each -> probabilities [k]."""
+        return np.array([self.step([state], w[None])[0] for w in windows], np.float32)
+
+
+@dataclass
+class _Job:
+    state: VadState
+    windows: np.ndarray  # [k, WINDOW]
+    future: Future[np.ndarray]
+    probs: np.ndarray
+    pos: int = 0
+
+
+class VadBatcher:
+    """Scores the windows of many streams together on one thread of its own.
+
+    A stream's windows are sequential (each step carries its recurrent state to the next), but
+    different streams are independent: each tick scores the next pending window of every waiting
+    stream as one batch, up to `max_batch`. A batch of 16 costs about a third per window of 16
+    single steps (`benchmarks/bench_vad.py`). A stream submits one job at a time (its owner
+    awaits the result before feeding more), so its state is never stepped twice at once.
+    """
+
+    def __init__(self, vad: SileroVad, max_batch: int = 64,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+        self.vad, self.max_batch, self.on_batch = vad, max_batch, on_batch
+        self.steps = 0  # batched ORT calls so far
+        self.windows = 0  # windows scored so far (windows / steps = mean batch)
+        self.largest_batch = 0
+        self._queue: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="emoq-vad", daemon=True)
+        self._thread.start()
+
+    def submit(self, state: VadState, windows: np.ndarray) -> Future[np.ndarray]:
+        """Queue one stream's windows [k, 512]; the future gives their probabilities [k]."""
+        windows = np.asarray(windows, dtype=np.float32)
+        if windows.ndim != 2 or windows.shape[1] != WINDOW:
+            raise ValueError(f"windows must be [k, {WINDOW}]; got {windows.shape}")
+        future: Future[np.ndarray] = Future()
+        if not len(windows):
+            future.set_result(np.zeros(0, np.float32))
+            return future
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the VAD batcher is closed")
+            self._queue.append(_Job(state, windows, future, np.zeros(len(windows), np.float32)))
+            self._cv.notify()
+        return future
+
+    async def score(self, state: VadState, windows: np.ndarray) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(state, windows))
+
+    def close(self) -> None:
+        """Stop the thread once the jobs already queued are scored."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        active: list[_Job] = []
+        while True:
+            with self._cv:
+                while not self._queue and not active and not self._closed:
+                    self._cv.wait()
+                if not self._queue and not active:
+                    return
+                while self._queue and len(active) < self.max_batch:
+                    job = self._queue.popleft()
+                    if job.future.set_running_or_notify_cancel():  # False: its call is gone
+                        active.append(job)
+            if not active:
+                continue
+            try:
+                probs = self.vad.step([j.state for j in active], np.stack([j.windows[j.pos] for j in active]))
+            except Exception as exc:  # a broken model fails the jobs it was scoring, not the thread
+                for job in active:
+                    job.future.set_exception(exc)
+                active = []
+                continue
+            self.steps += 1
+            self.windows += len(active)
+            self.largest_batch = max(self.largest_batch, len(active))
+            if self.on_batch is not None:
+                self.on_batch(len(active))
+            still: list[_Job] = []
+            for job, p in zip(active, probs):
+                job.probs[job.pos] = p
+                job.pos += 1
+                if job.pos == len(job.windows):
+                    job.future.set_result(job.probs)
+                else:
+                    still.append(job)
+            active = still

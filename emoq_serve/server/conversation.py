@@ -1,7 +1,7 @@
 """VOICE_ACTIVITY streams: one long stream in, one final result per speech segment out.
 
-Per call, a reader task takes the client's messages (decoding, resampling and VAD on the
-service's worker threads), and every segment the `Segmenter` closes becomes a scoring task at
+Per call, a reader task takes the client's messages (decoding and resampling on the service's
+worker threads, the VAD on its `VadBatcher` thread, batched with the other streams'), and every segment the `Segmenter` closes becomes a scoring task at
 once: wait (bounded) for the segment's client transcript, then go through the shared dynamic
 batcher, so segments of many streams batch together. Results leave in the order their tasks
 were made (segment order, interims in between), each as soon as it and the ones before it are
@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -37,7 +36,7 @@ from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import QueueFull
 from emoq_serve.runtime.types import Utterance
-from emoq_serve.runtime.vad import SileroVad, VadParams
+from emoq_serve.runtime.vad import VadBatcher, VadParams
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.limits import StreamTicket
 from emoq_serve.server.segmenter import Segment, Segmenter
@@ -120,22 +119,17 @@ class SegmentTranscripts:
         self._pending = kept
 
 
-@dataclass
-class _Fed:
-    closed: list[Segment]
-    transcript: pb.SegmentTranscript | None = None
-
-
 class ConversationStream:
     """One VOICE_ACTIVITY call (see the module docstring)."""
 
     def __init__(self, service: EmotionRecognizerService, stream: StreamAssembler, context: grpc.aio.ServicerContext,
-                 ticket: StreamTicket, vad: SileroVad) -> None:
+                 ticket: StreamTicket, vad: VadBatcher) -> None:
         assert stream.config is not None
         self.service, self.stream, self.context, self.ticket = service, stream, context, ticket
         self.cfg: ServerConfig = service.cfg
         self.config = stream.config
-        self.segmenter = Segmenter(vad, vad_params(self.cfg, self.config.voice_activity))
+        self.vad = vad
+        self.segmenter = Segmenter(vad.vad, vad_params(self.cfg, self.config.voice_activity))
         self.wait_s = min(self.config.segment_transcript_wait_ms, self.cfg.max_segment_transcript_wait_ms) / 1e3
         self.transcripts = SegmentTranscripts(self.cfg.max_pending_segment_transcripts)
         self._out: asyncio.Queue[asyncio.Task[pb.EmotionResult | None] | BaseException | None] = asyncio.Queue()
@@ -173,19 +167,22 @@ class ConversationStream:
             span = self.cfg.interim_span_s
             next_interim = span
             while (request := await next_message()) is not None:
-                fed = await self.service.off_loop(self._feed, request)
-                if fed.transcript is not None:
-                    self.transcripts.add(fed.transcript)
+                item = await self.service.off_loop(self.stream.feed, request)
+                if isinstance(item, np.ndarray):
+                    self._close(await self._segment(item))
+                elif item is not None:
+                    self.transcripts.add(item)
                     self._arrival.set()
                     self._arrival = asyncio.Event()
                     if not self._undecided:
                         self.transcripts.prune(self._next_index, self._closed_end_s)
-                self._close(fed.closed)
+                    self._hold()
                 seconds = self.segmenter.total_samples / SAMPLE_RATE
                 if self.config.interim_results and seconds >= next_interim:
                     self._start_interim()
                     next_interim = (math.floor(seconds / span) + 1) * span
-            closed = await self.service.off_loop(self._finish)
+            closed = await self._segment(await self.service.off_loop(self.stream.finish))
+            closed += self.segmenter.finish()
             self._ended = True
             self._arrival.set()
             self._close(closed)
@@ -195,18 +192,10 @@ class ConversationStream:
         except Exception as exc:  # handed to the response side, which raises it into the call's status
             self._out.put_nowait(exc)
 
-    def _feed(self, request: pb.StreamingRecognizeRequest) -> _Fed:
-        """On a worker thread: check and decode one message, run the VAD over its audio."""
-        item = self.stream.feed(request)
-        if isinstance(item, np.ndarray):
-            return _Fed(self.segmenter.feed(item) if item.size else [])
-        return _Fed([], item)
-
-    def _finish(self) -> list[Segment]:
-        """On a worker thread: the resampler's tail, then close the open segment."""
-        tail = self.stream.finish()
-        closed = self.segmenter.feed(tail) if tail.size else []
-        return closed + self.segmenter.finish()
+    async def _segment(self, audio: np.ndarray) -> list[Segment]:
+        """Decoded audio through the VAD (batched with the other streams') and the segmenter."""
+        windows = self.segmenter.split(audio)
+        return self.segmenter.advance(windows, await self.vad.score(self.segmenter.vad_state, windows))
 
     def _hold(self) -> None:
         self.ticket.hold(self.segmenter.buffered_samples + self._closed_samples)

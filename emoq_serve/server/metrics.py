@@ -37,6 +37,10 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "emoq_batch_size", "Utterances per batch sent to the engine.", buckets=BATCH_BUCKETS, registry=self.registry
         )
+        self.vad_batch_size = Histogram(
+            "emoq_vad_batch_size", "Streams scored together per VAD step (VOICE_ACTIVITY streams).",
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
         self.queue_depth = Gauge("emoq_queue_depth", "Utterances waiting for a batch.", registry=self.registry)
         self.queue_depth.set_function(queue_depth)
         self.inflight = Gauge("emoq_inflight_calls", "gRPC calls being handled.", registry=self.registry)

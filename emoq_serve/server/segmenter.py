@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.vad import WINDOW, SileroVad, VadParams
+from emoq_serve.runtime.vad import WINDOW, SileroVad, VadParams, VadState
 
 #: How far back from the length limit a forced cut looks for a pause between words.
 _CUT_SEARCH_S = 1.0
@@ -97,8 +97,21 @@ class Segmenter:
         """Samples held now: the open segment (or the pre-padding ring) plus a partial window."""
         return self._n + len(self._pending)
 
+    @property
+    def vad_state(self) -> VadState:
+        """The stream's VAD state, for a `VadBatcher` that scores this stream's windows."""
+        return self._state
+
     def feed(self, audio: np.ndarray) -> list[Segment]:
-        """Add 16 kHz float32 mono audio of any length; returns the segments it closed, in order."""
+        """Add 16 kHz float32 mono audio of any length; returns the segments it closed, in order.
+        Scores the windows one step at a time; a server batches streams' steps instead, with
+        `split`, a `VadBatcher` and `advance`."""
+        windows = self.split(audio)
+        return self.advance(windows, self.vad.scores(self._state, windows))
+
+    def split(self, audio: np.ndarray) -> np.ndarray:
+        """Take audio of any length; return the whole windows [k, 512] now ready for the VAD (the
+        remainder waits for the next call). Pass them, scored, to `advance` before splitting more."""
         if self._finished:
             raise RuntimeError("feed() after finish(): this stream has ended")
         x = np.asarray(audio, dtype=np.float32)
@@ -108,12 +121,17 @@ class Segmenter:
         if len(self._pending):
             x = np.concatenate([self._pending, x])
         n_windows = len(x) // WINDOW
-        out: list[Segment] = []
-        for k in range(n_windows):
-            w = x[k * WINDOW:(k + 1) * WINDOW]
-            prob = float(self.vad.step([self._state], w[None])[0])
-            out += self._advance(w, prob)
         self._pending = x[n_windows * WINDOW:].copy()
+        return x[:n_windows * WINDOW].reshape(n_windows, WINDOW)
+
+    def advance(self, windows: np.ndarray, probs: np.ndarray) -> list[Segment]:
+        """Run the state machine over `split`'s windows and their VAD probabilities; returns the
+        segments closed, in order."""
+        if len(windows) != len(probs):
+            raise ValueError(f"{len(windows)} windows but {len(probs)} probabilities")
+        out: list[Segment] = []
+        for w, prob in zip(windows, probs):
+            out += self._advance(w, float(prob))
         if out:  # a closed segment's audio now lives in the Segment: stop holding it here too
             self._trim()
         return out

@@ -32,7 +32,7 @@ from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
 from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
-from emoq_serve.runtime.vad import SileroVad
+from emoq_serve.runtime.vad import SileroVad, VadBatcher
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
 from emoq_serve.server.limits import ServerBusy, StreamLimits, StreamTicket
@@ -107,14 +107,15 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self.limits = StreamLimits(cfg.max_streams, cfg.max_buffered_audio_s)
         metrics.open_streams.set_function(lambda: self.limits.open_streams)
         metrics.buffered_audio.set_function(lambda: self.limits.buffered_seconds)
-        self._vad: SileroVad | None = None
+        self._vad: VadBatcher | None = None
         self._vad_lock = asyncio.Lock()
 
-    async def vad(self) -> SileroVad:
-        """The Silero VAD all VOICE_ACTIVITY streams share, loaded on first use (off the loop)."""
+    async def vad(self) -> VadBatcher:
+        """The Silero VAD all VOICE_ACTIVITY streams share (their steps batched), loaded on first use
+        (off the loop)."""
         async with self._vad_lock:
             if self._vad is None:
-                self._vad = await self.off_loop(SileroVad)
+                self._vad = VadBatcher(await self.off_loop(SileroVad), on_batch=self.metrics.vad_batch_size.observe)
         return self._vad
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
@@ -123,6 +124,8 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
 
     def close(self) -> None:
         self._workers.shutdown(wait=False, cancel_futures=True)
+        if self._vad is not None:
+            self._vad.close()
 
     async def drain(self, timeout: float) -> int:
         """Refuse new calls, wait up to `timeout` s for accepted ones, then cut the rest off

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emoq_serve.runtime import EngineName, load_recognizer, warm_up
 from emoq_serve.runtime.batcher import BATCH_DEADLINE, BatcherConfig, DeadlineExpired, DynamicBatcher
 from emoq_serve.runtime.config import RuntimeConfig
@@ -157,6 +159,8 @@ class EngineReplica:
     async def recognize(self, batch: list[Utterance]) -> ReplicaReply:
         if self._broken is not None:
             raise EngineFailure(f"replica {self.replica}'s engine broke: {self._broken}")
+        # Ray hands numpy arrays over read-only (zero-copy): give the engine writable audio.
+        batch = [dataclasses.replace(u, audio=np.require(u.audio, requirements="W")) for u in batch]
         predictions = await asyncio.gather(*(self.batcher.submit(u) for u in batch))
         return ReplicaReply(self.replica, self.node, list(predictions))
 

@@ -285,3 +285,18 @@ def test_serve_flags_make_the_cluster_config():
         configs(parser.parse_args(["serve", "--replicas", "2"]))
     with pytest.raises(SystemExit, match="both min_replicas and max_replicas"):
         configs(parser.parse_args(["serve", "--ray-address", "local", "--max-replicas", "2"]))
+
+
+def test_build_app_for_declarative_deploys():
+    """The application a KubeRay RayService (or `serve deploy`) builds from its `args`."""
+    from emoq_serve.runtime.cluster import build_app
+
+    app = build_app({"bundle": "/bundles/b", "runtime": "cuda", "min_replicas": 1, "max_replicas": 3})
+    deployment = app._bound_deployment  # no public accessor; the options Serve will apply
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert {k: deployment.ray_actor_options[k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2.0, "num_gpus": 1.0}
+    bundle, runtime, engine, batcher = deployment.init_args
+    assert (bundle, runtime.device, engine, batcher.max_batch) == ("/bundles/b", "cuda", "onnx", 64)
+    with pytest.raises(KeyError):
+        build_app({"runtime": "cpu"})  # the bundle is required

@@ -316,6 +316,49 @@ def _shutdown_local_ray() -> None:
     ray.shutdown()
 
 
+def engine_application(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batcher: BatcherConfig,
+                       cfg: ClusterConfig) -> Any:
+    """The Serve application: `EngineReplica` with `cfg`'s replica count or autoscaling bounds and
+    `replica_resources` per replica, bound to the bundle."""
+    from ray import serve
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in the replica process
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                "target_ongoing_requests": cfg.target_ongoing_batches}}
+        if cfg.autoscaling else {"num_replicas": cfg.replicas}
+    )
+    deployment = serve.deployment(EngineReplica, name=DEPLOYMENT_NAME).options(
+        ray_actor_options={**replica_resources(cfg, runtime), "runtime_env": {"env_vars": env}},
+        max_ongoing_requests=cfg.max_ongoing_batches,
+        health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
+        max_constructor_retry_count=3,  # a bundle that fails verification fails the deploy soon
+        logging_config={"enable_access_log": False},  # no log line per batch (the front door has metrics)
+        **scaling,
+    )
+    return deployment.bind(bundle_path, runtime, engine, batcher)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for declarative deploys (`serve run`, `serve deploy`, a KubeRay
+    `RayService`): `import_path: emoq_serve.runtime.cluster:build_app` with `args` `bundle` (a path
+    on every node), and optionally `runtime` (preset name), `engine`, `replicas` or
+    `min_replicas`/`max_replicas`, `replica_cpus`, `replica_gpus`, `max_batch`, `max_queue_delay_ms`.
+    Front doors then join it: `emoq serve --ray-address auto --serve-app NAME`."""
+    from emoq_serve.runtime.config import runtime_preset
+
+    runtime = runtime_preset(args.get("runtime", "cpu"))
+    if "max_batch" in args:
+        runtime = runtime.replace(max_batch=int(args["max_batch"]))
+    fields = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus")
+    cfg = ClusterConfig(**{k: args[k] for k in fields if k in args})
+    batcher = BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=float(args.get("max_queue_delay_ms", 5.0)),
+                            max_inflight_batches=2)
+    return engine_application(str(args["bundle"]), runtime, args.get("engine", "onnx"), batcher, cfg)
+
+
 def _deploy(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batcher: BatcherConfig,
             cfg: ClusterConfig) -> tuple[Any, dict[str, Any], bool]:
     """Join (or start) Ray, deploy the engine, wait for its replicas: (handle, description, owns_ray)."""
@@ -330,30 +373,16 @@ def _deploy(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batche
         owns_ray = local
     # The front door is the ingress: Serve's HTTP proxies are not needed (a no-op if Serve runs).
     serve.start(proxy_location="Disabled")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in the replica process
-    scaling: dict[str, Any] = (
-        {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                "target_ongoing_requests": cfg.target_ongoing_batches}}
-        if cfg.autoscaling else {"num_replicas": cfg.replicas}
-    )
     if running_replicas(cfg.app_name) > 0:
         # Another front door deployed it: share its replicas (re-deploying would restart them).
         log.warning("joining the running replicas of Serve application %r; this front door's replica settings "
                     "are not applied (`serve delete %s` first to change them)", cfg.app_name, cfg.app_name)
         handle = serve.get_deployment_handle(DEPLOYMENT_NAME, cfg.app_name)
     else:
-        deployment = serve.deployment(EngineReplica, name=DEPLOYMENT_NAME).options(
-            ray_actor_options={**replica_resources(cfg, runtime), "runtime_env": {"env_vars": env}},
-            max_ongoing_requests=cfg.max_ongoing_batches,
-            health_check_period_s=cfg.health_check_period_s,
-            health_check_timeout_s=cfg.health_check_timeout_s,
-            max_constructor_retry_count=3,  # a bundle that fails verification fails the deploy soon
-            **scaling,
-        )
-        log.info("deploying %s to Ray Serve application %r: %s, %s per replica", DEPLOYMENT_NAME, cfg.app_name,
-                 scaling, replica_resources(cfg, runtime))
-        handle = serve.run(deployment.bind(bundle_path, runtime, engine, batcher), name=cfg.app_name,
+        scale = f"{cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.autoscaling else f"{cfg.replicas} replica(s)"
+        log.info("deploying %s to Ray Serve application %r: %s, %s each", DEPLOYMENT_NAME, cfg.app_name, scale,
+                 replica_resources(cfg, runtime))
+        handle = serve.run(engine_application(bundle_path, runtime, engine, batcher, cfg), name=cfg.app_name,
                            route_prefix=None)
     description = handle.describe.remote().result(timeout_s=cfg.call_timeout_s)
     return handle, description, owns_ray

@@ -300,3 +300,21 @@ def test_build_app_for_declarative_deploys():
     assert (bundle, runtime.device, engine, batcher.max_batch) == ("/bundles/b", "cuda", "onnx", 64)
     with pytest.raises(KeyError):
         build_app({"runtime": "cpu"})  # the bundle is required
+
+
+def test_replica_errors_reach_the_client_as_the_replica_raised_them():
+    """A replica's own refusal (its queue full) keeps its type and message, out of Ray's wrapper
+    (whose text names the remote process, its pid and ip); a replica going away is retryable, a bad batch is not."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from emoq_serve.runtime.batcher import BatcherClosed, QueueFull
+    from emoq_serve.runtime.cluster import replica_died, replica_error
+    from emoq_serve.runtime.types import EngineFailure
+
+    wrapped = RayTaskError("recognize", "Traceback (most recent call last): ...", QueueFull("queue is full")).as_instanceof_cause()
+    assert isinstance(wrapped, QueueFull) and "pid=" in str(wrapped)  # Ray's text: process, pid, ip
+    unwrapped = replica_error(wrapped)
+    assert type(unwrapped) is QueueFull and str(unwrapped) == "queue is full" and not replica_died(unwrapped)
+    assert replica_died(ActorDiedError()) and replica_died(EngineFailure("vLLM died"))
+    assert replica_died(replica_error(RayTaskError("f", "tb", BatcherClosed("stopping")).as_instanceof_cause()))
+    assert not replica_died(replica_error(RayTaskError("f", "tb", ValueError("bad batch")).as_instanceof_cause()))

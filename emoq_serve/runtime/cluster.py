@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from emoq_serve.runtime import EngineName, load_recognizer, warm_up
-from emoq_serve.runtime.batcher import BATCH_DEADLINE, BatcherConfig, DeadlineExpired, DynamicBatcher
+from emoq_serve.runtime.batcher import BATCH_DEADLINE, BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.types import EngineFailure, EngineUnavailable, Prediction, Utterance
 
@@ -175,11 +175,20 @@ class EngineReplica:
 
 
 def replica_died(exc: BaseException) -> bool:
-    """Whether a batch failed because its replica went away (or its engine broke), not because of
-    the batch: then another replica computes the same answer."""
+    """Whether a batch failed because its replica went away (died, or is shutting down) or its
+    engine broke, not because of the batch: then another replica computes the same answer."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    return isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError | EngineFailure)
+    return isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError | EngineFailure | BatcherClosed)
+
+
+def replica_error(exc: Exception) -> Exception:
+    """The exception the replica raised, out of Ray's wrapper (whose text names the replica's
+    process, pid and ip: a client must see the replica's own message, e.g. a full queue's)."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
+    return cause if isinstance(cause, Exception) else exc
 
 
 @dataclass
@@ -236,21 +245,26 @@ class ClusterRecognizer:
         for attempt in range(1, self.cfg.attempts + 1):
             if not self.serving:
                 raise EngineUnavailable("no engine replica is ready (Ray is starting them): retry shortly")
-            remaining = self.cfg.call_timeout_s if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
+            budget = self.cfg.call_timeout_s if deadline is None else min(self.cfg.call_timeout_s,
+                                                                           deadline - time.monotonic())
+            if budget <= 0:
                 raise DeadlineExpired("the deadline passed before a replica could compute the batch again")
             response = self._handle.recognize.remote(batch)
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(budget):
                     reply: ReplicaReply = await response
             except TimeoutError:
                 response.cancel()
-                if deadline is not None:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExpired("the deadline passed while a replica computed the batch") from None
                 raise EngineUnavailable(f"no engine replica answered within {self.cfg.call_timeout_s:g} s") from None
-            except Exception as exc:
+            except asyncio.CancelledError:  # the batcher gave up on the batch: so does the replica
+                response.cancel()
+                raise
+            except Exception as raised:
+                exc = replica_error(raised)
                 if not replica_died(exc):
-                    raise
+                    raise exc from raised  # the client sees the replica's message; the log, the chain
                 if attempt == self.cfg.attempts:
                     raise EngineUnavailable(f"the engine replica computing this batch died ({type(exc).__name__}); "
                                             "retry shortly") from exc

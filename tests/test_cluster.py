@@ -71,7 +71,7 @@ def probs(result: pb.EmotionResult) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 

@@ -31,12 +31,13 @@ from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
-from emoq_serve.runtime.types import EngineUnavailable, Prediction, Recognizer, Utterance
+from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
 from emoq_serve.runtime.vad import SileroVad
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
 from emoq_serve.server.limits import ServerBusy, StreamLimits, StreamTicket
 from emoq_serve.server.metrics import RESULT_STAGES, ServerMetrics
+from emoq_serve.server.supervisor import EngineUnavailable
 from emoq_serve.server.transcripts import Transcript, TranscriptStage
 from emoq_serve.server.validation import InvalidRequest, RequestValidator, StreamAssembler
 

@@ -14,7 +14,8 @@ from typing import Any
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="send audio files to an `emoq serve` server and print the emotions")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ...; any rate, mixed to mono)")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server (or a gRPC target such as dns:///name:port); several front doors "
+                        "as ip:port,ip:port,... get the calls round-robin")
     p.add_argument("--text", default="", help="transcript of the utterance(s)")
     p.add_argument("--speaker", default=None, help="speaker name for the prompt")
     p.add_argument("--stream", action="store_true", help="use StreamingRecognize instead of Recognize")

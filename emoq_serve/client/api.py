@@ -18,8 +18,9 @@ most calls fail, so an overloaded server is not hit harder. `retries=0` turns re
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,17 +70,46 @@ def retry_service_config(retries: int, initial_backoff_s: float = 0.2, max_backo
 
 
 def channel_options(max_message_bytes: int, retries: int = DEFAULT_RETRIES,
-                    retry_backoff_s: float = 0.2) -> list[tuple[str, int | str]]:
-    """Channel options: message size limits and the retry policy (`retries=0`: none)."""
+                    retry_backoff_s: float = 0.2, load_balancing: str | None = None) -> list[tuple[str, int | str]]:
+    """Channel options: message size limits, the retry policy (`retries=0`: none) and the
+    load-balancing policy over the target's addresses (None: gRPC's default, pick_first)."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    config = retry_service_config(retries, retry_backoff_s)
-    if config is None:
-        options.append(("grpc.enable_retries", 0))
-    else:
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", config)]
+    retry = retry_service_config(retries, retry_backoff_s)
+    config = json.loads(retry) if retry is not None else {}
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    options.append(("grpc.enable_retries", int(retry is not None)))
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
     return options
+
+
+def channel_target(addresses: str | Sequence[str]) -> str:
+    """A gRPC target: one address as given (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`, ...),
+    or several front doors' `ip:port` addresses as one `ipv4:`/`ipv6:` target that a
+    load-balancing policy spreads calls over. Host names need DNS (`dns:///name:port` with one
+    record per front door), so a list must hold IP addresses."""
+    if isinstance(addresses, str):
+        return addresses
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            families.add(None)
+        if not sep or not port.isdigit() or None in families:
+            raise ValueError(f"several servers must be given as IP:PORT (got {address!r}); for host names "
+                             "use one dns:///NAME:PORT target whose name resolves to every front door")
+    if len(families) != 1:
+        raise ValueError(f"mix of IPv4 and IPv6 addresses: {list(addresses)}")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
 
 
 @dataclass
@@ -148,6 +178,11 @@ def stream_messages(
 class EmotionClient:
     """Async client. `async with EmotionClient("host:port") as c: r = await c.recognize(x, 16000)`.
 
+    `target` is one gRPC target, or a list of several front doors' `ip:port` addresses; with a
+    list, calls go round-robin over the addresses that are up (`load_balancing="round_robin"`,
+    also usable with a `dns:///name:port` target that resolves to several front doors). A front
+    door that goes down is skipped; one that drains answers UNAVAILABLE, which is retried.
+
     `token` adds `authorization: Bearer <token>`; `root_cert` (PEM bytes) switches to TLS, and
     `client_cert`/`client_key` add a client certificate for mutual TLS. `retries` (0 = off, at
     most 4) retries UNAVAILABLE and RESOURCE_EXHAUSTED with backoff starting at `retry_backoff_s`
@@ -155,11 +190,15 @@ class EmotionClient:
     """
 
     def __init__(
-        self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_cert: bytes | None = None,
-        client_cert: bytes | None = None, client_key: bytes | None = None, timeout: float | None = 60.0,
-        max_message_bytes: int = 16 * 1024 * 1024, retries: int = DEFAULT_RETRIES, retry_backoff_s: float = 0.2,
+        self, target: str | Sequence[str] = "127.0.0.1:50051", *, token: str | None = None,
+        root_cert: bytes | None = None, client_cert: bytes | None = None, client_key: bytes | None = None,
+        timeout: float | None = 60.0, max_message_bytes: int = 16 * 1024 * 1024, retries: int = DEFAULT_RETRIES,
+        retry_backoff_s: float = 0.2, load_balancing: str | None = None,
     ) -> None:
-        options = channel_options(max_message_bytes, retries, retry_backoff_s)
+        if load_balancing is None and not isinstance(target, str) and len(target) > 1:
+            load_balancing = "round_robin"
+        target = channel_target(target)
+        options = channel_options(max_message_bytes, retries, retry_backoff_s, load_balancing)
         if root_cert is not None:
             creds = grpc.ssl_channel_credentials(root_cert, private_key=client_key, certificate_chain=client_cert)
             self.channel = grpc.aio.secure_channel(target, creds, options=options)

@@ -28,8 +28,9 @@ def _read(path: str | None) -> bytes | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    servers = [a for a in args.server.split(",") if a]  # several front doors: round-robin over them
     client = EmotionClient(
-        args.server, token=args.token or os.environ.get("EMOQ_TOKEN"), root_cert=_read(args.tls_ca),
+        servers if len(servers) > 1 else args.server, token=args.token or os.environ.get("EMOQ_TOKEN"), root_cert=_read(args.tls_ca),
         client_cert=_read(args.tls_cert), client_key=_read(args.tls_key), timeout=args.timeout,
         retries=args.retries,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,12 @@ from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
 
 log = logging.getLogger(__name__)
+
+
+#: While the batcher runs a batch: the latest `time.monotonic()` deadline among its callers, or
+#: None when one of them has none. An engine that retries (the cluster engine) reads it so that it
+#: retries only while somebody still waits for the answer.
+BATCH_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("emoq_batch_deadline", default=None)
 
 
 class QueueFull(Exception):
@@ -235,11 +242,14 @@ class DynamicBatcher:
             self.stats.batch_sizes[len(batch)] += 1
             if self._on_batch is not None:
                 self._on_batch(len(batch))
+            deadlines = [i.deadline for i in batch]
+            BATCH_DEADLINE.set(None if None in deadlines else max(deadlines))  # this task's own context
             predictions = await self.recognizer.recognize([i.utterance for i in batch])
             if len(predictions) != len(batch):
                 raise RuntimeError(f"the engine returned {len(predictions)} predictions for a batch of {len(batch)}")
             for item, pred in zip(batch, predictions, strict=True):
-                pred.timings_ms["queue"] = (started - item.enqueued) * 1e3
+                # Added to the engine's own queue time, if it has one (a cluster replica's batcher).
+                pred.timings_ms["queue"] = pred.timings_ms.get("queue", 0.0) + (started - item.enqueued) * 1e3
                 if not item.future.done():  # a caller cancelled mid-compute: result dropped
                     item.future.set_result(pred)
         except asyncio.CancelledError:  # close() gave up waiting for this batch

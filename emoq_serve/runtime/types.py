@@ -34,12 +34,21 @@ class EngineFailure(RuntimeError):
     and only a rebuild helps, so the supervisor answers UNAVAILABLE and rebuilds it."""
 
 
+class EngineUnavailable(Exception):
+    """No engine can take the batch right now: the local engine failed fatally or is being
+    rebuilt, or no cluster replica is ready (UNAVAILABLE: retry shortly or elsewhere)."""
+
+
 class Recognizer(Protocol):
     """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline).
 
     An engine that can break by itself between batches (a background engine thread) may also
     offer `watch_failure(callback)`: it calls `callback(EngineFailure)` once, from any thread,
     when it breaks, so the supervisor can rebuild it before the next request finds it broken.
+
+    An engine whose availability changes while it runs (`EngineSupervisor`, the cluster engine)
+    also offers `serving: bool` and an assignable `on_state` coroutine callback, awaited with the
+    new state on every change; the server mirrors it in gRPC health.
     """
 
     labels: tuple[str, ...]

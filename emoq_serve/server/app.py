@@ -5,9 +5,11 @@ routing here, new recognition calls get UNAVAILABLE while health stays reachable
 run to completion for up to `drain_timeout_s`, then whatever is left is cut off with UNAVAILABLE
 and a message (never dropped silently) and the transport stops.
 
-Engine health: when the recognizer is an `EngineSupervisor`, health follows it (NOT_SERVING
-while the engine is rebuilt after a fatal failure, SERVING again after). `serve_bundle` always
-serves through one, so `emoq serve` recovers from a dead engine without a process restart.
+Engine health: when the recognizer reports its state (an `EngineSupervisor`, or the cluster
+engine), health follows it: NOT_SERVING while the engine is rebuilt after a fatal failure, or
+while no cluster replica is ready; SERVING again after. `serve_bundle` serves a local engine
+through a supervisor, so `emoq serve` recovers from a dead engine without a process restart; in
+cluster mode (`ServerConfig.cluster`) Ray Serve restarts dead replicas instead.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ class EmotionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
-        if isinstance(recognizer, EngineSupervisor):
+        if hasattr(recognizer, "on_state"):  # an engine whose availability changes (see `Recognizer`)
             recognizer.on_state = self._engine_state
+        bind_metrics = getattr(recognizer, "bind_metrics", None)
+        if bind_metrics is not None:  # the cluster engine's per-replica series on the same endpoint
+            bind_metrics(self.metrics.registry)
 
     async def _engine_state(self, serving: bool) -> None:
         """Mirror the engine's state in health (a draining server stays NOT_SERVING)."""
@@ -142,7 +147,7 @@ class EmotionServer:
         self._server = server
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
-        serving = not isinstance(self.recognizer, EngineSupervisor) or self.recognizer.serving
+        serving = getattr(self.recognizer, "serving", True)
         await self._engine_state(serving)
         log.info(
             "serving %s on %s:%d (%s, %d token(s)); metrics on port %s",
@@ -196,8 +201,14 @@ async def bundle_server(
     """
     asr = None if cfg.asr == "off" else await asyncio.to_thread(load_asr, cfg.asr_config())
     try:
-        recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine), cfg.supervisor())
-        bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
+        if cfg.cluster is None:
+            recognizer: Recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine),
+                                                      cfg.supervisor())
+            bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
+        else:  # the replicas verify the bundle; the front door reads its tokenizer and limits
+            recognizer, bundle = await cluster_engine(bundle_path, runtime_cfg, cfg, engine)
+            # Batches for every replica in flight at once; each replica batches again behind it.
+            cfg = cfg.replace(max_inflight_batches=cfg.max_inflight_batches * cfg.cluster.most_replicas)
         # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
         cfg = cfg.replace(
             max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens)
@@ -213,6 +224,18 @@ async def bundle_server(
     finally:
         if asr is not None:
             asr.close()
+
+
+async def cluster_engine(
+    bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName
+) -> tuple[Recognizer, Bundle]:
+    """The engine as Ray Serve replicas (`cfg.cluster`), and the bundle as the front door reads it."""
+    from emoq_serve.runtime.cluster import connect_cluster  # imports ray: cluster mode only
+
+    assert cfg.cluster is not None
+    bundle = await asyncio.to_thread(Bundle.open, bundle_path, runtime_cfg.verify_hashes)
+    recognizer = await connect_cluster(bundle_path, bundle.bundle_id, runtime_cfg, engine, cfg.batcher(), cfg.cluster)
+    return recognizer, bundle
 
 
 async def serve_bundle(

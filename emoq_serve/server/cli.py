@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from emoq_serve.runtime.cluster import ClusterConfig
 from emoq_serve.runtime.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
 from emoq_serve.server.config import ASR_MODES, ServerConfig
 
@@ -74,6 +75,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="ASR (CTranslate2) threads")
     p.add_argument("--asr-compute-type", default=d.asr_compute_type,
                    help="CTranslate2 compute type: auto (int8 on CPU, float16 on CUDA), int8, float16, float32, ...")
+    cluster = p.add_argument_group("cluster mode: the engine as Ray Serve replicas (this process stays the front door)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="run the engine on Ray: 'local' starts Ray on this machine, 'auto' joins the cluster "
+                              "this machine belongs to, HOST:PORT joins the cluster of that head node")
+    cluster.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
+    cluster.add_argument("--min-replicas", type=int, default=None, help="autoscale between this and --max-replicas")
+    cluster.add_argument("--max-replicas", type=int, default=None)
+    cluster.add_argument("--replica-cpus", type=float, default=None,
+                         help="Ray CPUs per replica (default: the runtime preset's threads)")
+    cluster.add_argument("--replica-gpus", type=float, default=None,
+                         help="Ray GPUs per replica (default: 1 with --device cuda, else 0)")
+    cluster.add_argument("--serve-app", default=None, metavar="NAME",
+                         help="Ray Serve application name; front doors naming the same one share its replicas "
+                              "(default emoq)")
+    cluster.add_argument("--replica-attempts", type=int, default=None,
+                         help="sends of a batch whose replica died: 2 = one retry on another replica (default), "
+                              "1 = none")
+    p.add_argument("--vllm-kv-cache-mib", type=int, default=None,
+                   help="vLLM's KV cache on CPU in MiB (default: the runtime preset's)")
     p.add_argument("--no-verify", action="store_true",
                    help="UNSAFE: skip the bundle's sha256 checks (serves files nobody verified; logged as a warning)")
     p.set_defaults(func=run)
@@ -83,8 +103,9 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     """The parsed flags as (RuntimeConfig, ServerConfig)."""
     runtime = runtime_preset(args.runtime).replace(
         verify_hashes=not args.no_verify,
-        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers", "max_batch")
-           if (v := getattr(args, k)) is not None},
+        **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers", "max_batch",
+                          "vllm_kv_cache_mib")
+           if (v := getattr(args, k, None)) is not None},
     )
     if args.audio_batching is not None:
         runtime = runtime.replace(audio_per_utterance=args.audio_batching == "per-utterance")
@@ -95,7 +116,28 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
                           max_batch=runtime.max_batch)  # the batcher and the engine agree on one size
     if server.metrics_port is not None and server.metrics_port < 0:
         server = server.replace(metrics_port=None)
-    return runtime, server
+    return runtime, server.replace(cluster=cluster_config(args))
+
+
+#: `emoq serve` flags -> `ClusterConfig` fields (a flag left unset keeps the field's default).
+CLUSTER_FLAGS = {"replicas": "replicas", "min_replicas": "min_replicas", "max_replicas": "max_replicas",
+                 "replica_cpus": "replica_cpus", "replica_gpus": "replica_gpus", "serve_app": "app_name",
+                 "replica_attempts": "attempts"}
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """The cluster flags as a `ClusterConfig`; None without --ray-address (they need it)."""
+    given = {field: v for flag, field in CLUSTER_FLAGS.items() if (v := getattr(args, flag, None)) is not None}
+    if getattr(args, "ray_address", None) is None:
+        if given:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in CLUSTER_FLAGS if getattr(args, flag) is not None)
+            raise SystemExit(f"emoq serve: {flags} need --ray-address (local, auto or HOST:PORT)")
+        return None
+    try:
+        # A batch no replica answers within the engine timeout counts as lost, like a hung local engine.
+        return ClusterConfig(ray_address=args.ray_address, call_timeout_s=args.engine_timeout_s, **given)
+    except ValueError as exc:
+        raise SystemExit(f"emoq serve: {exc}") from None
 
 
 def bundle_path(args: argparse.Namespace) -> str:

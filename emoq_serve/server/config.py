@@ -15,6 +15,7 @@ from emoq_serve.server.supervisor import SupervisorConfig
 
 if TYPE_CHECKING:  # the CLI parser imports this module: keep it light (vad imports onnxruntime)
     from emoq_serve.runtime.asr import AsrConfig
+    from emoq_serve.runtime.cluster import ClusterConfig
     from emoq_serve.runtime.vad import VadParams
 
 #: Server-wide ASR settings (`--asr`).
@@ -81,6 +82,8 @@ class ServerConfig:
     asr_model: str | None = None  # CTranslate2 Whisper folder; None = the bundled tiny.en
     asr_threads: int = 1  # CTranslate2 threads (one core: the ONNX stages and the LLM hold the rest)
     asr_compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA
+    #: Where the engine runs: None = in this process; set = as Ray Serve replicas (`--ray-address`).
+    cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         if self.asr not in ASR_MODES:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from emoq_serve.runtime.types import EngineFailure, Prediction, Recognizer, Utterance
+from emoq_serve.runtime.types import EngineFailure, EngineUnavailable, Prediction, Recognizer, Utterance
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 #: onnxruntime's execution-provider and runtime failures), matched by name so that neither
 #: library is imported here.
 FATAL_ERROR_NAMES = frozenset({"EngineDeadError", "EPFail", "RuntimeException"})
-
-
-class EngineUnavailable(Exception):
-    """The engine failed fatally or is being rebuilt (UNAVAILABLE: retry shortly or elsewhere)."""
 
 
 @dataclass

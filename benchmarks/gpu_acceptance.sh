@@ -38,7 +38,7 @@ if [[ "$MODE" == "full" ]]; then
   step gpu-tests 300 pytest "$PY -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu-tests.xml"
   step train-stage1 120 torch "$EMOQ train stage1 --preset base --data synthetic:40 --epochs 1 --device $DEVICE --bf16 --out $OUT/runs/stage1"
   step train-stage2 180 torch "$EMOQ train stage2 --preset base --data synthetic:40 --epochs 1 --device $DEVICE --bf16 --gradient-checkpointing --from-stage1 $OUT/runs/stage1 --out $OUT/runs/stage2"
-  step export 180 torch "$EMOQ export --checkpoint $OUT/runs/stage2/best --out $OUT/bundle --fp16"
+  step export 180 torch "$EMOQ export --checkpoint $OUT/runs/stage2/best --out $OUT/bundle --fp16 --device cuda"
   step bench 300 torch "$EMOQ bench --bundle $OUT/bundle --engine both --concurrency 1,16,64 --duration 15 --serve-args=--runtime=cuda --out $OUT/bench"
   for dtype in float32 float16 bfloat16; do
     step "kernel-$dtype" 120 torch,triton "$PY -m benchmarks.bench_pooling --dtype $dtype --out $OUT/kernel/$dtype"

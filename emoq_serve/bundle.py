@@ -137,10 +137,13 @@ def verify_files(root: Path, files: dict[str, str]) -> None:
 class Bundle:
     """An opened, validated bundle. Construct with `Bundle.open`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], hashes_verified: bool = False) -> None:
         self.path = path
         self.manifest = manifest
         self.model_config = ModelConfig.from_dict(manifest["model_config"])
+        #: Whether the files were checked against the manifest's sha256s at open (then those
+        #: hashes name the files' content, e.g. as cache keys).
+        self.hashes_verified = hashes_verified
 
     @classmethod
     def open(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
@@ -158,7 +161,7 @@ class Bundle:
             verify_files(root, manifest["files"])
             if compute_bundle_id(manifest["files"]) != manifest["bundle_id"]:
                 raise BundleError(f"{MANIFEST} bundle_id {manifest['bundle_id']!r} does not match its file list")
-        return cls(root, manifest)
+        return cls(root, manifest, verify_hashes)
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""`emoq export --checkpoint CKPT --out BUNDLE [--fp16] [--no-verify]` and `emoq export --verify BUNDLE`.
+"""`emoq export --checkpoint CKPT --out BUNDLE [--fp16] [--no-verify] [--device auto|cpu|cuda]` and
+`emoq export --verify BUNDLE [--device ...]`.
 
 Heavy imports (torch, onnx, vLLM) happen inside `run`, because every `emoq` invocation loads
 every command's `register`.
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="bundle directory to create (with --checkpoint)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 audio encoder for the CUDA EP")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (manifest says 'unverified')")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where the reference model and the parity run compute (the bundle's "
+                        "files are the same either way); on cuda the fp16 graph's parity is measured on the CUDA EP")
     p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm",
                    help="LLM engine the parity check runs the bundle with (default: vllm, the serving engine)")
     p.set_defaults(func=run)
@@ -36,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
         if args.verify:
             from export.verify import verify_bundle
 
-            report = verify_bundle(args.verify, backend=args.backend)
+            from emoq_serve.device import resolve_device
+
+            report = verify_bundle(args.verify, backend=args.backend, device=resolve_device(args.device).type)
             print(json.dumps({"bundle": args.verify, "ok": True, "parity": report}, indent=2))
             return 0
         if not args.out:
@@ -46,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         from export.exporter import bundle_size_bytes, export_bundle
 
         manifest = export_bundle(EmoQStage2.load(args.checkpoint), args.out, fp16=args.fp16,
-                                 verify=not args.no_verify, backend=args.backend)
+                                 verify=not args.no_verify, backend=args.backend, device=args.device)
         print(json.dumps({"bundle": args.out, "bundle_id": manifest["bundle_id"],
                           "size_bytes": bundle_size_bytes(args.out), "parity": manifest["parity"]}, indent=2))
         return 0

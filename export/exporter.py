@@ -3,6 +3,11 @@
 The bundle is assembled in a staging folder beside the destination and moved into place only
 after parity passed, so a bundle directory that exists is one that verified (or was explicitly
 exported with verification off, which its manifest says).
+
+`device` (`--device auto|cpu|cuda`) is where the reference model and the parity run compute; the
+ONNX export, the merge and the files are made from the CPU copy either way, so the same code runs
+on both and the CPU tests exercise it. The graphs ship unoptimised: onnxruntime optimises them
+for the provider that loads them (`emoq_serve/runtime/ort.py`).
 """
 
 from __future__ import annotations
@@ -13,30 +18,38 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.data.batching import collate
+from emoq_serve.device import resolve_device
 from emoq_serve.model.stage2 import EmoQStage2
 from export import merge, onnx_export
 from export.bundle_writer import write_manifest
 from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, VARIANT_POSTERIOR_TOLERANCE, ParityError,
-                           fp16_frame_diff, measure_parity, model_stages, save_reference, variant_parity,
-                           verification_examples)
+                           fp16_frame_diff, model_stages, parity_report, save_reference, served_stages,
+                           trained_model_deviation, variant_parity, verification_examples)
 
 log = logging.getLogger(__name__)
 
 #: The parity section of a bundle exported with verification off.
 UNVERIFIED = {"embedding_max_abs": None, "posterior_max_abs": None, "tolerances": {}, "backend": "unverified",
               "cases": 0}
+#: The manifest's `onnx_optimizations`: what ships, and where the optimisation happens instead.
+SHIPPED_UNOPTIMISED = {"shipped": "unoptimised", "at_load": "ORT_ENABLE_ALL for the loading provider, "
+                                                             "cached under $EMOQ_CACHE/ort"}
 
 
 def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify: bool = True,
-                  backend: str = "vllm") -> dict[str, Any]:
-    """Export `model` (eval mode; its LoRA gets merged, so it is consumed) to `out`.
+                  backend: str = "vllm", device: str = "cpu") -> dict[str, Any]:
+    """Export `model` (eval mode, on the CPU; its LoRA gets merged, so it is consumed) to `out`.
 
     Returns the manifest. Raises ParityError (leaving nothing at `out`) when the bundle does not
-    reproduce the model within the fp32 tolerances.
+    reproduce the model within the fp32 tolerances, or its saved LLM dtype moves the trained
+    model's posteriors beyond that dtype's tolerance.
     """
+    on = resolve_device(device)  # an unusable device fails before anything is written
     if model.former is None or model.cfg.llm.modality != "both":
         raise ValueError("export serves full models only (use_former=True, modality='both'); "
                          "ablation checkpoints are for evaluation")
@@ -50,28 +63,35 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
     try:
         model.eval()
         examples = verification_examples()
-        # Recorded even unverified, so `--verify` can check the bundle later.
-        reference = model_stages(model, examples)
+        trained = model_stages(model, examples, on)  # before the merge rounds anything
         audio = onnx_export.export_audio_encoder(model.audio_encoder, stage / names.AUDIO_ENCODER_ONNX)
         if fp16:
             onnx_export.convert_fp16(audio, stage / names.AUDIO_ENCODER_FP16_ONNX)
-        former = onnx_export.export_former(model.former, model.audio_encoder.hidden_size, stage / names.FORMER_ONNX)
-        optimizations = {p.name: onnx_export.optimize_offline(p).to_dict() for p in (audio, former)}
+        onnx_export.export_former(model.former, model.audio_encoder.hidden_size, stage / names.FORMER_ONNX)
+        optimizations = {graph: dict(SHIPPED_UNOPTIMISED) for graph in sorted(p.name for p in stage.glob("*.onnx"))}
         merge.write_heads(model, stage)
         merge.write_eager(model, stage)
-        merge.write_merged_llm(model, stage)
+        merged = merge.write_merged_llm(model, stage)
+        llm_dtype = str(merged.dtype).removeprefix("torch.")
+        # Like with like: the reference holds the LLM the bundle holds (merged, in its saved dtype),
+        # computed in fp32 like the parity run. Recorded even unverified, for `--verify` later.
+        model.llm = merged.to(torch.float32)
+        reference = model_stages(model, examples, on)
         save_reference(reference, stage)
         manifest = write_manifest(stage, model.cfg, model.prompt, dict(UNVERIFIED), optimizations)
         if verify:
-            parity = measure_parity(reference, Bundle.open(stage), examples, backend)
+            bundle = Bundle.open(stage)
+            served = served_stages(bundle, examples, backend, on.type)
+            parity = {**parity_report(reference, served, FP32_TOLERANCES, backend), "device": on.type}
+            parity["trained_model"] = trained_model_deviation(trained, served, llm_dtype)
             if fp16:
                 batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens)
-                parity["fp16_frames_max_abs"] = fp16_frame_diff(stage, batch["waveforms"], batch["lengths"])
+                parity["fp16_frames_max_abs"] = fp16_frame_diff(stage, batch["waveforms"], batch["lengths"], on.type)
                 parity["tolerances"]["fp16_frames"] = FP16_FRAME_TOLERANCE
                 if not parity["fp16_frames_max_abs"] <= FP16_FRAME_TOLERANCE:
                     raise ParityError(f"fp16 audio encoder frames differ by {parity['fp16_frames_max_abs']:.3g} "
                                       f"> tolerance {FP16_FRAME_TOLERANCE:g}")
-            parity["variants"] = variant_parity(reference, Bundle.open(stage), examples, backend)
+            parity["variants"] = variant_parity(reference, bundle, examples, backend, on.type)
             parity["tolerances"]["variant_posteriors"] = VARIANT_POSTERIOR_TOLERANCE
             manifest = write_manifest(stage, model.cfg, model.prompt, parity, optimizations)
         stage.rename(out)

@@ -5,11 +5,10 @@ symbolic for HuBERT and for SDPA attention (ARCHITECTURE.md), which the legacy e
 The ONNX graphs carry exactly the PyTorch modules' signatures, so the runtime feeds them the
 same padded tensors the eager model sees and parity is a like-for-like comparison.
 
-onnxruntime's extended graph optimisations (fusions of LayerNorm, GELU, MatMul+bias, ...) are
-run once here and the optimised graph is what ships: sessions then start faster and every
-server runs the same already-fused graph that export verified. Extended, not "all": level-3
-layout transforms are specific to the exporting CPU. The fp16 variant is left unoptimised
-because the CPU-EP fusions would pin it to the CPU, while it exists for the CUDA EP.
+The graphs ship unoptimised: onnxruntime's fusions are provider-specific (the CPU EP's fused
+ops pin a graph to the CPU), so the runtime optimises each graph for the provider that loads it
+and caches the result under `$EMOQ_CACHE/ort` (`emoq_serve/runtime/ort.py`). `optimize_offline`
+remains for the encoder benchmarks, which time the CPU-optimised graph.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch import nn
 
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
+from emoq_serve.runtime.ort import save_optimised_to
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,11 @@ AUDIO_INPUTS = ("waveforms", "lengths")
 AUDIO_OUTPUTS = ("frames", "frame_mask")
 FORMER_INPUTS = ("frames", "frame_mask", "input_ids", "text_mask")
 FORMER_OUTPUTS = ("query_states",)
-#: Initialisers at least this big go to the side `.onnx.data` file.
-EXTERNAL_DATA_MIN_BYTES = 1024
 
 
 @dataclass
 class OptimizationReport:
-    """What the offline pass did, for the manifest's `onnx_optimizations`."""
+    """What the offline pass did (the encoder benchmarks record it)."""
 
     level: str
     nodes_before: int
@@ -104,12 +102,7 @@ def optimize_offline(path: Path) -> OptimizationReport:
         staged = Path(tmp) / path.name
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(staged)
-        # Without these ORT inlines every weight, which breaks for models over 2 GB.
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      f"{path.name}.data")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                      str(EXTERNAL_DATA_MIN_BYTES))
+        save_optimised_to(opts, staged)
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         data = path.with_name(f"{path.name}.data")
         data.unlink(missing_ok=True)

@@ -7,17 +7,28 @@ prompt embeddings from embed_tokens.safetensors, the merged LLM in vLLM or trans
 stage's worst absolute difference goes into the manifest; above tolerance, export fails naming
 the exported part that computes the first stage off (a wrong part shifts every stage after it).
 
-The trained model's stage outputs are recorded in the bundle (`parity_reference.safetensors`),
-so `--verify` checks the serving path against the model itself, not against other files of the
+Like with like: the reference is the trained model with its LLM as the bundle holds it (LoRA
+merged, rounded to the dtype the base checkpoint ships in, bf16 for Qwen2.5), computed in fp32
+like the parity run, so the fp32 tolerances (1e-4) test the export and nothing else. What that
+rounding costs against the trained fp32 model is measured on the same served outputs and
+recorded apart (`parity.trained_model`), with its own tolerance.
+
+The reference's stage outputs are recorded in the bundle (`parity_reference.safetensors`), so
+`--verify` checks the serving path against the model itself, not against other files of the
 same bundle: a re-hashed bundle with a wrong projector or LLM would agree with itself. The
 eager baseline's own files (HF HuBERT folder, former weights) are checked against it too.
+
+Device: the reference and the served path run on the export's device (`emoq export --device`),
+the same code on CPU and CUDA; on CUDA TF32 is off for the reference (it is fp32 to compare).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +43,7 @@ from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
+from emoq_serve.device import move_batch
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
@@ -67,6 +79,10 @@ class Tolerances:
 
 
 FP32_TOLERANCES = Tolerances()
+#: The bundle against the trained fp32 model when its LLM is saved in a 16-bit dtype: bf16 keeps
+#: ~3 significant digits of every weight, which moves posteriors by up to a few 1e-2; beyond this
+#: the rounding broke the model. Saved in fp32, the bundle must match the trained model exactly.
+SAVED_DTYPE_POSTERIOR_TOLERANCE = 0.1
 #: The fp16 audio encoder is only checked at the frame level, against the fp32 graph: fp16
 #: rounding (~1e-3 relative) over a whole HuBERT leaves ~1e-2 absolute on unit-scale frames.
 FP16_FRAME_TOLERANCE = 5e-2
@@ -124,10 +140,34 @@ def _numpy(stages: dict[str, Any]) -> Stages:
             for k, v in stages.items()}
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """`model` on `device` for the block, back where it was after (export writes from the CPU
+    copy); on CUDA with TF32 off, so fp32 means fp32. A no-op on the CPU."""
+    home = next(model.parameters()).device
+    if device == home and device.type == "cpu":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @torch.no_grad()
-def model_stages(model: EmoQStage2, examples: list[Example]) -> Stages:
-    """Each stage's output of the PyTorch stage-2 model on one padded batch (the reference)."""
-    batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens)
+def model_stages(model: EmoQStage2, examples: list[Example], device: str | torch.device = "cpu") -> Stages:
+    """Each stage's output of the PyTorch stage-2 model on one padded batch (the reference), on `device`."""
+    device = torch.device(device)
+    batch = move_batch(collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens), device)
+    with on_device(model, device):
+        return _model_stages(model, batch)
+
+
+def _model_stages(model: EmoQStage2, batch: dict[str, Any]) -> Stages:
     frames, frame_mask = model.audio_encoder(batch["waveforms"], batch["lengths"])
     states = model.former(frames, frame_mask, batch["input_ids"], batch["text_mask"])
     z = model.former.pool(states)
@@ -139,9 +179,11 @@ def model_stages(model: EmoQStage2, examples: list[Example]) -> Stages:
                    "posteriors": model.predict(batch)})
 
 
-def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm", **runtime: Any) -> Stages:
-    """The same stages through the serving engine itself (`OnnxPipeline`, fp32, one thread;
-    `runtime` overrides the test preset, e.g. to run a precision variant)."""
+def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm", device: str = "cpu",
+                  **runtime: Any) -> Stages:
+    """The same stages through the serving engine itself (`OnnxPipeline` on `device`: the fp32
+    graphs, the LLM in fp32, one thread; `runtime` overrides the test preset, e.g. to run a
+    precision variant). The optimised graphs are not cached: exports would fill the cache."""
     from emoq_serve.runtime.config import runtime_preset
     from emoq_serve.runtime.pipeline import OnnxPipeline
     from emoq_serve.runtime.types import Utterance
@@ -152,8 +194,9 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
                   for ex in examples]
 
     async def run() -> Stages:
-        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend=backend, verify_hashes=False,
-                                                                       **runtime))
+        settings = {"llm_backend": backend, "verify_hashes": False, "device": device, "audio_precision": "float32",
+                    "graph_cache": False, **runtime}
+        pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(**settings))
         try:
             trace: dict[str, torch.Tensor] = {}
             embeds, _ = pipeline.encode(utterances, trace)
@@ -201,30 +244,54 @@ def parity_report(reference: Stages, served: Stages, tolerances: Tolerances, bac
 
 
 def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
-                   tolerances: Tolerances = FP32_TOLERANCES) -> dict[str, Any]:
+                   tolerances: Tolerances = FP32_TOLERANCES, device: str = "cpu") -> dict[str, Any]:
     """The serving path (its LLM in `backend`: "vllm" or "transformers") against the reference."""
-    return parity_report(reference, served_stages(bundle, examples, backend), tolerances, backend)
+    report = parity_report(reference, served_stages(bundle, examples, backend, device), tolerances, backend)
+    return {**report, "device": device}
+
+
+def trained_model_deviation(trained: Stages, served: Stages, llm_dtype: str) -> dict[str, Any]:
+    """The bundle's served outputs against the trained fp32 model's (LoRA unmerged, nothing
+    rounded): the cost of saving the LLM in `llm_dtype`, with its own tolerance."""
+    stages = {stage: max_abs_diff(trained[stage], served[stage]) for stage in STAGE_PARTS}
+    tolerance = FP32_TOLERANCES.posteriors if llm_dtype == "float32" else SAVED_DTYPE_POSTERIOR_TOLERANCE
+    if not stages["posteriors"] <= tolerance:
+        raise ParityError(f"the bundle's LLM saved in {llm_dtype} moves the trained model's posteriors by "
+                          f"{stages['posteriors']:.3g} > tolerance {tolerance:g}")
+    return {"llm_dtype": llm_dtype, "stages": stages, "tolerances": {"posteriors": tolerance}}
 
 
 #: Precision variants the runtime may pick per device (`RuntimeConfig`), measured at export
-#: against the same reference: the cpu preset on CPUs with native bf16 runs the graphs in
-#: OpenVINO bf16 and the LLM in bf16. bf16 keeps ~3 significant digits, so posteriors move by
-#: up to a few 1e-2; a variant beyond this bound is a broken variant, not rounding.
-VARIANTS = {"openvino_bf16": {"graph_runtime": "openvino", "dtype": "bfloat16"}}
+#: against the same reference, each on its device: the cpu preset on CPUs with native bf16 runs
+#: the graphs in OpenVINO bf16 and the LLM in bf16; the cuda preset runs the fp16 audio graph
+#: (when exported with --fp16) and the LLM in bf16. 16-bit floats keep ~3 significant digits,
+#: so posteriors move by up to a few 1e-2; a variant beyond this bound is broken, not rounding.
+VARIANTS = {
+    "openvino_bf16": {"device": "cpu", "graph_runtime": "openvino", "dtype": "bfloat16"},
+    "cuda_fp16": {"device": "cuda", "audio_precision": "float16", "dtype": "bfloat16"},
+}
 VARIANT_POSTERIOR_TOLERANCE = 0.1
 
 
-def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm"
-                   ) -> dict[str, dict[str, float]]:
-    """Per-stage max abs differences of each precision variant against the fp32 reference;
-    raises ParityError when a variant's posteriors are off by more than the variant tolerance."""
+def _variant_applies(name: str, bundle: Bundle) -> bool:
+    """Measured where a preset would serve it: openvino_bf16 where the cpu preset picks OpenVINO
+    (native bf16 and OpenVINO installed; elsewhere bf16 is emulated, slow, never picked);
+    cuda_fp16 when the bundle has the fp16 audio graph."""
     from emoq_serve.runtime.config import runtime_preset
 
+    if name == "openvino_bf16":
+        return runtime_preset("cpu").resolved_graph_runtime() == "openvino"
+    return names.AUDIO_ENCODER_FP16_ONNX in bundle.manifest["files"]
+
+
+def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
+                   device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Per-stage max abs differences of each precision variant of `device` against the fp32
+    reference; raises ParityError when a variant's posteriors are off by more than the variant
+    tolerance."""
     out = {}
     for name, runtime in VARIANTS.items():
-        # Measured where the cpu preset would serve it (native bf16 and OpenVINO installed):
-        # elsewhere bf16 is emulated, slow, and never picked.
-        if runtime_preset("cpu").resolved_graph_runtime() != runtime["graph_runtime"]:
+        if runtime["device"] != device or not _variant_applies(name, bundle):
             continue
         served = served_stages(bundle, examples, backend, **runtime)
         out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in STAGE_PARTS}
@@ -234,23 +301,24 @@ def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
     return out
 
 
-def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor) -> float:
-    """Max abs difference of valid frames between the fp16 and fp32 audio graphs (ORT CPU)."""
+def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor, device: str = "cpu") -> float:
+    """Max abs difference of valid frames between the fp16 and fp32 audio graphs (ORT on `device`:
+    the CUDA EP is where the fp16 graph serves)."""
     def frames(graph: str) -> np.ndarray:
-        out = OrtStage(bundle_dir / graph, 1).run(waveforms=waveforms.float(), lengths=lengths.long())
-        return out["frames"][out["frame_mask"]].numpy()
+        out = OrtStage(bundle_dir / graph, 1, device).run(waveforms=waveforms.float(), lengths=lengths.long())
+        return out["frames"][out["frame_mask"]].cpu().numpy()
 
     return max_abs_diff(frames(names.AUDIO_ENCODER_ONNX), frames(names.AUDIO_ENCODER_FP16_ONNX))
 
 
-def verify_bundle(path: str | Path, backend: str = "vllm",
-                  tolerances: Tolerances = FP32_TOLERANCES) -> dict[str, Any]:
+def verify_bundle(path: str | Path, backend: str = "vllm", tolerances: Tolerances = FP32_TOLERANCES,
+                  device: str = "cpu") -> dict[str, Any]:
     """`emoq export --verify`: schema, hashes and no unlisted file; then the serving path and the
-    eager baseline's files against the trained model's outputs recorded at export."""
+    eager baseline's files (both on `device`) against the model's outputs recorded at export."""
     bundle = Bundle.open(path, verify_hashes=True)
     examples = verification_examples()
     reference = load_reference(bundle)
-    report = measure_parity(reference, bundle, examples, backend, tolerances)
-    eager = parity_report(reference, model_stages(eager_model_from_bundle(bundle), examples), tolerances,
+    report = measure_parity(reference, bundle, examples, backend, tolerances, device)
+    eager = parity_report(reference, model_stages(eager_model_from_bundle(bundle), examples, device), tolerances,
                           "transformers", EAGER_PARTS)
     return {**report, "eager_baseline": eager["stages"]}

@@ -14,6 +14,7 @@ import contextlib
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ class Faults:
     build_delay_s: float = 0.0  # how long a rebuild takes
     build_failures: int = 0  # rebuilds that raise before one succeeds
     builds: int = 0
+    engines: list[weakref.ref] = field(default_factory=list)  # every engine built
+    alive_at_rebuild: list[bool] = field(default_factory=list)  # per earlier engine, when the last rebuild began
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -96,9 +99,13 @@ def factory(faults: Faults):
             faults.build_failures -= fail
         if rebuild:
             time.sleep(faults.build_delay_s)
+        if rebuild:
+            faults.alive_at_rebuild = [ref() is not None for ref in faults.engines]
         if fail:
             raise OSError("injected: the bundle could not be read")
-        return FaultyEngine(faults)
+        engine = FaultyEngine(faults)
+        faults.engines.append(weakref.ref(engine))
+        return engine
 
     return build
 
@@ -222,6 +229,20 @@ def test_dead_engine_is_rebuilt_while_health_says_not_serving(faulty):
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert faults.builds == 2 and len(sup.stats.recovery_s) == 1
     print(f"\ndead engine: health SERVING again after {seconds:.2f} s (rebuild 0.5 s; supervisor {sup.stats.recovery_s[0]:.2f} s)")
+
+
+def test_failed_engine_is_released_before_its_replacement_is_built(faulty):
+    """On a GPU the old engine's sessions, weights and KV cache must be gone before the new one
+    loads: the supervisor drops its last reference and collects it (then empties torch's CUDA
+    cache) before calling the factory."""
+    server, faults, sup = faulty
+    # pytest keeps every log record, the batcher's with the failure's traceback: the supervisor
+    # clears the engine out of its frames, or the record alone would hold the engine.
+    faults.queue[:] = ["dead"]
+    failed_at = time.monotonic()
+    assert call(server)[0] == grpc.StatusCode.UNAVAILABLE
+    recover(server, failed_at)
+    assert faults.builds == 2 and faults.alive_at_rebuild == [False]
 
 
 def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty):

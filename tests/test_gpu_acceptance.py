@@ -29,7 +29,7 @@ def test_full_plan_sets_up_cuda_venv_tests_trains_exports_benchmarks_and_times_t
     assert list(plan)[:2] == ["setup", "env"] and plan["setup"] == "make setup-gpu"
     assert "-m pytest -q -m gpu" in plan["gpu-tests"]
     assert "--preset base" in plan["train-stage1"] and "--device cuda --bf16" in plan["train-stage2"]
-    assert "--gradient-checkpointing" in plan["train-stage2"] and "--fp16" in plan["export"]
+    assert "--gradient-checkpointing" in plan["train-stage2"] and "--fp16 --device cuda" in plan["export"]
     assert "--concurrency 1,16,64" in plan["bench"] and "--engine both" in plan["bench"]
     assert {"kernel-float32", "kernel-float16", "kernel-bfloat16"} <= set(plan)
     assert all(".venv-gpu/bin/" in cmd for name, cmd in plan.items() if name != "setup")

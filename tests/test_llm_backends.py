@@ -126,3 +126,50 @@ def test_vllm_prefix_cache_reuses_shared_template(vllm_backend, transformers_bac
     assert [o.num_cached_tokens for o in outputs[1:]] == [70 // block * block] * 2
     got = renormalise(np.array([[o.outputs[0].logprobs[0][i].logprob for i in IDS] for o in outputs]))
     np.testing.assert_allclose(got, transformers_backend.posteriors_sync(prompts, IDS), atol=1e-5)
+
+
+# -- engine settings and prompt hand-over ---------------------------------------------------------
+
+def test_vllm_engine_args_batch_and_tensor_parallel_from_the_runtime_config(qwen_dir, monkeypatch):
+    from emoq_serve.runtime.llm_backends import engine_args
+
+    one = engine_args(qwen_dir, RuntimeConfig(device="cpu", max_batch=8))
+    assert (one["tensor_parallel_size"], one["distributed_executor_backend"], one["max_num_seqs"]) == (1, "uni", 16)
+    assert one["enforce_eager"] and one["kv_cache_memory_bytes"] == 256 << 20
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    four = engine_args(qwen_dir, RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64, tensor_parallel_size=4))
+    assert (four["tensor_parallel_size"], four["distributed_executor_backend"], four["max_num_seqs"]) == (4, "mp", 128)
+    assert not four["enforce_eager"] and four["kv_cache_memory_bytes"] is None and four["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="tensor_parallel_size 8 needs 8 GPUs; torch sees 4"):
+        engine_args(qwen_dir, RuntimeConfig(device="cuda", tensor_parallel_size=8))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        engine_args(qwen_dir, RuntimeConfig(device="cpu", tensor_parallel_size=0))
+
+
+@pytest.mark.slow  # the vLLM engine the slow tests above start anyway
+def test_prompts_are_handed_to_each_engine_as_it_reads_them(vllm_backend, transformers_backend, prompts):
+    """vLLM takes host tensors in its dtype (one copy for the batch); transformers keeps its device."""
+    bf16 = [p.to(torch.bfloat16) for p in prompts]
+    host = vllm_backend.prepare(bf16)  # the fp32 engine: back to fp32, same values, same row lengths
+    assert [h.shape for h in host] == [p.shape for p in prompts]
+    assert all(h.dtype == torch.float32 and h.device.type == "cpu" and torch.equal(h, b.float()) for h, b in zip(host, bf16))
+    assert vllm_backend.prepare(prompts) is prompts  # already right: no copy
+    kept = transformers_backend.prepare(bf16)
+    assert all(k.dtype == transformers_backend.dtype and k.device == transformers_backend.device for k in kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vllm_on_cuda_with_prompt_embeddings_matches_transformers(qwen_dir, transformers_backend, prompts):
+    """vLLM's CUDA engine fed prompt embeddings that start on the GPU (as the pipeline's soft
+    prompts do), in fp32, against the transformers forward on the CPU."""
+    cfg = RuntimeConfig(device="cuda", dtype="float32", max_batch=4, max_prompt_tokens=128,
+                        vllm_gpu_memory_utilization=0.2)
+    backend = VllmBackend(qwen_dir, cfg)
+    try:
+        on_gpu = [p.cuda() for p in prompts]
+        got = asyncio.run(backend.posteriors(on_gpu, IDS))
+    finally:
+        asyncio.run(backend.close())
+    want = transformers_backend.posteriors_sync(prompts, IDS)
+    assert np.abs(got - want).max() < 1e-3

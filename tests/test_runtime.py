@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -73,18 +75,18 @@ def test_providers():
             providers("cuda")
 
 
-def test_cuda_provider_options_share_torchs_stream_and_search_convs_heuristically(monkeypatch):
-    # The options only (no GPU here): the stream and device torch reports, and no per-length conv search.
-    from types import SimpleNamespace
-
+def test_cuda_provider_options_use_the_stages_stream_and_search_convs_heuristically(monkeypatch):
+    # The options only (no GPU here): the stage's own stream, the device torch reports, and no
+    # per-length conv search.
     from emoq_serve.runtime import ort as ort_module
 
     monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=1234))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    (name, opts), cpu = providers("cuda")
+    (name, opts), cpu = providers("cuda", stream=1234)
     assert (name, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert opts == {"device_id": "0", "user_compute_stream": "1234", "cudnn_conv_algo_search": "HEURISTIC"}
+    with pytest.raises(ValueError, match="needs the stream"):
+        providers("cuda")
 
 
 def test_ort_stage_binds_torch_tensors(toy_graph):
@@ -100,6 +102,137 @@ def test_ort_stage_binds_torch_tensors(toy_graph):
         stage.run(x=x)
 
 
+# -- the per-provider optimised-graph cache --------------------------------------------------------
+
+class SessionSpy:
+    """Records each ORT session built: (model path, optimisation level, where it saves the optimised graph)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.built: list[tuple[str, ort.GraphOptimizationLevel, str]] = []
+        real = ort.InferenceSession
+
+        def spy(path, sess_options=None, providers=None, **kw):
+            self.built.append((str(path), sess_options.graph_optimization_level, sess_options.optimized_model_filepath))
+            return real(path, sess_options, providers=providers, **kw)
+
+        monkeypatch.setattr(ort, "InferenceSession", spy)
+
+
+def former_inputs(tiny_bundle) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    audio = OrtStage(tiny_bundle / names.AUDIO_ENCODER_ONNX, 1).run(
+        waveforms=0.1 * torch.randn(2, 16000), lengths=torch.tensor([16000, 9000]))
+    return {"frames": audio["frames"].clone(), "frame_mask": audio["frame_mask"].clone(),
+            "input_ids": torch.tensor([[101, 7592, 102, 0], [101, 2088, 2003, 102]]),
+            "text_mask": torch.tensor([[True, True, True, False], [True] * 4])}
+
+
+def test_optimised_graph_is_cached_once_and_reused(tiny_bundle, tmp_path, monkeypatch):
+    """First load optimises the shipped graph and caches it; the second loads the cached graph
+    with optimisation off (no second pass); both compute what an uncached session computes."""
+    graph = tiny_bundle / names.FORMER_ONNX
+    inputs = former_inputs(tiny_bundle)
+    want = OrtStage(graph, 1).run(**inputs)["query_states"].clone()
+    spy = SessionSpy(monkeypatch)
+    first = OrtStage(graph, 1, "cpu", cache_dir=tmp_path)
+    cached = first.cache_entry / graph.name
+    assert not first.cache_hit and cached.is_file() and first.cache_entry.parent == tmp_path
+    (path, level, saved_to), = spy.built
+    assert (path, level) == (str(graph), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert Path(saved_to).name == graph.name and Path(saved_to).parent.parent == tmp_path  # staged, then renamed
+    assert [p.name for p in tmp_path.iterdir()] == [first.cache_entry.name]  # no staging folder left behind
+    # The cached graph is the optimised one (fused ops), not a copy of the shipped one.
+    assert "com.microsoft" in {n.domain for n in onnx.load(str(cached), load_external_data=False).graph.node}
+    mtime = cached.stat().st_mtime_ns
+    second = OrtStage(graph, 1, "cpu", cache_dir=tmp_path)
+    assert second.cache_hit and cached.stat().st_mtime_ns == mtime
+    assert spy.built[1] == (str(cached), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "")
+    for stage in (first, second):
+        torch.testing.assert_close(stage.run(**inputs)["query_states"], want, atol=1e-5, rtol=0)
+
+
+def test_changed_graph_or_provider_gets_its_own_cache_entry(tiny_bundle, tmp_path, monkeypatch):
+    from emoq_serve.runtime import ort as ort_module
+
+    graph = tiny_bundle / names.FORMER_ONNX
+    entry = OrtStage(graph, 1, "cpu", cache_dir=tmp_path / "cache").cache_entry
+    # Same graph file, other weights (the side .data file): another graph, another entry.
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for f in ort_module.graph_files(graph):
+        shutil.copy(f, changed / f.name)
+    data = changed / f"{graph.name}.data"
+    raw = bytearray(data.read_bytes())
+    raw[-8:] = bytes(8)
+    data.write_bytes(bytes(raw))
+    other = OrtStage(changed / graph.name, 1, "cpu", cache_dir=tmp_path / "cache")
+    assert not other.cache_hit and other.cache_entry != entry
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([entry.name, other.cache_entry.name])
+    # Another provider (or GPU architecture, or onnxruntime version) is another key.
+    digest = ort_module.graph_digest(graph)
+    cpu_key = ort_module.cache_key(digest, "cpu")
+    assert cpu_key == entry.name
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    cuda_key = ort_module.cache_key(digest, "cuda")
+    monkeypatch.setattr(ort_module.ort, "__version__", "0.0.0")
+    assert len({cpu_key, cuda_key, ort_module.cache_key(digest, "cpu")}) == 3
+    assert cuda_key.startswith(digest[:24]) and "-cuda-sm90-ort" in cuda_key
+
+
+def test_unloadable_cache_entry_is_rebuilt(tiny_bundle, tmp_path):
+    graph = tiny_bundle / names.FORMER_ONNX
+    entry = OrtStage(graph, 1, "cpu", cache_dir=tmp_path).cache_entry
+    (entry / graph.name).write_bytes(b"not an onnx graph")
+    again = OrtStage(graph, 1, "cpu", cache_dir=tmp_path)
+    assert not again.cache_hit and onnx.load(str(entry / graph.name), load_external_data=False).graph.node
+    assert OrtStage(graph, 1, "cpu", cache_dir=tmp_path).cache_hit
+
+
+def test_unwritable_cache_falls_back_to_optimising_in_memory(tiny_bundle, tmp_path):
+    graph = tiny_bundle / names.FORMER_ONNX
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("")
+    stage = OrtStage(graph, 1, "cpu", cache_dir=blocked / "ort")
+    assert stage.cache_entry is None and not stage.cache_hit
+    inputs = former_inputs(tiny_bundle)
+    torch.testing.assert_close(stage.run(**inputs)["query_states"], OrtStage(graph, 1).run(**inputs)["query_states"])
+
+
+def test_pipeline_caches_its_graphs_under_emoq_cache(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMOQ_CACHE", str(tmp_path))
+    cfg = runtime_preset("test").replace(llm_backend="transformers")
+    bundle = Bundle.open(tiny_bundle)  # hashes checked: the manifest's sha256s key the cache
+    first = OnnxPipeline(bundle, cfg)
+    assert not first.audio.cache_hit and not first.former.cache_hit
+    assert {p.parent for p in (first.audio.cache_entry, first.former.cache_entry)} == {tmp_path / "ort"}
+    second = OnnxPipeline(bundle, cfg)
+    assert second.audio.cache_hit and second.former.cache_hit
+    assert second.audio.cache_entry == first.audio.cache_entry
+    # Unchecked files are hashed, not trusted by their manifest entry: the same key either way.
+    unchecked = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    assert unchecked.former.cache_entry == first.former.cache_entry and unchecked.former.cache_hit
+    assert second.info()["audio_precision"] == "float32"  # the fp16 graph is for CUDA
+    off = OnnxPipeline(bundle, cfg.replace(graph_cache=False))
+    assert off.audio.cache_entry is None
+    for p in (first, second, unchecked, off):
+        asyncio.run(p.close())
+
+
+@pytest.mark.parametrize(("device", "precision", "has_fp16", "expected"), [
+    ("cuda", "auto", True, "float16"),   # the fp16 graph where it was made for
+    ("cuda", "auto", False, "float32"),  # not exported with --fp16
+    ("cpu", "auto", True, "float32"),    # fp16 on the CPU EP is slow and less exact
+    ("cpu", "float16", True, "float16"),  # asked explicitly
+])
+def test_audio_precision_resolution(device, precision, has_fp16, expected):
+    assert RuntimeConfig(device=device, audio_precision=precision).resolved_audio_precision(has_fp16) == expected
+
+
+def test_fp16_audio_graph_without_it_in_the_bundle_fails_clearly():
+    with pytest.raises(ValueError, match="no fp16 audio graph.*--fp16"):
+        RuntimeConfig(device="cuda", audio_precision="float16").resolved_audio_precision(False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ort_stage_cuda_io_binding_stays_on_gpu(toy_graph):
@@ -108,6 +241,51 @@ def test_ort_stage_cuda_io_binding_stays_on_gpu(toy_graph):
     out = stage.run(x=x, mask=mask)
     assert out["y"].is_cuda
     assert torch.equal(out["y"], torch.where(mask[..., None], 2 * x, 0.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ort_cuda_real_bundle_graphs_from_a_worker_thread_on_its_own_stream(tiny_bundle, tmp_path):
+    """The bundle's audio and former graphs on the CUDA EP with IO binding, run from another
+    thread whose current stream is not the session's, inputs written by a kernel queued just
+    before: ORT must wait for it (the fence), and match the CPU EP. Cached for the CUDA provider."""
+    import threading
+
+    audio_cpu, former_cpu = OrtStage(tiny_bundle / names.AUDIO_ENCODER_ONNX, 1), OrtStage(tiny_bundle / names.FORMER_ONNX, 1)
+    audio, former = (OrtStage(tiny_bundle / g, 1, "cuda", cache_dir=tmp_path) for g in (names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX))
+    assert audio.cache_entry.name.split("-")[1].startswith("cuda")
+    waveforms = 0.1 * torch.randn(2, 16000)
+    lengths = torch.tensor([16000, 9000])
+    want = audio_cpu.run(waveforms=waveforms, lengths=lengths)
+    got: dict[str, torch.Tensor] = {}
+
+    def work() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            big = torch.randn(4096, 4096, device="cuda")
+            slow = (big @ big @ big).sum() * 0  # keeps this stream busy while the inputs are written after it
+            out = audio.run(waveforms=waveforms.cuda() + slow, lengths=lengths.cuda())
+            got["frames"], got["mask"] = out["frames"].clone(), out["frame_mask"].clone()
+            torch.cuda.current_stream().synchronize()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert got["frames"].is_cuda and torch.equal(got["mask"].cpu(), want["frame_mask"])
+    torch.testing.assert_close(got["frames"].cpu(), want["frames"], atol=1e-3, rtol=0)
+    inputs = former_inputs(tiny_bundle)
+    torch.testing.assert_close(former.run(**{k: v.cuda() for k, v in inputs.items()})["query_states"].cpu(),
+                               former_cpu.run(**inputs)["query_states"], atol=1e-3, rtol=0)
+    assert OrtStage(tiny_bundle / names.FORMER_ONNX, 1, "cuda", cache_dir=tmp_path).cache_hit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_onnx_pipeline_on_cuda_serves_the_fp16_graph_close_to_the_model(tiny_bundle, reference):
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle), runtime_preset("test").replace(device="cuda", llm_backend="transformers"))
+    assert pipeline.audio.path.name == names.AUDIO_ENCODER_FP16_ONNX and pipeline.info()["audio_precision"] == "float16"
+    got = posteriors(pipeline, utterances())
+    asyncio.run(pipeline.close())
+    assert np.abs(got - reference).max() < 0.1
 
 
 # -- runtime config ------------------------------------------------------------------------------
@@ -137,6 +315,20 @@ def test_serve_max_batch_is_the_presets_unless_given(flags, expected):
     runtime, server = configs(parser.parse_args(["serve", *flags]))
     # The batcher's batches and the engine's sizing agree.
     assert runtime.max_batch == server.batcher().max_batch == expected
+
+
+def test_serve_tensor_parallel_and_audio_precision_flags():
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    runtime, _ = configs(parser.parse_args(["serve", "--runtime", "cuda"]))
+    assert (runtime.tensor_parallel_size, runtime.audio_precision) == (1, "auto")  # the preset's
+    runtime, _ = configs(parser.parse_args(["serve", "--runtime", "cuda", "--tensor-parallel-size", "4",
+                                            "--audio-precision", "float32"]))
+    assert (runtime.tensor_parallel_size, runtime.audio_precision) == (4, "float32")
 
 
 # -- pipelines on the tiny bundle ----------------------------------------------------------------
@@ -227,7 +419,7 @@ def test_onnx_pipeline_transformers_matches_model(onnx_transformers, reference):
 
 @pytest.mark.parametrize("graph", [names.AUDIO_ENCODER_ONNX, names.FORMER_ONNX])
 def test_openvino_stage_matches_onnxruntime(tiny_bundle, graph):
-    """The shipped graph (ORT's fused ops included) in OpenVINO: f32 equals ORT, bf16 is close."""
+    """The shipped graph in OpenVINO: f32 equals ORT, bf16 is close."""
     path = Bundle.open(tiny_bundle, verify_hashes=False).file(graph)
     ort_stage = OrtStage(path, 1)
     torch.manual_seed(0)

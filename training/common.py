@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from emoq_serve.config import TrainConfig
+from emoq_serve.device import move_batch, resolve_device  # noqa: F401  (the trainers import them from here)
 from emoq_serve.model.text_init import FRESH_FORMER_PARTS
 
 log = logging.getLogger(__name__)
@@ -57,29 +58,9 @@ def flag_overrides(args: Any) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "select_metric", "threads", "device", "bf16")}
 
 
-def resolve_device(name: str) -> torch.device:
-    """`TrainConfig.device` as a torch device: auto = CUDA when torch sees a GPU, else CPU.
-    Asking for CUDA without one fails here, before any model is built."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu or auto")
-    return device
-
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (the trainers move the whole model at once)."""
     return next(model.parameters()).device
-
-
-def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on `device` (lists of strings stay as they are); `index` stays on the
-    CPU because it addresses host-side arrays of predictions."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "index" else v
-        for k, v in batch.items()
-    }
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

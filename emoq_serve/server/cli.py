@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="utterances per engine batch (default: the runtime preset's: cpu/test 8, cuda 64; "
                         "it also sizes vLLM's max_num_seqs)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="onnx engine with vLLM: GPUs the LLM is sharded over (default: the runtime preset's, 1)")
+    p.add_argument("--audio-precision", choices=("float32", "float16", "auto"), default=None,
+                   help="onnx engine: the fp32 or the fp16 audio graph (default auto: fp16 on CUDA when the bundle "
+                        "was exported with --fp16)")
     p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
                    help="batches in the engine at once (2: ONNX stages of one overlap the LLM of another)")
@@ -104,7 +109,7 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     runtime = runtime_preset(args.runtime).replace(
         verify_hashes=not args.no_verify,
         **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers", "max_batch",
-                          "vllm_kv_cache_mib")
+                          "vllm_kv_cache_mib", "tensor_parallel_size", "audio_precision")
            if (v := getattr(args, k, None)) is not None},
     )
     if args.audio_batching is not None:

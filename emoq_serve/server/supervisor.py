@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -48,6 +50,9 @@ class SupervisorConfig:
     restart_backoff_max_s: float = 30.0
     #: How long closing a broken engine may take before it is abandoned.
     close_timeout_s: float = 10.0
+    #: How long a rebuild waits for the broken engine to be collected (the failed calls' errors
+    #: hold it until their handlers finish) before building the new one beside it anyway.
+    release_wait_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.engine_timeout_s <= 0 or self.max_consecutive_failures < 1 or self.restart_backoff_s <= 0:
@@ -132,18 +137,32 @@ class EngineSupervisor:
                 predictions = await engine.recognize(batch)
         except TimeoutError as exc:
             if not watchdog.expired():
-                raise self._failed(engine, exc) from exc
+                raise self._unpinned(self._failed(engine, exc), exc) from exc
             self._fatal(engine, f"no answer within the engine timeout ({self.cfg.engine_timeout_s:g} s)")
-            raise EngineUnavailable(
+            del engine  # the raised error's traceback holds this frame (see `_unpinned`)
+            raise self._unpinned(EngineUnavailable(
                 f"the engine hung (no answer in {self.cfg.engine_timeout_s:g} s) and is restarting: retry shortly"
-            ) from exc
+            ), exc) from exc
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise self._failed(engine, exc) from exc
+            failure = self._unpinned(self._failed(engine, exc), exc)
+            if isinstance(failure, EngineUnavailable):
+                del engine
+            raise failure from exc
         if engine is self._engine:
             self._consecutive = 0
         return predictions
+
+    @staticmethod
+    def _unpinned(failure: Exception, cause: BaseException) -> Exception:
+        """For a fatal failure, clear the locals of the finished frames in the cause's traceback
+        (the engine's own `self` among them): the error lives on in callers, logs and futures,
+        and must not keep the broken engine, and its GPU memory, alive through the rebuild. The
+        traceback's lines stay for the logs."""
+        if isinstance(failure, EngineUnavailable):
+            traceback.clear_frames(cause.__traceback__)
+        return failure
 
     def _failed(self, engine: Recognizer, exc: Exception) -> Exception:
         """Classify a batch failure; returns what the callers should get."""
@@ -172,6 +191,9 @@ class EngineSupervisor:
             await asyncio.wait_for(broken.close(), self.cfg.close_timeout_s)
         except Exception:  # a broken engine may fail to close too; it is dropped either way
             log.exception("closing the failed engine did not finish cleanly")
+        gone = weakref.ref(broken)
+        del broken  # this frame's reference, so that only the weak one is left here
+        await self._release(gone)
         backoff = self.cfg.restart_backoff_s
         while True:
             try:
@@ -190,6 +212,24 @@ class EngineSupervisor:
         self.stats.recovery_s.append(time.monotonic() - started)
         log.info("engine restarted in %.2f s", self.stats.recovery_s[-1])
         await self._notify(True)
+
+    async def _release(self, broken: weakref.ref) -> None:
+        """The new engine must not be built beside the old one's GPU memory (ORT sessions,
+        weights, KV cache): once nothing holds the old engine (our last reference is the weak
+        one; the failed calls' tracebacks hold it until their handlers finish), collect it and
+        empty torch's CUDA cache. Bounded: a leaked reference costs memory, not the rebuild."""
+        from emoq_serve.device import release_device_memory  # torch: only once an engine is rebuilt
+
+        deadline = time.monotonic() + self.cfg.release_wait_s
+        while True:
+            await asyncio.to_thread(release_device_memory)
+            if broken() is None:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("the failed engine is still referenced after %.1f s; building the new one beside it",
+                            self.cfg.release_wait_s)
+                return
+            await asyncio.sleep(0.05)
 
     async def _notify(self, serving: bool) -> None:
         if self.on_state is not None:

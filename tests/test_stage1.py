@@ -68,10 +68,10 @@ def test_resume_replays_an_unbroken_run(tmp_path, monkeypatch):
 
     real_batches = stage1.iterate_batches
 
-    def crash_in_third_epoch(examples, model, batch_size, shuffle_seed=None, epoch=0):
+    def crash_in_third_epoch(examples, model, batch_size, shuffle_seed=None, epoch=0, **shard):
         if shuffle_seed is not None and epoch == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real_batches(examples, model, batch_size, shuffle_seed, epoch)
+        return real_batches(examples, model, batch_size, shuffle_seed, epoch, **shard)
 
     monkeypatch.setattr(stage1, "iterate_batches", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):

@@ -46,13 +46,14 @@ class DeviceSpy:
             return real_to(module, *args, **kwargs)
 
         def watch(cls):
-            real_forward = cls.forward if cls is EmoQStage1 else cls.loss
+            method = "forward" if cls is EmoQStage1 else "loss_terms"  # what each trainer calls
+            real_forward = getattr(cls, method)
 
             def forward(model, *args, **kwargs):
                 self.autocast_forwards.append(torch.is_autocast_enabled(device_type))
                 return real_forward(model, *args, **kwargs)
 
-            monkeypatch.setattr(cls, "forward" if cls is EmoQStage1 else "loss", forward)
+            monkeypatch.setattr(cls, method, forward)
 
         monkeypatch.setattr(stage1, "move_batch", move_batch)
         monkeypatch.setattr(torch.nn.Module, "to", to)

@@ -4,7 +4,10 @@ evaluation, best checkpoint by a chosen metric, resume, a JSON-lines log.
 Output folder layout (stage-agnostic; the model only needs `save(dir)`):
   last/                the latest epoch's checkpoint + trainer_state.pt (what --resume reads)
   best/                the best epoch's checkpoint + metrics.json
-  log.jsonl            one JSON object per epoch (loss, lr, dev metrics, seconds)
+  log.jsonl            one JSON object per epoch (loss and each step's loss, lr, dev metrics, seconds)
+
+Under torchrun (see `training.distributed`) every rank runs this loop in step; rank 0 alone
+writes the folder, and the others wait at a barrier after each epoch's checkpoint.
 
 Randomness is re-seeded from (seed, epoch) at the start of every epoch and batches are shuffled
 by the caller from the same pair, so a resumed run replays exactly what an unbroken run does.
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from emoq_serve.config import TrainConfig
 from emoq_serve.device import move_batch, resolve_device  # noqa: F401  (the trainers import them from here)
 from emoq_serve.model.text_init import FRESH_FORMER_PARTS
+from training.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +133,17 @@ def fit(
     cfg: TrainConfig,
     out_dir: str | Path,
     resume: bool = False,
+    here: Dist | None = None,
 ) -> dict[str, Any]:
     """Train `model` (an nn.Module with `save(dir)`) for cfg.epochs; returns the run summary.
 
     `train_batches(epoch)` yields that epoch's batches; `evaluate()` returns dev metrics with
     the keys wa/ua/wf1. With `resume`, the caller must have built the model from `out/last`
     (e.g. `EmoQStage1.load`); optimizer, schedule, epoch and best score continue from there.
+    Under DDP (`here` enabled) `loss_fn` must return the global batch's loss on every rank
+    (see `training.distributed`), so the logged losses are the one-process ones.
     """
+    here = here or Dist()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metric = canonical_metric(cfg.select_metric)
@@ -154,10 +162,13 @@ def fit(
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)
+        if here.rank:  # dropout masks differ between ranks, as they differ between rows in one process
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, here.rank]).generate_state(1)[0]))
         epoch_start = time.perf_counter()
         model.train()
         losses = []
-        bar = tqdm(train_batches(epoch), total=batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(train_batches(epoch), total=batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not here.is_main)
         for batch in bar:
             loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -174,22 +185,26 @@ def fit(
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "step_losses": losses,
             "lr": scheduler.get_last_lr()[0],
             "dev": dev,
             "seconds": round(time.perf_counter() - epoch_start, 3),
         }
-        improved = dev[metric] > best
+        improved = dev[metric] > best  # the same on every rank: dev metrics are gathered
         if improved:
             best, best_epoch = dev[metric], epoch + 1
-            model.save(out / "best")
-            _write_json(out / "best" / "metrics.json", {"epoch": epoch + 1, "dev": dev, "select_metric": metric})
-        model.save(out / "last")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch},
-            out / "last" / TRAINER_STATE,
-        )
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if here.is_main:
+            if improved:
+                model.save(out / "best")
+                _write_json(out / "best" / "metrics.json", {"epoch": epoch + 1, "dev": dev, "select_metric": metric})
+            model.save(out / "last")
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch},
+                out / "last" / TRAINER_STATE,
+            )
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        here.barrier()
         log.info(
             "epoch %d: loss %.4f  dev WA %.4f UA %.4f WF1 %.4f%s",
             epoch + 1, record["train_loss"], dev["wa"], dev["ua"], dev["wf1"], "  (best)" if improved else "",

@@ -20,7 +20,7 @@ import torch
 
 from emoq_serve.config import ModelConfig, TrainConfig, preset
 from emoq_serve.data import load_corpus
-from emoq_serve.data.batching import BucketBatchSampler, collate
+from emoq_serve.data.batching import BucketBatchSampler, collate, shard
 from emoq_serve.data.types import Corpus, Example
 from emoq_serve.metrics import emotion_metrics, emotion_report
 from emoq_serve.model.emoq import EmoQStage1
@@ -29,6 +29,7 @@ from training.common import (
     PARAM_GROUPS, autocast, fit, flag_overrides, model_device, move_batch, preset_train_config, resolve_device,
     seed_everything, set_threads,
 )
+from training.distributed import Dist, data_parallel, distributed, gather_by_index, gather_rows, launched_rank
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,17 @@ def train_config(preset_name: str, **overrides: Any) -> TrainConfig:
 
 
 def iterate_batches(
-    examples: Sequence[Example], model: EmoQStage1, batch_size: int, shuffle_seed: int | None = None, epoch: int = 0
+    examples: Sequence[Example], model: EmoQStage1, batch_size: int, shuffle_seed: int | None = None, epoch: int = 0,
+    rank: int = 0, world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Collated, length-bucketed batches; shuffled reproducibly by (shuffle_seed, epoch), or in
     length order when `shuffle_seed` is None (evaluation). `batch["index"]` maps rows back to
-    `examples`, since neither order is the examples' own. Batches come on the model's device."""
+    `examples`, since neither order is the examples' own. Batches come on the model's device.
+
+    With `world_size` > 1 each global batch of `batch_size` yields only this rank's contiguous
+    slice of it (every rank draws the same global batches). A rank whose slice is empty (a last
+    batch smaller than the world) gets one row of the batch with an empty `index`: it runs the
+    forward DDP expects of every rank, and the loss ignores the rows past `len(index)`."""
     # Audio length when there is audio (HuBERT cost dominates), else transcript length, so
     # text-only corpora (MELD without clips) are bucketed too instead of padded at random.
     lengths = [len(e.transcript) if e.audio is None else len(e.audio) for e in examples]
@@ -68,28 +75,42 @@ def iterate_batches(
     sampler.set_epoch(epoch)
     device = model_device(model)
     for indices in sampler:
-        batch = collate([examples[i] for i in indices], model.text_tokenizer, model.cfg.former.max_text_tokens)
-        batch["index"] = torch.tensor(indices, dtype=torch.int64)  # rows' positions in `examples`
+        mine = shard(indices, rank, world_size) if world_size > 1 else indices
+        batch = collate([examples[i] for i in mine or indices[:1]], model.text_tokenizer, model.cfg.former.max_text_tokens)
+        batch["index"] = torch.tensor(mine, dtype=torch.int64)  # rows' positions in `examples`
         yield move_batch(batch, device)
 
 
+def eval_batches(examples: Sequence[Example], model: EmoQStage1, batch_size: int, here: Dist) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches (length order), dealt round-robin to the ranks: each predicts its
+    share, and `gather_by_index` puts the predictions back together."""
+    for number, batch in enumerate(iterate_batches(examples, model, batch_size)):
+        if number % here.world_size == here.rank:
+            yield batch
+
+
 @torch.no_grad()
-def predict(model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(reference labels, argmax of the auxiliary head) over a split, in batch order."""
+def predict(
+    model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference labels, argmax of the auxiliary head) over a split, in example order; under
+    DDP the ranks share the batches and every rank gets all predictions."""
+    here = here or Dist()
     model.eval()
-    y_true, y_pred = [], []
+    index, y_pred = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
     with autocast(model_device(model), bf16):
-        for batch in iterate_batches(examples, model, batch_size):
-            y_true.append(batch["labels"].cpu())
+        for batch in eval_batches(examples, model, batch_size, here):
+            index.append(batch["index"])
             y_pred.append(model(batch)[1].argmax(-1).cpu())
-    if not y_true:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
+    y_true = np.array([e.label for e in examples], dtype=np.int64)
+    return y_true, gather_by_index(torch.cat(index).numpy(), torch.cat(y_pred).numpy(), len(examples), here)
 
 
-def evaluate(model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> dict[str, float]:
+def evaluate(
+    model: EmoQStage1, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+) -> dict[str, float]:
     """WA/UA/WF1 of the auxiliary head on a split."""
-    return emotion_metrics(*predict(model, examples, batch_size, bf16), len(model.cfg.labels))
+    return emotion_metrics(*predict(model, examples, batch_size, bf16, here), len(model.cfg.labels))
 
 
 def train_stage1(
@@ -102,37 +123,52 @@ def train_stage1(
     if not corpus.train or not corpus.dev:
         raise ValueError("stage 1 needs non-empty train and dev splits")
     set_threads(train_cfg.threads)
+    with distributed(resolve_device(train_cfg.device)) as here:
+        return _train(model_cfg, train_cfg, corpus, out, resume, here)
+
+
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, resume: bool, here: Dist) -> dict[str, Any]:
     seed_everything(train_cfg.seed)
-    device = resolve_device(train_cfg.device)
+    device = here.device
     model = (EmoQStage1.load(out / "last") if resume else EmoQStage1(model_cfg)).to(device)
+    forward = data_parallel(model, here)
     weights = class_weights_from_labels([e.label for e in corpus.train], len(corpus.labels))
     log.info("stage 1: %d train / %d dev examples, class weights %s", len(corpus.train), len(corpus.dev), weights.tolist())
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(device, train_cfg.bf16):
-            z, logits = model(batch)
+            z, logits = forward(batch)
+        # The global batch's loss on every rank: SupCon contrasts each anchor with the whole
+        # batch, so the rows are gathered (with their gradients) before the loss.
+        rows = len(batch["index"])
+        z, logits, labels = (gather_rows(t[:rows], here) for t in (z.float(), logits.float(), batch["labels"]))
         # The loss in fp32: bf16's 8-bit mantissa is too coarse for SupCon's exp(sim / temperature).
         return mal_loss(
-            z.float(), logits.float(),
-            batch["labels"], weights,
+            z, logits, labels, weights,
             temperature=train_cfg.supcon_temperature, gamma=train_cfg.focal_gamma, lam=train_cfg.mal_lambda,
         )
 
     summary = fit(
         model,
-        train_batches=lambda epoch: iterate_batches(corpus.train, model, train_cfg.batch_size, train_cfg.seed, epoch),
+        train_batches=lambda epoch: iterate_batches(
+            corpus.train, model, train_cfg.batch_size, train_cfg.seed, epoch, rank=here.rank, world_size=here.world_size
+        ),
         batches_per_epoch=-(-len(corpus.train) // train_cfg.batch_size),
         loss_fn=loss_fn,
-        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16),
+        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16, here),
         cfg=train_cfg,
         out_dir=out,
         resume=resume,
+        here=here,
     )
     summary["train_config"] = dataclasses.asdict(train_cfg)
+    summary["world_size"] = here.world_size
     if corpus.test:
         best = EmoQStage1.load(out / "best").to(device)
-        summary["test"] = emotion_report(*predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16), corpus.labels)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["test"] = emotion_report(*predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16, here), corpus.labels)
+    if here.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    here.barrier()  # the summary is on disk before any rank returns
     return summary
 
 
@@ -144,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     if args.feature_cache:
         model_cfg.audio.cache_dir = args.feature_cache
     summary = train_stage1(model_cfg, train_cfg, corpus, args.out, resume=args.resume)
+    if launched_rank():
+        return 0
     best = summary["best_dev"]
     print(
         f"best epoch {summary['best_epoch']}: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"

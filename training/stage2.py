@@ -36,6 +36,9 @@ from training.common import (
     PARAM_GROUPS, autocast, fit, flag_overrides, model_device, preset_train_config, resolve_device, seed_everything,
     set_threads,
 )
+from training.distributed import (
+    Dist, check_same_on_every_rank, data_parallel, distributed, gather_by_index, gather_rows, launched_rank,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +88,27 @@ def stage1_checkpoint(path: str) -> Path:
 
 
 @torch.no_grad()
-def predict(model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> np.ndarray:
-    """Posteriors [N,C] for every example, in order."""
+def predict(
+    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+) -> np.ndarray:
+    """Posteriors [N,C] for every example, in order; under DDP the ranks share the batches and
+    every rank gets all posteriors."""
+    here = here or Dist()
     model.eval()
-    out = torch.zeros(len(examples), len(model.cfg.labels))
+    index, posteriors = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, len(model.cfg.labels))]
     with autocast(model_device(model), bf16):
-        for batch in stage1.iterate_batches(examples, model, batch_size):  # length order
-            out[batch["index"]] = model.predict(batch).float().cpu()
-    return out.numpy()
+        for batch in stage1.eval_batches(examples, model, batch_size, here):  # length order
+            index.append(batch["index"])
+            posteriors.append(model.predict(batch).float().cpu())
+    return gather_by_index(torch.cat(index).numpy(), torch.cat(posteriors).numpy(), len(examples), here)
 
 
-def evaluate(model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False) -> dict[str, float]:
+def evaluate(
+    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+) -> dict[str, float]:
     """WA/UA/WF1 of the posteriors' argmax on a split."""
     y_true = np.array([e.label for e in examples], dtype=np.int64)
-    return emotion_metrics(y_true, predict(model, examples, batch_size, bf16).argmax(-1), len(model.cfg.labels))
+    return emotion_metrics(y_true, predict(model, examples, batch_size, bf16, here).argmax(-1), len(model.cfg.labels))
 
 
 def build_model(cfg: ModelConfig, corpus: Corpus, opts: Stage2Options, seed: int) -> tuple[EmoQStage2, EmoQStage1 | None]:
@@ -127,8 +137,15 @@ def train_stage2(
     if not corpus.train or not corpus.dev:
         raise ValueError("stage 2 needs non-empty train and dev splits")
     set_threads(train_cfg.threads)
+    with distributed(resolve_device(train_cfg.device)) as here:
+        return _train(model_cfg, train_cfg, corpus, out, opts, resume, here)
+
+
+def _train(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, opts: Stage2Options, resume: bool, here: Dist
+) -> dict[str, Any]:
     seed_everything(train_cfg.seed)
-    device = resolve_device(train_cfg.device)
+    device = here.device
     stage1_dev = None
     if resume:
         model = EmoQStage2.load(out / "last", trainable=True).to(device)
@@ -136,8 +153,11 @@ def train_stage2(
         model, first = build_model(model_cfg, corpus, opts, train_cfg.seed)
         model.to(device)
         if first is not None:
-            stage1_dev = stage1.evaluate(first.to(device), corpus.dev, train_cfg.batch_size, train_cfg.bf16)
+            stage1_dev = stage1.evaluate(first.to(device), corpus.dev, train_cfg.batch_size, train_cfg.bf16, here)
             log.info("stage-1 aux head dev: %s", stage1_dev)
+    # Each rank trains the LLM tokenizer of the built presets itself (deterministic, but a
+    # mismatch would silently scramble token ids between ranks).
+    check_same_on_every_rank(json.dumps(model.llm_tokenizer.get_vocab(), sort_keys=True), "the LLM tokenizer", here)
     if opts.feature_cache:
         model.feature_cache = FeatureCache(model.audio_encoder, opts.feature_cache)
     if opts.gradient_checkpointing:
@@ -150,32 +170,43 @@ def train_stage2(
         "from stage 1" if opts.stage1_dir else "end to end", opts.modality, opts.use_former,
         len(corpus.train), len(corpus.dev), trainable,
     )
+    # The modality ablations leave parts of the former out of the graph.
+    loss_terms = data_parallel(model, here, "loss_terms", find_unused_parameters=True)
 
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
         with autocast(device, train_cfg.bf16):
-            return model.loss(batch)
+            numerator, denominator = loss_terms(batch)
+        # The global batch's token-weighted mean on every rank (not a mean of the ranks' means).
+        rows = len(batch["index"])
+        numerator, denominator = (gather_rows(t[:rows], here) for t in (numerator, denominator))
+        return numerator.sum() / denominator.sum()
 
     summary = fit(
         model,
         train_batches=lambda epoch: stage1.iterate_batches(
-            corpus.train, model, train_cfg.batch_size, train_cfg.seed * 1000 + epoch
+            corpus.train, model, train_cfg.batch_size, train_cfg.seed * 1000 + epoch,
+            rank=here.rank, world_size=here.world_size,
         ),
         batches_per_epoch=-(-len(corpus.train) // train_cfg.batch_size),
         loss_fn=loss_fn,
-        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16),
+        evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16, here),
         cfg=train_cfg,
         out_dir=out,
         resume=resume,
+        here=here,
     )
     summary["train_config"] = dataclasses.asdict(train_cfg)
     summary["options"] = dataclasses.asdict(opts)
+    summary["world_size"] = here.world_size
     if stage1_dev is not None:
         summary["stage1_dev"] = stage1_dev
     if corpus.test:
         best = EmoQStage2.load(out / "best").to(device)
-        y_pred = predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16).argmax(-1)
+        y_pred = predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16, here).argmax(-1)
         summary["test"] = emotion_report([e.label for e in corpus.test], y_pred, corpus.labels)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if here.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    here.barrier()  # the summary is on disk before any rank returns
     return summary
 
 
@@ -191,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         feature_cache=args.feature_cache,
     )
     summary = train_stage2(preset(args.preset, labels=corpus.labels), train_cfg, corpus, args.out, opts, args.resume)
+    if launched_rank():
+        return 0
     best = summary["best_dev"]
     print(
         f"best epoch {summary['best_epoch']}: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"

@@ -83,3 +83,12 @@ class BucketBatchSampler:
     def __len__(self) -> int:
         n = len(self.lengths)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous slice of a global batch (sizes differ by at most one, earlier
+    ranks take the extra rows; a rank gets none when the batch is smaller than the world).
+    Contiguous, so the ranks' slices concatenated in rank order are the global batch again."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    return [int(i) for i in np.array_split(np.asarray(indices, dtype=np.int64), world_size)[rank]]

@@ -43,15 +43,22 @@ LLM_TOKENIZER_DIR = "llm_tokenizer"
 LLM_BASE_DIR = "llm_base"
 
 
+def answer_loss_terms(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum over its answer tokens of w * CE, sum of w), each [B]. The loss of any set of
+    rows is sum(first) / sum(second), so shards of a batch (DDP ranks) add their terms up."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    w = weights.to(ce.dtype)
+    return (w * ce).sum(-1), w.sum(-1)
+
+
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Token-weighted causal LM loss: sum(w * CE) / sum(w) over every answer token of the batch.
 
     logits [B,A,V] predict targets [B,A]; weights [B,A] (the emotion word weighs more than the
     end-of-turn token, so the class decision dominates the gradient).
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    w = weights.flatten().to(ce.dtype)
-    return (w * ce).sum() / w.sum()
+    numerator, denominator = answer_loss_terms(logits, targets, weights)
+    return numerator.sum() / denominator.sum()
 
 
 def masked_mean(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,15 +178,20 @@ class EmoQStage2(nn.Module):
         )
         return out.logits
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        """Weighted LM loss on the answer (emotion word, end token) for batch["labels"]."""
+    def loss_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`answer_loss_terms` of the answers for batch["labels"] (per row, [B] each)."""
         answers = [self.prompt.answer_ids(int(y)) for y in batch["labels"]]
         n = len(answers[0])
         logits = self._logits(batch, answers, keep=n + 1)[:, :n]  # position t predicts token t+1
         targets = torch.tensor(answers, device=logits.device)
         weights = torch.ones_like(targets, dtype=torch.float32)
         weights[:, 0] = self.cfg.llm.emotion_word_weight
-        return answer_loss(logits, targets, weights)
+        return answer_loss_terms(logits, targets, weights)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Weighted LM loss on the answer (emotion word, end token) for batch["labels"]."""
+        numerator, denominator = self.loss_terms(batch)
+        return numerator.sum() / denominator.sum()
 
     def predict(self, batch: dict) -> torch.Tensor:
         """Posteriors [B,C] over cfg.labels: softmax of the emotion-word logits after "Emotion:"."""

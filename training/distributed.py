@@ -107,18 +107,14 @@ class _Method(nn.Module):
 
 
 def data_parallel(model: nn.Module, here: Dist, method: str = "forward", find_unused_parameters: bool = False):
-    """`model.<method>`, wrapped in DistributedDataParallel when the run has a process group.
-
-    Buffers are not broadcast on every step: the models have no running statistics (no
-    BatchNorm), and DDP's construction already copies rank 0's parameters and buffers.
-    """
+    """`model.<method>`, wrapped in DistributedDataParallel when the run has a process group
+    (whose construction copies rank 0's parameters and buffers to every rank)."""
     if not here.enabled:
         return getattr(model, method)
     module = model if method == "forward" else _Method(model, method)
     return nn.parallel.DistributedDataParallel(
         module,
         device_ids=[here.device.index] if here.device.type == "cuda" else None,
-        broadcast_buffers=False,
         find_unused_parameters=find_unused_parameters,
     )
 

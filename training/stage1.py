@@ -68,25 +68,35 @@ def iterate_batches(
     slice of it (every rank draws the same global batches). A rank whose slice is empty (a last
     batch smaller than the world) gets one row of the batch with an empty `index`: it runs the
     forward DDP expects of every rank, and the loss ignores the rows past `len(index)`."""
+    device = model_device(model)
+    for indices in _sampler(examples, batch_size, shuffle_seed, epoch):
+        mine = shard(indices, rank, world_size) if world_size > 1 else indices
+        yield _collate(examples, mine or indices[:1], mine, model, device)
+
+
+def eval_batches(examples: Sequence[Example], model: EmoQStage1, batch_size: int, here: Dist) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches (length order) dealt round-robin to the ranks: each collates and
+    predicts only its share, and `gather_by_index` puts the predictions back together."""
+    device = model_device(model)
+    for number, indices in enumerate(_sampler(examples, batch_size)):
+        if number % here.world_size == here.rank:
+            yield _collate(examples, indices, indices, model, device)
+
+
+def _sampler(examples: Sequence[Example], batch_size: int, shuffle_seed: int | None = None, epoch: int = 0) -> BucketBatchSampler:
     # Audio length when there is audio (HuBERT cost dominates), else transcript length, so
     # text-only corpora (MELD without clips) are bucketed too instead of padded at random.
     lengths = [len(e.transcript) if e.audio is None else len(e.audio) for e in examples]
     sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle_seed is not None, seed=shuffle_seed or 0)
     sampler.set_epoch(epoch)
-    device = model_device(model)
-    for indices in sampler:
-        mine = shard(indices, rank, world_size) if world_size > 1 else indices
-        batch = collate([examples[i] for i in mine or indices[:1]], model.text_tokenizer, model.cfg.former.max_text_tokens)
-        batch["index"] = torch.tensor(mine, dtype=torch.int64)  # rows' positions in `examples`
-        yield move_batch(batch, device)
+    return sampler
 
 
-def eval_batches(examples: Sequence[Example], model: EmoQStage1, batch_size: int, here: Dist) -> Iterator[dict[str, torch.Tensor]]:
-    """Evaluation batches (length order), dealt round-robin to the ranks: each predicts its
-    share, and `gather_by_index` puts the predictions back together."""
-    for number, batch in enumerate(iterate_batches(examples, model, batch_size)):
-        if number % here.world_size == here.rank:
-            yield batch
+def _collate(examples: Sequence[Example], rows: list[int], index: list[int], model: EmoQStage1, device: torch.device) -> dict[str, Any]:
+    """`rows` collated on `device`, with `index` (the rows that count) as batch["index"]."""
+    batch = collate([examples[i] for i in rows], model.text_tokenizer, model.cfg.former.max_text_tokens)
+    batch["index"] = torch.tensor(index, dtype=torch.int64)  # rows' positions in `examples`
+    return move_batch(batch, device)
 
 
 @torch.no_grad()

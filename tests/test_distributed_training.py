@@ -30,7 +30,8 @@ from emoq_serve.config import preset
 from emoq_serve.data import load_corpus
 from emoq_serve.data.batching import shard
 from emoq_serve.model.losses import mal_loss
-from training.distributed import Dist, data_parallel, gather_rows
+from emoq_serve.model.stage2 import answer_loss, answer_loss_terms
+from training.distributed import Dist, data_parallel, gather_rows, global_ratio
 from training.stage1 import train_config, train_stage1
 
 DATA, BATCH, EPOCHS = "synthetic:9", 7, 4  # 36 train clips: 6 steps an epoch, 24 in all
@@ -66,25 +67,36 @@ def _mal(out: torch.Tensor, labels: torch.Tensor, here: Dist) -> torch.Tensor:
     return mal_loss(gather_rows(z, here), gather_rows(logits, here), gather_rows(labels, here), temperature=0.5)
 
 
+def _answer(out: torch.Tensor, labels: torch.Tensor, here: Dist) -> torch.Tensor:
+    """Stage 2's loss shape: token-weighted CE whose row weights differ, so a mean of the ranks'
+    means would be off; one process computes it as `answer_loss` does."""
+    targets = torch.stack([labels, (labels + 1) % 4, labels], dim=1)
+    weights = torch.stack([labels + 1.0, torch.ones_like(labels, dtype=torch.float32), 2.0 * labels], dim=1)
+    if not here.enabled:
+        return answer_loss(out.view(-1, 3, 4), targets, weights)
+    return global_ratio(*answer_loss_terms(out.view(-1, 3, 4), targets, weights), here)
+
+
 def _one_step(here: Dist, batch: int) -> None:
-    """Each rank takes its shard of the global batch through a DDP-wrapped layer: the loss must
-    be the one-process loss, and the gradient DDP leaves the one-process gradient."""
+    """Each rank takes its shard of the global batch through a DDP-wrapped layer: for both
+    stages' loss shapes the loss must be the one-process loss, and the gradient DDP leaves the
+    one-process gradient."""
     torch.manual_seed(0)
     x, labels = torch.randn(batch, 6), torch.tensor(LABELS[:batch])
-    reference, model = nn.Linear(6, 12), nn.Linear(6, 12)
-    model.load_state_dict(reference.state_dict())
     rows = shard(list(range(batch)), here.rank, here.world_size)
-    # An empty shard runs one row and drops it, as `stage1.iterate_batches` arranges.
-    ddp = data_parallel(model, here)  # held: a collected DDP module no longer reduces gradients
-    out = ddp(x[rows or [0]])[: len(rows)]
-    loss = _mal(out, labels[rows], here)
-    loss.backward()
-    ref = _mal(reference(x), labels, Dist())
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7,
-                                   msg=lambda m, name=name: f"global batch {batch}, {name}.grad: {m}")
+    for loss_of in (_mal, _answer):
+        reference, model = nn.Linear(6, 12), nn.Linear(6, 12)
+        model.load_state_dict(reference.state_dict())
+        ddp = data_parallel(model, here)  # held: a collected DDP module no longer reduces gradients
+        # An empty shard runs one row and drops it, as `stage1.iterate_batches` arranges.
+        loss = loss_of(ddp(x[rows or [0]])[: len(rows)], labels[rows], here)
+        loss.backward()
+        ref = loss_of(reference(x), labels, Dist())
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, name=name: f"{loss_of.__name__}, global batch {batch}, {name}.grad: {m}")
 
 
 def _free_port() -> int:
@@ -94,9 +106,9 @@ def _free_port() -> int:
 
 
 def test_gathered_loss_and_ddp_gradients_equal_one_process():
-    """Two gloo ranks, a DDP-wrapped layer: the loss from `gather_rows` is the whole batch's,
-    and the gradient DDP leaves on every rank is the one-process gradient, for uneven shards
-    (7 = 4 + 3) and for a rank with none (1 = 1 + 0)."""
+    """Two gloo ranks, a DDP-wrapped layer: the stage-1 (MAL) and stage-2 (token-weighted CE)
+    losses from `gather_rows` are the whole batch's, and the gradient DDP leaves on every rank
+    is the one-process gradient, for uneven shards (7 = 4 + 3) and a rank with none (1 = 1 + 0)."""
     # Forked, not spawned: the children reuse this process's imports (seconds instead of a minute).
     workers = mp.start_processes(_gather_worker, args=(2, _free_port(), [7, 1]), nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 60

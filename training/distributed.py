@@ -150,6 +150,12 @@ def gather_rows(x: torch.Tensor, here: Dist) -> torch.Tensor:
     return _GatherRows.apply(x) if here.enabled else x
 
 
+def global_ratio(numerator: torch.Tensor, denominator: torch.Tensor, here: Dist) -> torch.Tensor:
+    """sum(numerator) / sum(denominator) over every rank's rows (e.g. stage 2's token-weighted
+    mean): the global batch's value, not a mean of the ranks' ratios. Differentiable."""
+    return gather_rows(numerator, here).sum() / gather_rows(denominator, here).sum()
+
+
 def gather_objects(value: Any, here: Dist) -> list[Any]:
     """Every rank's (picklable) `value`, in rank order; [value] in a one-process run."""
     if not here.enabled:

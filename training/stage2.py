@@ -37,7 +37,7 @@ from training.common import (
     set_threads,
 )
 from training.distributed import (
-    Dist, check_same_on_every_rank, data_parallel, distributed, gather_by_index, gather_rows, launched_rank,
+    Dist, check_same_on_every_rank, data_parallel, distributed, gather_by_index, global_ratio, launched_rank,
 )
 
 log = logging.getLogger(__name__)
@@ -170,16 +170,14 @@ def _train(
         "from stage 1" if opts.stage1_dir else "end to end", opts.modality, opts.use_former,
         len(corpus.train), len(corpus.dev), trainable,
     )
-    # The modality ablations leave parts of the former out of the graph.
-    loss_terms = data_parallel(model, here, "loss_terms", find_unused_parameters=True)
+    loss_terms = data_parallel(model, here, "loss_terms")
 
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
         with autocast(device, train_cfg.bf16):
             numerator, denominator = loss_terms(batch)
         # The global batch's token-weighted mean on every rank (not a mean of the ranks' means).
         rows = len(batch["index"])
-        numerator, denominator = (gather_rows(t[:rows], here) for t in (numerator, denominator))
-        return numerator.sum() / denominator.sum()
+        return global_ratio(numerator[:rows], denominator[:rows], here)
 
     summary = fit(
         model,

@@ -28,6 +28,7 @@ import numpy as np
 from emoq_serve.config import TrainConfig
 from emoq_serve.data.types import Corpus
 from training.common import PARAM_GROUPS
+from training.distributed import launched_rank
 
 
 @dataclass
@@ -84,7 +85,8 @@ def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, trai
     summary = train_stage1(model_cfg, train_cfg, corpus, out_dir)
     summary["recipe"] = {"name": name, "classes": classes, "train_examples": len(corpus.train),
                          **dataclasses.asdict(dataclasses.replace(recipe, train=train_cfg))}
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not launched_rank():  # under torchrun, rank 0 writes (as the trainer does)
+        (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_recipe(args.recipe, args.data, args.classes, args.out, args.train_fraction,
                          seed=args.seed, epochs=args.epochs, lr=args.lr)
+    if launched_rank():
+        return 0
     best = summary["best_dev"]
     print(f"{args.recipe} {args.classes}-class: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"
           f" ({summary['seconds']:.0f} s)")

@@ -59,6 +59,8 @@ DEMO_VERSION = 2
 DEMO_PRESETS = {
     "full": DemoConfig(),
     "quick": DemoConfig(preset="tiny", clips_per_class=40, stage1_epochs=15, stage2_epochs=12),
+    # `emoq demo --llm smollm2`: the same corpus and former, a real pretrained LLM (SmolLM2-135M-Instruct).
+    "smollm2": DemoConfig(preset="smollm2", stage2_epochs=2),
 }
 
 
@@ -212,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
 
     started = time.perf_counter()
-    cfg = DEMO_PRESETS["quick" if args.quick else "full"]
+    if args.quick and args.llm != "toy":
+        raise SystemExit("--quick builds the tiny preset's toy LLM; leave out --llm, or --quick")
+    cfg = DEMO_PRESETS["quick" if args.quick else "full" if args.llm == "toy" else args.llm]
     bundle = build_demo_bundle(cfg, rebuild=args.rebuild)
     report = json.loads((bundle.parent / "report.json").read_text())
     results, conv, timeline = asyncio.run(query_demo(bundle, cfg.seed))
@@ -234,4 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build (once) the demo bundle, serve it, and query it over gRPC")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo bundle")
     p.add_argument("--quick", action="store_true", help="reduced-time mode (tiny preset; every stage still runs)")
+    p.add_argument("--llm", choices=("toy", "smollm2"), default="toy",
+                   help="toy: the small preset's randomly initialised 4-layer LLM (the default, fastest build); "
+                        "smollm2: the pretrained SmolLM2-135M-Instruct (see the README for its build time and accuracy)")
     p.set_defaults(func=run)

@@ -62,3 +62,12 @@ def test_demo_builds_serves_and_reuses_its_bundle(tmp_path: Path) -> None:
     assert "building the demo bundle" not in second
     assert len([line for line in second.splitlines() if line.startswith("demo-")]) == 5
     check_conversation_timeline(second)
+
+
+def test_llm_flag_picks_the_smollm2_build_and_refuses_quick() -> None:
+    """`emoq demo --llm smollm2` builds its own cached bundle (the real LLM), never the toy one's."""
+    smol, toy = DEMO_PRESETS["smollm2"], DEMO_PRESETS["full"]
+    assert smol.preset == "smollm2" and smol.clips_per_class == toy.clips_per_class and smol.key != toy.key
+    done = subprocess.run([sys.executable, "-m", "emoq_serve.cli", "demo", "--quick", "--llm", "smollm2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--quick builds the tiny preset's toy LLM" in done.stderr

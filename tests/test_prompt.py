@@ -102,6 +102,15 @@ def test_encode_ends_at_answer_prefix_with_k_placeholders(tokenizer, k):
     assert full == ids + builder.answer_ids(LABELS.index("angry"))
 
 
+def test_text_only_prompt_drops_the_audio_line_and_nothing_else(tokenizer):
+    builder = PromptBuilder(tokenizer, LABELS, {}, 3)
+    ids, positions = builder.encode("Oh well, whatever.", "Ses01F", soft=False)
+    assert positions == [] and builder.placeholder_id not in ids
+    soft_text = tokenizer.decode(builder.encode("Oh well, whatever.", "Ses01F")[0])
+    assert tokenizer.decode(ids) == soft_text.replace("\nAudio: " + PLACEHOLDER * 3, "")
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + ANSWER_PREFIX)
+
+
 def test_placeholder_is_added_to_a_tokenizer_without_it(tokenizer):
     """A real Qwen folder has no <AUDIO>: the builder adds it as one special token."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -31,6 +31,8 @@ def test_stratified_subset_keeps_class_balance_and_is_seeded() -> None:
     assert stratified_subset(corpus, 1.0, seed=0) is corpus
     with pytest.raises(ValueError, match="train_fraction"):
         stratified_subset(corpus, 0.0, seed=0)
+    dev = stratified_subset(Corpus(corpus.labels, corpus.dev, corpus.train, []), 0.3, seed=0, split="dev")
+    assert Counter(e.label for e in dev.dev) == {0: 30, 1: 9, 2: 1} and dev.train == corpus.dev
 
 
 @pytest.mark.slow
@@ -49,6 +51,19 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     assert summary["best_epoch"] == 1 and 0.0 <= summary["best_dev"]["wf1"] <= 1.0
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["model_config"]
     assert config["labels"] == list(LABEL_SETS["meld4"]) and config["former"]["num_queries"] == 4
+
+    # The stage-2 recipe from that run: SmolLM2 with LoRA, scored zero-shot first on the same dev subset.
+    with pytest.raises(ValueError, match="--from-stage1"):
+        run_recipe("meld-text-llm", str(root), 4, tmp_path / "llm")
+    llm = run_recipe("meld-text-llm", str(root), 4, tmp_path / "llm", train_fraction=0.2, from_stage1=str(tmp_path / "run"),
+                     dev_fraction=0.5)
+    full = load_corpus(f"meld:{root}:4")
+    assert llm["recipe"]["stage"] == 2 and llm["recipe"]["train_examples"] == len(stratified_subset(full, 0.2, 0).train)
+    assert llm["recipe"]["dev_examples"] == len(stratified_subset(full, 0.5, 0, split="dev").dev) < len(full.dev)
+    assert set(llm["zero_shot_dev"]) >= {"wa", "ua", "wf1"} and set(llm["stage1_dev"]) >= {"wa", "ua", "wf1"}
+    config = json.loads((tmp_path / "llm" / "best" / "config.json").read_text())["model_config"]
+    assert config["llm"]["path"] == "smollm2" and config["llm"]["modality"] == "text"
+    assert config["former"]["num_queries"] == 4  # the stage-1 checkpoint's former
 
 
 def test_lr_groups_give_the_aux_head_its_own_rate() -> None:

@@ -162,6 +162,25 @@ def test_posteriors_sum_to_one_and_ignore_batch_composition(model):
     assert together.std(0).max() > 1e-4  # the inputs actually matter
 
 
+def test_zero_shot_scores_the_llm_alone_on_the_text_prompt(model):
+    """predict(soft_prompt=False): each row is the LLM's emotion-word softmax on its text-only
+    prompt, computed alone; the audio (and the former) no longer enter."""
+    examples = make_examples(4)
+    batch = batch_of(model, examples)
+    inputs = model.prompt_inputs(batch["transcripts"], batch["speakers"], soft=False)
+    assert inputs["placeholders"].shape == (4, 0) and not (inputs["input_ids"] == model.prompt.placeholder_id).any()
+    words = model.prompt.emotion_token_ids
+    with torch.no_grad():
+        zero = model.predict(batch, soft_prompt=False)
+        for i, e in enumerate(examples):
+            ids, _ = model.prompt.encode(e.transcript, e.speaker, soft=False)
+            last = model.llm(input_ids=torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(zero[i], torch.softmax(last[words], -1), atol=1e-5, rtol=0)
+        louder = batch_of(model, [dataclasses.replace(e, audio=3 * e.audio[::-1].copy()) for e in examples])
+        torch.testing.assert_close(model.predict(louder, soft_prompt=False), zero, atol=0, rtol=0)
+        assert (model.predict(louder) - model.predict(batch)).abs().max() > 1e-4  # the soft prompt does read it
+
+
 def test_only_lora_former_and_projector_get_gradients(model):
     model.train()
     try:

@@ -58,4 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--no-former", action="store_true", help="inject mean-pooled raw audio features (ablation)")
     stage2.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
     stage2.add_argument("--feature-cache", help="folder caching frozen HuBERT features across epochs and runs")
+    stage2.add_argument("--llm-preset", choices=sorted(PRESETS),
+                        help="take the LLM of this preset (e.g. smollm2) instead of the stage-1 checkpoint's preset's")
+    stage2.add_argument("--zero-shot", action="store_true",
+                        help="first score the untrained LLM on dev from the transcript alone (the zero-shot baseline)")
     stage2.set_defaults(func=_run_stage2)

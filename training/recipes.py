@@ -1,6 +1,8 @@
 """Named, reproducible training recipes: one command per published result.
 
     python -m training.recipes meld-text --data ../shared/data/meld --classes 7 --out runs/meld_text7
+    python -m training.recipes meld-text-llm --data ../shared/data/meld --classes 7 \
+        --from-stage1 runs/meld_text7 --out runs/meld_text7_llm
 
 `meld-text` is the paper's "text" ablation row on MELD: the stage-1 EmoQ-Former initialised from
 all-MiniLM-L6-v2, trained with MAL (SupCon + class-weighted focal, weights from the training
@@ -10,6 +12,12 @@ cross-attends to its null frame). The dev split selects the checkpoint (by WF1).
 It is sized for a 2-core CPU shared with other work (see benchmarks/results/meld_text.md): the
 text-only former needs few queries (they only summarise the transcript for pooling), and
 `train_fraction` trains on a class-stratified, seeded subset when the time budget is short.
+`meld-text-llm` is the paper's text-only row as a stage-2 run: the `meld-text` former (stage 1)
+feeds a soft prompt to SmolLM2-135M-Instruct, LoRA-tuned, and the untrained LLM is scored first on
+the same dev examples from the transcript alone (the zero-shot baseline the tuned model must
+beat). A 135 M LLM step costs seconds on two cores, so it trains on a stratified subset and
+evaluates on a stratified dev subset (`dev_fraction`).
+
 Everything that defines the run is in the `Recipe` below and is written to the run's summary.
 """
 
@@ -33,13 +41,17 @@ from training.distributed import launched_rank
 
 @dataclass
 class Recipe:
-    """A stage-1 run: preset, former overrides, train-set fraction and optimisation settings."""
+    """A run: stage, preset, former overrides (stage 1; stage 2 takes its stage-1 checkpoint's),
+    train/dev fractions, the LLM (stage 2) and optimisation settings."""
 
     preset: str
-    num_queries: int
-    max_text_tokens: int
     train_fraction: float
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage: int = 1
+    num_queries: int | None = None
+    max_text_tokens: int | None = None
+    dev_fraction: float = 1.0
+    llm_preset: str | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -47,43 +59,63 @@ RECIPES: dict[str, Recipe] = {
         preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.6,
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
+    "meld-text-llm": Recipe(
+        preset="smollm2", stage=2, llm_preset="smollm2", train_fraction=0.1, dev_fraction=0.25,
+        train=TrainConfig(epochs=1, batch_size=8, lr=5e-5, warmup_ratio=0.1, select_metric="wf1", seed=0,
+                          threads=2, lr_groups={PARAM_GROUPS["projector"]: 1e-3, PARAM_GROUPS["lora"]: 1e-3,
+                                                PARAM_GROUPS["former_fresh"]: 5e-4}),
+    ),
 }
 
 
-def stratified_subset(corpus: Corpus, fraction: float, seed: int) -> Corpus:
-    """The corpus with `fraction` of each training class kept (seeded), dev/test untouched:
-    the class balance, and hence the focal loss' class weights, stay those of the full split."""
+def stratified_subset(corpus: Corpus, fraction: float, seed: int, split: str = "train") -> Corpus:
+    """The corpus with `fraction` of each class of `split` kept (seeded), the other splits untouched:
+    the class balance (and hence the focal loss' class weights, or the dev metrics' mix) stays the
+    full split's."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1]; got {fraction}")
+        raise ValueError(f"{split}_fraction must be in (0, 1]; got {fraction}")
     if fraction == 1.0:
         return corpus
+    examples = getattr(corpus, split)
     rng = np.random.default_rng(seed)
-    labels = np.array([e.label for e in corpus.train])
+    labels = np.array([e.label for e in examples])
     keep = np.concatenate([
         rng.permutation(np.flatnonzero(labels == c))[: max(1, round(fraction * int((labels == c).sum())))]
         for c in np.unique(labels)
     ])
-    return dataclasses.replace(corpus, train=[corpus.train[i] for i in np.sort(keep)])
+    return dataclasses.replace(corpus, **{split: [examples[i] for i in np.sort(keep)]})
 
 
 def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, train_fraction: float | None = None,
-               **overrides: Any) -> dict[str, Any]:
-    """Train recipe `name` on MELD (`classes` 4 or 7); `train_fraction` and `overrides` (TrainConfig
-    fields) replace the recipe's values, so a budget study changes one thing and nothing else."""
+               from_stage1: str | None = None, dev_fraction: float | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train recipe `name` on MELD (`classes` 4 or 7); `train_fraction`, `dev_fraction` and
+    `overrides` (TrainConfig fields) replace the recipe's values, so a budget study changes one
+    thing and nothing else. A stage-2 recipe starts from the stage-1 run `from_stage1`."""
     from emoq_serve.config import preset
     from emoq_serve.data import load_corpus
-    from training.stage1 import train_stage1
 
     recipe = RECIPES[name]
-    if train_fraction is not None:
-        recipe = dataclasses.replace(recipe, train_fraction=train_fraction)
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in (("train_fraction", train_fraction),
+                                                             ("dev_fraction", dev_fraction)) if v is not None})
     train_cfg = dataclasses.replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
     corpus = stratified_subset(load_corpus(f"meld:{data_dir}:{classes}"), recipe.train_fraction, train_cfg.seed)
+    corpus = stratified_subset(corpus, recipe.dev_fraction, train_cfg.seed, split="dev")
     model_cfg = preset(recipe.preset, labels=corpus.labels)
-    model_cfg.former.num_queries = recipe.num_queries
-    model_cfg.former.max_text_tokens = recipe.max_text_tokens
-    summary = train_stage1(model_cfg, train_cfg, corpus, out_dir)
+    if recipe.stage == 1:
+        from training.stage1 import train_stage1
+
+        model_cfg.former.num_queries = recipe.num_queries
+        model_cfg.former.max_text_tokens = recipe.max_text_tokens
+        summary = train_stage1(model_cfg, train_cfg, corpus, out_dir)
+    else:
+        from training.stage2 import Stage2Options, train_stage2
+
+        if not from_stage1:
+            raise ValueError(f"recipe {name} is a stage-2 run: pass the stage-1 run it starts from (--from-stage1)")
+        opts = Stage2Options(stage1_dir=from_stage1, modality="text", llm_preset=recipe.llm_preset, zero_shot=True)
+        summary = train_stage2(model_cfg, train_cfg, corpus, out_dir, opts)
     summary["recipe"] = {"name": name, "classes": classes, "train_examples": len(corpus.train),
+                         "dev_examples": len(corpus.dev), "from_stage1": from_stage1,
                          **dataclasses.asdict(dataclasses.replace(recipe, train=train_cfg))}
     if not launched_rank():  # under torchrun, rank 0 writes (as the trainer does)
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -100,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-fraction", type=float, help="override the recipe's stratified train fraction")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--dev-fraction", type=float, help="override the recipe's stratified dev fraction")
+    p.add_argument("--from-stage1", metavar="DIR", help="stage-2 recipes: the stage-1 run they start from")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run_recipe(args.recipe, args.data, args.classes, args.out, args.train_fraction,
-                         seed=args.seed, epochs=args.epochs, lr=args.lr)
+    summary = run_recipe(args.recipe, args.data, args.classes, args.out, args.train_fraction, args.from_stage1,
+                         args.dev_fraction, seed=args.seed, epochs=args.epochs, lr=args.lr)
     if launched_rank():
         return 0
     best = summary["best_dev"]
     print(f"{args.recipe} {args.classes}-class: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"
           f" ({summary['seconds']:.0f} s)")
+    for key, what in (("zero_shot_dev", "zero-shot LLM"), ("stage1_dev", "stage-1 head")):
+        if key in summary:
+            m = summary[key]
+            print(f"  {what} on the same dev examples: WA {m['wa']:.4f} UA {m['ua']:.4f} WF1 {m['wf1']:.4f}")
     return 0
 
 

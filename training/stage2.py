@@ -70,6 +70,8 @@ class Stage2Options:
     use_former: bool = True
     gradient_checkpointing: bool = False
     feature_cache: str | None = None
+    llm_preset: str | None = None  # the LLM of this preset replaces the stage-1 checkpoint's
+    zero_shot: bool = False  # also score the untrained LLM on dev from the transcript alone
 
 
 def train_config(preset_name: str, **overrides: Any) -> TrainConfig:
@@ -89,26 +91,29 @@ def stage1_checkpoint(path: str) -> Path:
 
 @torch.no_grad()
 def predict(
-    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None,
+    soft_prompt: bool = True,
 ) -> np.ndarray:
     """Posteriors [N,C] for every example, in order; under DDP the ranks share the batches and
-    every rank gets all posteriors."""
+    every rank gets all posteriors. soft_prompt=False: the LLM alone (`EmoQStage2.predict`)."""
     here = here or Dist()
     model.eval()
     index, posteriors = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, len(model.cfg.labels))]
     with autocast(model_device(model), bf16):
         for batch in stage1.eval_batches(examples, model, batch_size, here):  # length order
             index.append(batch["index"])
-            posteriors.append(model.predict(batch).float().cpu())
+            posteriors.append(model.predict(batch, soft_prompt).float().cpu())
     return gather_by_index(torch.cat(index).numpy(), torch.cat(posteriors).numpy(), len(examples), here)
 
 
 def evaluate(
-    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None
+    model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None,
+    soft_prompt: bool = True,
 ) -> dict[str, float]:
     """WA/UA/WF1 of the posteriors' argmax on a split."""
     y_true = np.array([e.label for e in examples], dtype=np.int64)
-    return emotion_metrics(y_true, predict(model, examples, batch_size, bf16, here).argmax(-1), len(model.cfg.labels))
+    y_pred = predict(model, examples, batch_size, bf16, here, soft_prompt).argmax(-1)
+    return emotion_metrics(y_true, y_pred, len(model.cfg.labels))
 
 
 def build_model(cfg: ModelConfig, corpus: Corpus, opts: Stage2Options, seed: int) -> tuple[EmoQStage2, EmoQStage1 | None]:
@@ -118,7 +123,8 @@ def build_model(cfg: ModelConfig, corpus: Corpus, opts: Stage2Options, seed: int
         cfg = first.cfg
     if tuple(cfg.labels) != tuple(corpus.labels):
         raise ValueError(f"model labels {cfg.labels} differ from the corpus labels {corpus.labels}")
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, modality=opts.modality, use_former=opts.use_former))
+    llm = preset(opts.llm_preset).llm if opts.llm_preset else cfg.llm
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(llm, modality=opts.modality, use_former=opts.use_former))
     parts = first if first is not None else EmoQStage1(cfg)
     words = list(resolve_emotion_words(cfg.labels, cfg.llm.emotion_words).values())
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +161,10 @@ def _train(
         if first is not None:
             stage1_dev = stage1.evaluate(first.to(device), corpus.dev, train_cfg.batch_size, train_cfg.bf16, here)
             log.info("stage-1 aux head dev: %s", stage1_dev)
+    zero_shot_dev = None
+    if opts.zero_shot and not resume:
+        zero_shot_dev = evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16, here, soft_prompt=False)
+        log.info("zero-shot LLM dev (transcript only, nothing trained): %s", zero_shot_dev)
     # Each rank trains the LLM tokenizer of the built presets itself (deterministic, but a
     # mismatch would silently scramble token ids between ranks).
     check_same_on_every_rank(json.dumps(model.llm_tokenizer.get_vocab(), sort_keys=True), "the LLM tokenizer", here)
@@ -198,6 +208,8 @@ def _train(
     summary["world_size"] = here.world_size
     if stage1_dev is not None:
         summary["stage1_dev"] = stage1_dev
+    if zero_shot_dev is not None:
+        summary["zero_shot_dev"] = zero_shot_dev
     if corpus.test:
         best = EmoQStage2.load(out / "best").to(device)
         y_pred = predict(best, corpus.test, train_cfg.batch_size, train_cfg.bf16, here).argmax(-1)
@@ -218,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         use_former=not args.no_former,
         gradient_checkpointing=args.gradient_checkpointing,
         feature_cache=args.feature_cache,
+        llm_preset=args.llm_preset,
+        zero_shot=args.zero_shot,
     )
     summary = train_stage2(preset(args.preset, labels=corpus.labels), train_cfg, corpus, args.out, opts, args.resume)
     if launched_rank():
@@ -227,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
         f"best epoch {summary['best_epoch']}: dev WA {best['wa']:.4f} UA {best['ua']:.4f} WF1 {best['wf1']:.4f}"
         f" -> {Path(args.out) / 'best'} ({summary['seconds']:.1f} s)"
     )
-    if "stage1_dev" in summary:
-        s1 = summary["stage1_dev"]
-        print(f"stage-1 aux head on the same dev split: WA {s1['wa']:.4f} UA {s1['ua']:.4f} WF1 {s1['wf1']:.4f}")
+    for key, what in (("stage1_dev", "stage-1 aux head"), ("zero_shot_dev", "zero-shot LLM (transcript only)")):
+        if key in summary:
+            m = summary[key]
+            print(f"{what} on the same dev split: WA {m['wa']:.4f} UA {m['ua']:.4f} WF1 {m['wf1']:.4f}")
     return 0

@@ -27,13 +27,14 @@ def user_message(transcript: str, speaker: str | None, num_soft_tokens: int) -> 
     """The user turn: speaker (when known), transcript, and the audio placeholder(s).
 
     A literal placeholder inside the transcript or speaker is removed, so the prompt always holds
-    exactly K placeholder tokens.
+    exactly K placeholder tokens. K = 0 leaves the audio line out (the zero-shot, text-only prompt).
     """
     lines = []
     if speaker:
         lines.append(f"Speaker: {speaker.replace(PLACEHOLDER, '')}")
     lines.append(f"Transcript: {transcript.replace(PLACEHOLDER, '')}")
-    lines.append(f"Audio: {PLACEHOLDER * num_soft_tokens}")
+    if num_soft_tokens:
+        lines.append(f"Audio: {PLACEHOLDER * num_soft_tokens}")
     return "\n".join(lines)
 
 
@@ -112,17 +113,21 @@ class PromptBuilder:
             raise ValueError("the LLM tokenizer has no eos token to end the answer with")
         self.end_token_id: int = tokenizer.eos_token_id
 
-    def encode(self, transcript: str, speaker: str | None) -> tuple[list[int], list[int]]:
-        """(prompt ids ending right after "Emotion:", positions of the K placeholder tokens)."""
+    def encode(self, transcript: str, speaker: str | None, soft: bool = True) -> tuple[list[int], list[int]]:
+        """(prompt ids ending right after "Emotion:", positions of the K placeholder tokens).
+
+        soft=False: the same prompt without the audio line and its placeholders (no positions),
+        which a pretrained LLM can answer zero-shot from the transcript alone."""
+        k = self.num_soft_tokens if soft else 0
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(transcript, speaker, self.num_soft_tokens)},
+            {"role": "user", "content": user_message(transcript, speaker, k)},
         ]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer.encode(text + ANSWER_PREFIX, add_special_tokens=False)
         positions = [i for i, t in enumerate(ids) if t == self.placeholder_id]
-        if len(positions) != self.num_soft_tokens:
-            raise ValueError(f"prompt holds {len(positions)} placeholder tokens, expected {self.num_soft_tokens}")
+        if len(positions) != k:
+            raise ValueError(f"prompt holds {len(positions)} placeholder tokens, expected {k}")
         return ids, positions
 
     def answer_ids(self, label_index: int) -> list[int]:

@@ -140,14 +140,16 @@ class EmoQStage2(nn.Module):
         return self.former.embed(frames, frame_mask, input_ids, text_mask)
 
     def prompt_inputs(
-        self, transcripts: Sequence[str], speakers: Sequence[str | None], answers: Sequence[list[int]] | None = None
+        self, transcripts: Sequence[str], speakers: Sequence[str | None], answers: Sequence[list[int]] | None = None,
+        soft: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Left-padded ids [B,T], attention mask, position ids, placeholder positions [B,K]."""
+        """Left-padded ids [B,T], attention mask, position ids, placeholder positions [B,K]
+        ([B,0] when soft=False: the prompt without the audio line)."""
         if self.cfg.llm.modality == "audio":
             transcripts = [""] * len(transcripts)
         rows, places = [], []
         for i, (text, speaker) in enumerate(zip(transcripts, speakers)):
-            ids, pos = self.prompt.encode(text, speaker)
+            ids, pos = self.prompt.encode(text, speaker, soft)
             rows.append(ids + (answers[i] if answers is not None else []))
             places.append(pos)
         width = max(len(r) for r in rows)
@@ -162,13 +164,15 @@ class EmoQStage2(nn.Module):
             "placeholders": positions,
         }
 
-    def _logits(self, batch: dict, answers: Sequence[list[int]] | None, keep: int) -> torch.Tensor:
-        """LLM logits [B,keep,V] at the last `keep` positions of the injected prompt (+ answers)."""
-        soft = self.projector(self.utterance_vector(batch))
-        inputs = self.prompt_inputs(batch["transcripts"], batch["speakers"], answers)
-        device = soft.device
+    def _logits(self, batch: dict, answers: Sequence[list[int]] | None, keep: int, soft_prompt: bool = True) -> torch.Tensor:
+        """LLM logits [B,keep,V] at the last `keep` positions of the injected prompt (+ answers);
+        soft_prompt=False runs the LLM on the prompt without the audio line (former unused)."""
+        inputs = self.prompt_inputs(batch["transcripts"], batch["speakers"], answers, soft_prompt)
+        device = self.projector.fc1.weight.device
         embeds = self.llm.get_input_embeddings()(inputs["input_ids"].to(device))
-        embeds = inject_soft_prompt(embeds, inputs["placeholders"].to(device), soft)
+        if soft_prompt:
+            soft = self.projector(self.utterance_vector(batch))
+            embeds = inject_soft_prompt(embeds, inputs["placeholders"].to(device), soft)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=inputs["attention_mask"].to(device),
@@ -193,9 +197,13 @@ class EmoQStage2(nn.Module):
         numerator, denominator = self.loss_terms(batch)
         return numerator.sum() / denominator.sum()
 
-    def predict(self, batch: dict) -> torch.Tensor:
-        """Posteriors [B,C] over cfg.labels: softmax of the emotion-word logits after "Emotion:"."""
-        return emotion_posteriors(self._logits(batch, None, keep=1)[:, -1], self.prompt.emotion_token_ids)
+    def predict(self, batch: dict, soft_prompt: bool = True) -> torch.Tensor:
+        """Posteriors [B,C] over cfg.labels: softmax of the emotion-word logits after "Emotion:".
+
+        soft_prompt=False scores the LLM alone on the transcript (zero-shot before LoRA training:
+        peft's LoRA starts as the identity), the baseline a tuned model must beat."""
+        logits = self._logits(batch, None, keep=1, soft_prompt=soft_prompt)[:, -1]
+        return emotion_posteriors(logits, self.prompt.emotion_token_ids)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Former + projector + LoRA; the audio encoder and the LLM base stay frozen."""

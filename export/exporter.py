@@ -91,7 +91,7 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
                 if not parity["fp16_frames_max_abs"] <= FP16_FRAME_TOLERANCE:
                     raise ParityError(f"fp16 audio encoder frames differ by {parity['fp16_frames_max_abs']:.3g} "
                                       f"> tolerance {FP16_FRAME_TOLERANCE:g}")
-            parity["variants"] = variant_parity(reference, bundle, examples, backend, on.type)
+            parity["variants"], parity["variants_off"] = variant_parity(reference, bundle, examples, backend, on.type)
             parity["tolerances"]["variant_posteriors"] = VARIANT_POSTERIOR_TOLERANCE
             manifest = write_manifest(stage, model.cfg, model.prompt, parity, optimizations)
         stage.rename(out)

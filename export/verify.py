@@ -285,20 +285,23 @@ def _variant_applies(name: str, bundle: Bundle) -> bool:
 
 
 def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
-                   device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Per-stage max abs differences of each precision variant of `device` against the fp32
-    reference; raises ParityError when a variant's posteriors are off by more than the variant
-    tolerance."""
-    out = {}
+                   device: str = "cpu") -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """(per-stage max abs differences of each precision variant of `device` against the fp32
+    reference, {variant: why it is off} for those whose posteriors move by more than the variant
+    tolerance). A variant that is off is not served from this bundle: the runtime's `auto`
+    choices fall back to the exact fp32 path (`RuntimeConfig.for_bundle`); the bundle itself,
+    which passed the fp32 parity, is still good."""
+    out, off = {}, {}
     for name, runtime in VARIANTS.items():
         if runtime["device"] != device or not _variant_applies(name, bundle):
             continue
         served = served_stages(bundle, examples, backend, **runtime)
         out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in STAGE_PARTS}
         if not out[name]["posteriors"] <= VARIANT_POSTERIOR_TOLERANCE:
-            raise ParityError(f"precision variant {name} ({runtime}) moves posteriors by {out[name]['posteriors']:.3g} "
-                              f"> {VARIANT_POSTERIOR_TOLERANCE:g}")
-    return out
+            off[name] = (f"moves posteriors by {out[name]['posteriors']:.3g} > {VARIANT_POSTERIOR_TOLERANCE:g} "
+                         f"on this bundle ({runtime})")
+            log.warning("precision variant %s %s: recorded as off; this bundle serves exact fp32 instead", name, off[name])
+    return out, off
 
 
 def fp16_frame_diff(bundle_dir: Path, waveforms: torch.Tensor, lengths: torch.Tensor, device: str = "cpu") -> float:

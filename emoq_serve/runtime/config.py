@@ -10,6 +10,7 @@ own pool oversubscribes the cores and makes small ops many times slower (ARCHITE
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,8 @@ DeviceName = Literal["cpu", "cuda", "auto"]
 DTypeName = Literal["float32", "bfloat16", "auto"]
 GraphRuntimeName = Literal["onnxruntime", "openvino", "auto"]
 GraphPrecisionName = Literal["float32", "float16", "auto"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,19 @@ class RuntimeConfig:
             return self.audio_precision
         cuda_ort = self.resolved_device() == "cuda" and self.resolved_graph_runtime() == "onnxruntime"
         return "float16" if cuda_ort and bundle_has_fp16 else "float32"
+
+    def for_bundle(self, manifest: dict) -> RuntimeConfig:
+        """This config for one bundle: where `auto` would pick the OpenVINO bf16 variant but the
+        bundle's export measured it beyond tolerance (`parity.variants_off`), the exact fp32 path
+        (onnxruntime graphs, fp32 LLM) instead. Explicit settings are kept as given."""
+        off = manifest.get("parity", {}).get("variants_off", {})
+        if "openvino_bf16" not in off or self.graph_runtime != "auto" or self.dtype != "auto":
+            return self
+        if self.resolved_graph_runtime() != "openvino":
+            return self
+        log.warning("this bundle's OpenVINO bf16 variant is off (%s): serving exact fp32 with onnxruntime",
+                    off["openvino_bf16"])
+        return self.replace(graph_runtime="onnxruntime", dtype="float32")
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

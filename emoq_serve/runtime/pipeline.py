@@ -48,6 +48,7 @@ class OnnxPipeline:
     """ORT audio encoder + ORT former + pooling + projector + LLM backend (vLLM or transformers)."""
 
     def __init__(self, bundle: Bundle, cfg: RuntimeConfig) -> None:
+        cfg = cfg.for_bundle(bundle.manifest)
         self.device = engine_device(bundle, cfg, "ONNX")
         self.bundle, self.cfg = bundle, cfg
         self.labels = bundle.labels

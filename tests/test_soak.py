@@ -102,9 +102,9 @@ def test_soak_concurrent_streams_without_errors_or_memory_growth():
 
 
 def test_overload_is_refused_quickly_and_accepted_calls_complete():
-    """4 per batch, 0.2 s per batch, 8 queue slots: of 96 simultaneous calls most must be refused
+    """4 per batch, 0.5 s per batch, 8 queue slots: of 96 simultaneous calls most must be refused
     at once; the rest are served in full."""
-    proc, port = spawn_server(delay_s=0.2, max_batch=4, max_queue_delay_ms=5, queue_size=8)
+    proc, port = spawn_server(delay_s=0.5, max_batch=4, max_queue_delay_ms=5, queue_size=8)
     try:
         async def one(client: EmotionClient) -> tuple[str, float]:
             t0 = time.monotonic()
@@ -134,4 +134,7 @@ def test_overload_is_refused_quickly_and_accepted_calls_complete():
         f"\noverload: 96 calls, queue 8: {len(accepted)} served (slowest {accepted[-1] * 1e3:.0f} ms), "
         f"{len(rejected)} RESOURCE_EXHAUSTED in p50 {p50 * 1e3:.1f} ms / p99 {p99 * 1e3:.1f} ms / max {rejected[-1] * 1e3:.1f} ms"
     )
-    assert p99 < 0.2 < accepted[-1]  # refused faster than one batch computes
+    # Refused without queueing: every refusal is back at least one batch time (0.5 s) before the
+    # last served call, which waited for the queue. Client-side times include sending 96 calls
+    # from one Python event loop (0.25-0.4 s on a 2-core box), so no absolute bound is asserted.
+    assert rejected[-1] + 0.5 < accepted[-1]

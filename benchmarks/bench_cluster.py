@@ -1,6 +1,6 @@
 """Throughput of one engine replica against two on Ray Serve, behind one `emoq serve` front door.
 
-Run (on an otherwise idle machine; the lead runs it for the committed figures):
+Run (on an otherwise idle machine; committed figures: `benchmarks/results/cluster/`):
   python -m benchmarks.bench_cluster --bundle DIR [--replicas 1,2] [--concurrency 4,8,16]
       [--duration 30] [--replica-cpus 1] [--ray-address local] [--out benchmarks/results/cluster]
 
@@ -8,9 +8,8 @@ Each replica count is one `emoq bench` run (`benchmarks.runner.run_bench`) on th
 workload against a front door the harness starts with `--ray-address ADDR --replicas N`; the
 report (`cluster.json`, `cluster.md`) holds each run's load points and the ratio of the best
 throughput with N replicas to the one-replica figure. On one machine the replicas share its cores
-(two replicas on two cores leave nothing for the front door, and one replica already uses two
-threads), so the ratio here bounds what a second replica adds on *this* box; on a real cluster
-run the same command with `--ray-address HEAD:6379` and one replica per node.
+with each other and the front door, so the ratio is what a second replica adds on *this* box; on
+a real cluster run the same command with `--ray-address HEAD:6379` and one replica per node.
 """
 
 from __future__ import annotations

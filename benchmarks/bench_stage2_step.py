@@ -5,9 +5,9 @@ Run: `python -m benchmarks.bench_stage2_step [--batch 8] [--steps 6] [--threads 
 
 One step = forward, loss, backward and AdamW update of a text-only (MELD-shaped) batch: the
 `meld-text-llm` recipe's model (MiniLM former, projector, LoRA r8 on every linear layer of the
-LLM). `kept` is what `EmoQStage2.loss` computes (logits only at the answer positions,
-`logits_to_keep`); `all` projects every position onto the 49k-word vocabulary and slices the
-same answer positions, the plain causal-LM way. Variants take turns step by step; medians over
+LLM). `kept` is what training computes (`EmoQStage2.loss`: logits only at the answer positions,
+`logits_to_keep`); `all` is `loss(all_positions=True)`, which projects every position onto the
+49k-word vocabulary, the plain causal-LM way. Variants take turns step by step; medians over
 `--steps` steps each after two warm-up rounds; ratios against fp32 `kept` in the same run.
 """
 
@@ -25,7 +25,6 @@ from benchmarks.bench_asr import cpu_flags
 from benchmarks.report import library_versions, machine_description
 from emoq_serve.config import LABEL_SETS, TrainConfig, preset
 from emoq_serve.data.types import Corpus, Example
-from emoq_serve.model.stage2 import answer_loss
 from training import stage1
 from training.common import autocast, make_optimizer
 from training.stage2 import Stage2Options, build_model
@@ -50,17 +49,6 @@ def batch_examples(n: int) -> list[Example]:
     return [Example(f"b{i}", None, LINES[i % len(LINES)], i % 7, speaker="Ross") for i in range(n)]
 
 
-def all_logits_loss(model, batch) -> torch.Tensor:
-    """The answer loss from logits at every position (what `logits_to_keep` avoids)."""
-    answers = [model.prompt.answer_ids(int(y)) for y in batch["labels"]]
-    n = len(answers[0])
-    logits = model._logits(batch, answers, keep=0)[:, -(n + 1):-1]
-    targets = torch.tensor(answers)
-    weights = torch.ones_like(targets, dtype=torch.float32)
-    weights[:, 0] = model.cfg.llm.emotion_word_weight
-    return answer_loss(logits, targets, weights)
-
-
 def run(batch_size: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = preset("smollm2", labels=LABEL_SETS["meld7"])
@@ -71,8 +59,8 @@ def run(batch_size: int, steps: int, threads: int) -> dict:
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
     batch = next(iter(stage1.iterate_batches(examples, model, batch_size, shuffle_seed=0)))
     prompt_tokens = model.prompt_inputs(batch["transcripts"], batch["speakers"])["input_ids"].shape[1]
-    loss_fns = {"kept": lambda: model.loss(batch), "all": lambda: all_logits_loss(model, batch)}
-    with torch.no_grad(), autocast(torch.device("cpu"), False):
+    loss_fns = {"kept": lambda: model.loss(batch), "all": lambda: model.loss(batch, all_positions=True)}
+    with torch.no_grad():
         same = abs(loss_fns["kept"]().item() - loss_fns["all"]().item())
     variants = [(bf16, logits) for bf16 in (False, True) for logits in ("kept", "all")]
     times: dict[tuple[bool, str], list[float]] = {v: [] for v in variants}

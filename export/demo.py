@@ -62,6 +62,8 @@ DEMO_PRESETS = {
     # `emoq demo --llm smollm2`: the same corpus and former, a real pretrained LLM (SmolLM2-135M-Instruct).
     "smollm2": DemoConfig(preset="smollm2", stage2_epochs=2),
 }
+#: `emoq demo --llm NAME` -> its DEMO_PRESETS entry.
+DEMO_LLMS = {"toy": "full", "smollm2": "smollm2"}
 
 
 def _step(message: str) -> None:
@@ -214,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
 
     started = time.perf_counter()
-    if args.quick and args.llm != "toy":
-        raise SystemExit("--quick builds the tiny preset's toy LLM; leave out --llm, or --quick")
-    cfg = DEMO_PRESETS["quick" if args.quick else "full" if args.llm == "toy" else args.llm]
+    cfg = DEMO_PRESETS["quick" if args.quick else DEMO_LLMS[args.llm]]
     bundle = build_demo_bundle(cfg, rebuild=args.rebuild)
     report = json.loads((bundle.parent / "report.json").read_text())
     results, conv, timeline = asyncio.run(query_demo(bundle, cfg.seed))
@@ -237,8 +237,9 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build (once) the demo bundle, serve it, and query it over gRPC")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo bundle")
-    p.add_argument("--quick", action="store_true", help="reduced-time mode (tiny preset; every stage still runs)")
-    p.add_argument("--llm", choices=("toy", "smollm2"), default="toy",
+    model = p.add_mutually_exclusive_group()  # --quick builds the tiny preset's own toy LLM
+    model.add_argument("--quick", action="store_true", help="reduced-time mode (tiny preset; every stage still runs)")
+    model.add_argument("--llm", choices=sorted(DEMO_LLMS), default="toy",
                    help="toy: the small preset's randomly initialised 4-layer LLM (the default, fastest build); "
                         "smollm2: the pretrained SmolLM2-135M-Instruct (see the README for its build time and accuracy)")
     p.set_defaults(func=run)

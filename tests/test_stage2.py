@@ -148,6 +148,12 @@ def test_weighted_loss_equals_hand_computation_through_the_llm(model):
     assert answers[0][1] == model.llm_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_loss_from_every_position_equals_the_answer_only_loss(model):
+    batch = batch_of(model, make_examples(3))
+    with torch.no_grad():
+        assert model.loss(batch, all_positions=True).item() == pytest.approx(model.loss(batch).item(), rel=1e-6)
+
+
 def test_posteriors_sum_to_one_and_ignore_batch_composition(model):
     examples = make_examples(5)
     with torch.no_grad():

@@ -41,8 +41,9 @@ from training.distributed import launched_rank
 
 @dataclass
 class Recipe:
-    """A run: stage, preset, former overrides (stage 1; stage 2 takes its stage-1 checkpoint's),
-    train/dev fractions, the LLM (stage 2) and optimisation settings."""
+    """A run: stage, preset (stage 2: the preset whose LLM goes on the stage-1 former), former
+    overrides (stage 1; stage 2 takes its stage-1 checkpoint's), train/dev fractions and
+    optimisation settings."""
 
     preset: str
     train_fraction: float
@@ -51,7 +52,6 @@ class Recipe:
     num_queries: int | None = None
     max_text_tokens: int | None = None
     dev_fraction: float = 1.0
-    llm_preset: str | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -60,7 +60,7 @@ RECIPES: dict[str, Recipe] = {
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
     "meld-text-llm": Recipe(
-        preset="smollm2", stage=2, llm_preset="smollm2", train_fraction=0.1, dev_fraction=0.25,
+        preset="smollm2", stage=2, train_fraction=0.1, dev_fraction=0.25,
         train=TrainConfig(epochs=1, batch_size=8, lr=5e-5, warmup_ratio=0.1, select_metric="wf1", seed=0,
                           threads=2, lr_groups={PARAM_GROUPS["projector"]: 1e-3, PARAM_GROUPS["lora"]: 1e-3,
                                                 PARAM_GROUPS["former_fresh"]: 5e-4}),
@@ -112,7 +112,7 @@ def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, trai
 
         if not from_stage1:
             raise ValueError(f"recipe {name} is a stage-2 run: pass the stage-1 run it starts from (--from-stage1)")
-        opts = Stage2Options(stage1_dir=from_stage1, modality="text", llm_preset=recipe.llm_preset, zero_shot=True)
+        opts = Stage2Options(stage1_dir=from_stage1, modality="text", llm_preset=recipe.preset, zero_shot=True)
         summary = train_stage2(model_cfg, train_cfg, corpus, out_dir, opts)
     summary["recipe"] = {"name": name, "classes": classes, "train_examples": len(corpus.train),
                          "dev_examples": len(corpus.dev), "from_stage1": from_stage1,

@@ -182,19 +182,22 @@ class EmoQStage2(nn.Module):
         )
         return out.logits
 
-    def loss_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """`answer_loss_terms` of the answers for batch["labels"] (per row, [B] each)."""
+    def loss_terms(self, batch: dict, all_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`answer_loss_terms` of the answers for batch["labels"] (per row, [B] each). The LLM
+        projects only the answer positions onto the vocabulary; all_positions=True projects every
+        position, the plain causal-LM way (the same loss; benchmarks/bench_stage2_step.py's baseline)."""
         answers = [self.prompt.answer_ids(int(y)) for y in batch["labels"]]
         n = len(answers[0])
-        logits = self._logits(batch, answers, keep=n + 1)[:, :n]  # position t predicts token t+1
+        # Left padding puts the answer last; position t predicts token t+1.
+        logits = self._logits(batch, answers, keep=0 if all_positions else n + 1)[:, -(n + 1):-1]
         targets = torch.tensor(answers, device=logits.device)
         weights = torch.ones_like(targets, dtype=torch.float32)
         weights[:, 0] = self.cfg.llm.emotion_word_weight
         return answer_loss_terms(logits, targets, weights)
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, all_positions: bool = False) -> torch.Tensor:
         """Weighted LM loss on the answer (emotion word, end token) for batch["labels"]."""
-        numerator, denominator = self.loss_terms(batch)
+        numerator, denominator = self.loss_terms(batch, all_positions)
         return numerator.sum() / denominator.sum()
 
     def predict(self, batch: dict, soft_prompt: bool = True) -> torch.Tensor:

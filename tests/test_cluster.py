@@ -16,6 +16,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from emoq_serve.runtime.config import runtime_preset
 
 APP = "emoq-test"
 KV_CACHE_MIB = 64  # three vLLM engines (two replicas, the reference) on a shared 2-core box
+CLIENTS = 8
 
 
 def free_port() -> int:
@@ -94,6 +96,7 @@ class FrontDoor:
         self.port, self.metrics_port = free_port(), free_port()
         args = ["--bundle", str(bundle), "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                 "--runtime", "test", "--asr", "off", "--interim-span-s", "0.5", "--max-queue-delay-ms", "2",
+                "--max-batch", "2", "--max-inflight-batches", "4",
                 "--vllm-kv-cache-mib", str(KV_CACHE_MIB), "--drain-timeout-s", "10",
                 "--ray-address", address, "--serve-app", APP, "--replicas", "2", "--replica-cpus", "1", *extra]
         self.proc = subprocess.Popen([sys.executable, "-m", "emoq_serve.cli", "serve", *args])
@@ -201,22 +204,37 @@ def test_a_replica_killed_mid_load_fails_no_call(front_door):
     to serve (one restart cycle for both tests: each costs a vLLM start on a shared box)."""
     victims = replica_actors()
     assert len(victims) == 2
+    victim = victims[0].rsplit("#", 1)[1]
     retries = metrics(front_door.metrics_port)["emoq_replica_retries_total"][()]
-    # Longer clips keep both replicas busy, so the kill lands on batches in flight.
     requests = [recognize_request(tone(2.0 + 0.1 * (i % 5), freq=150 + 7 * i), 16_000, f"line {i}") for i in range(48)]
+    stop = threading.Event()
 
-    def call(i: int) -> str:
-        if i % 4 == 0:
-            msgs = stream_messages(tone(1.5), 16_000, f"stream {i}", chunk_ms=250)
-            return [r.result for r in front_door.stub.StreamingRecognize(msgs, timeout=120)][-1].label
-        return front_door.stub.Recognize(requests[i], timeout=120).result.label
+    def client(k: int) -> list[str]:
+        """Calls until told to stop, so the load outlasts the kill however fast this machine is."""
+        labels, i = [], k
+        while not stop.is_set():
+            if i % 4 == 0:
+                msgs = stream_messages(tone(1.5), 16_000, f"stream {i}", chunk_ms=250)
+                labels.append([r.result for r in front_door.stub.StreamingRecognize(msgs, timeout=120)][-1].label)
+            else:
+                labels.append(front_door.stub.Recognize(requests[i % len(requests)], timeout=120).result.label)
+            i += CLIENTS
+        return labels
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(call, i) for i in range(len(requests))]
-        wait_for(lambda: sum(f.done() for f in futures) >= 6, 60, "the load under way", step=0.01)
+    def victim_batches() -> float:
+        return replica_batches(front_door.metrics_port).get(victim, ("", 0.0))[1]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        before = victim_batches()
+        futures = [pool.submit(client, k) for k in range(CLIENTS)]
+        # Killed once it is computing this load: the front door keeps several small batches in
+        # flight (--max-batch 2, --max-inflight-batches 4), so each replica holds one or more.
+        wait_for(lambda: victim_batches() >= before + 3, 60, "the victim replica computing the load", step=0.02)
         kill_replica(victims[0])
-        labels = [f.result() for f in futures]  # raises the RpcError of any failed call
-    assert len(labels) == len(requests)
+        time.sleep(1.0)  # calls keep arriving while Ray's router learns of the death
+        stop.set()
+        calls = sum(len(f.result()) for f in futures)  # raises the RpcError of any failed call
+    assert calls >= CLIENTS
     assert metrics(front_door.metrics_port)["emoq_replica_retries_total"][()] > retries, "no batch was in flight"
     assert front_door.serving()  # on the survivor
     wait_for(lambda: len(set(replica_actors()) - set(victims)) == 1, 60, "Ray starting a replacement replica")

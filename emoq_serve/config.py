@@ -95,6 +95,9 @@ class FormerConfig:
     num_queries: int = 32
     pool_heads: int = 4  # heads of the multi-head attentive pooling (divides hidden_size)
     max_text_tokens: int = 128
+    #: Dialogue context: the former also reads the last K earlier turns of the conversation with
+    #: their speakers (`data.batching.encode_text`); the server feeds a stream's last K transcripts.
+    context_turns: int = 0
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     #: BERT/RoBERTa folder (or `minilm`) to initialise embeddings/self-attn/FFN from; None = random.
@@ -194,6 +197,8 @@ class TrainConfig:
     seed: int = 0
     supcon_temperature: float = 0.07
     focal_gamma: float = 2.0
+    #: The focal term's class weights from the training split: inverse (paper), sqrt or none.
+    class_weighting: str = "inverse"
     mal_lambda: float = 1.0
     select_metric: str = "uar"  # one of wa, ua, wf1 ("uar" accepted as ua)
     num_workers: int = 0

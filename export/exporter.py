@@ -85,7 +85,8 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
             parity = {**parity_report(reference, served, FP32_TOLERANCES, backend), "device": on.type}
             parity["trained_model"] = trained_model_deviation(trained, served, llm_dtype)
             if fp16:
-                batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens)
+                batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens,
+                                model.cfg.former.context_turns)
                 parity["fp16_frames_max_abs"] = fp16_frame_diff(stage, batch["waveforms"], batch["lengths"], on.type)
                 parity["tolerances"]["fp16_frames"] = FP16_FRAME_TOLERANCE
                 if not parity["fp16_frames_max_abs"] <= FP16_FRAME_TOLERANCE:

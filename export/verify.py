@@ -96,7 +96,8 @@ class ParityError(RuntimeError):
 
 
 def verification_examples(seed: int = 0) -> list[Example]:
-    """The fixed parity batch: extreme lengths and both missing-modality cases."""
+    """The fixed parity batch: extreme lengths, both missing-modality cases and earlier turns
+    (which a bundle with dialogue context must read as the trained model does)."""
     rng = np.random.default_rng(seed)
 
     def clip(seconds: float) -> np.ndarray:
@@ -107,7 +108,8 @@ def verification_examples(seed: int = 0) -> list[Example]:
         Example("long", clip(8.0), "I really cannot believe this happened to us again today.", 1, None),
         Example("no_text", clip(1.5), "", 2, "spk2"),
         Example("no_audio", None, "Well, that is just wonderful news.", 3, None),
-        Example("mid", clip(3.0), "It is a calm day at the office.", 0, "spk1"),
+        Example("mid", clip(3.0), "It is a calm day at the office.", 0, "spk1",
+                context=(("spk2", "Where were you all morning?"), (None, "uh"), ("spk2", "We waited for you."))),
     ]
 
 
@@ -162,7 +164,8 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
 def model_stages(model: EmoQStage2, examples: list[Example], device: str | torch.device = "cpu") -> Stages:
     """Each stage's output of the PyTorch stage-2 model on one padded batch (the reference), on `device`."""
     device = torch.device(device)
-    batch = move_batch(collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens), device)
+    batch = move_batch(collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens,
+                                 model.cfg.former.context_turns), device)
     with on_device(model, device):
         return _model_stages(model, batch)
 
@@ -190,7 +193,8 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
 
     if backend not in ("vllm", "transformers"):
         raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
-    utterances = [Utterance(np.zeros(0, np.float32) if ex.audio is None else ex.audio, ex.transcript, ex.speaker)
+    utterances = [Utterance(np.zeros(0, np.float32) if ex.audio is None else ex.audio, ex.transcript, ex.speaker,
+                            ex.context)
                   for ex in examples]
 
     async def run() -> Stages:

@@ -70,6 +70,39 @@ def test_one_final_per_turn_with_transcripts_by_index_range_and_wait(server, tal
                    (turns[2].transcript, pb.TRANSCRIPT_CLIENT, "spk"), ("", pb.TRANSCRIPT_NONE, "spk")]
 
 
+class ContextRecognizer(StandInRecognizer):
+    """The stand-in engine of a bundle that reads 2 earlier turns; it records what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple] = {}
+
+    def info(self) -> dict[str, str]:
+        return {**super().info(), "context_turns": "2"}
+
+    async def recognize(self, batch):
+        self.seen.update({u.transcript: u.context for u in batch})
+        return await super().recognize(batch)
+
+
+def test_segments_read_the_last_k_earlier_turns_in_order(talk):
+    """A model with dialogue context gets each segment's last K decided turns with their
+    speakers, past only, in segment order, even when an earlier segment's transcript arrives
+    after later segments closed (the later ones wait for it); a turn without text is left out."""
+    t = [turn.transcript for turn in talk.turns]
+    texts = [SegmentText(t[0], index=0, speaker="A"),
+             SegmentText(t[1], index=1, speaker="B", after_s=talk.duration_s + 0.5),  # after segments 2, 3 closed
+             SegmentText(t[3], index=3, speaker="A")]  # segment 2: none (no ASR here)
+    with RunningServer(ContextRecognizer, config(max_queue_delay_ms=5, max_audio_seconds=30.0)) as srv:
+        msgs = conversation_messages(talk.audio, 16_000, texts, transcript_wait_ms=5_000, speaker="C")
+        results = [r.result for r in srv.stub.StreamingRecognize(msgs, timeout=60)]
+        seen = srv.recognizer.seen
+    assert [r.transcript for r in results] == [t[0], t[1], "", t[3]]
+    assert seen[t[0]] == ()
+    assert seen[t[1]] == (("A", t[0]),)
+    assert seen[""] == (("A", t[0]), ("B", t[1]))
+    assert seen[t[3]] == (("A", t[0]), ("B", t[1]))  # the last 2 with text: segment 2 said nothing
+
+
 def test_without_wait_only_transcripts_sent_before_the_close_are_used(server, talk):
     turns = talk.turns
     texts = [SegmentText(turns[0].transcript, index=0), SegmentText(turns[1].transcript, index=1, after_s=talk.duration_s)]

@@ -141,6 +141,24 @@ def test_meld_text_audio_and_encoding(tmp_path) -> None:
     assert all(ex.audio is None for ex in c.dev)  # audio folders are per split
 
 
+def test_meld_dialogue_context_is_every_earlier_turn(tmp_path) -> None:
+    """Past turns only, in utterance order whatever the file order, with their speakers; a row
+    whose emotion the label set drops is no example but stays context for the turns after it."""
+    rows = [("Fine.", "Ross", "neutral", 3, 2), ("Hi!", "Monica", "joy", 3, 0), ("What?!", "Ross", "surprise", 3, 1),
+            ("Bye.", "Joey", "sadness", 4, 0)]
+    (tmp_path / "m").mkdir()
+    with open(tmp_path / "m" / "train_sent_emo.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_MELD_HEADER)
+        for i, (text, speaker, emotion, d, u) in enumerate(rows):
+            w.writerow([i + 1, text, speaker, emotion, "neutral", d, u, 1, 1, "0", "0"])
+    by_id = {ex.id: ex for ex in load_corpus(f"meld:{tmp_path / 'm'}:4").train}
+    assert sorted(by_id) == ["train/dia3_utt0", "train/dia3_utt2", "train/dia4_utt0"]  # surprise dropped
+    assert by_id["train/dia3_utt0"].context == ()
+    assert by_id["train/dia3_utt2"].context == (("Monica", "Hi!"), ("Ross", "What?!"))
+    assert by_id["train/dia4_utt0"].context == ()  # a new dialogue starts afresh
+
+
 def test_clean_text_repairs_encodings() -> None:
     assert clean_text("he\x92s here") == "he's here"  # cp1252 byte read as latin-1
     assert clean_text("he\u00e2\u20ac\u2122s \u00e2\u20ac\u0153hi\u00e2\u20ac\u009d") == 'he\'s "hi"'  # mojibake
@@ -306,6 +324,28 @@ def test_collate_shapes_and_masks(bert_tokenizer) -> None:
     assert mask[0].tolist() == [True] * 4 + [False] * 12 and mask[1].all() and not mask[2].any()
     assert batch["labels"].tolist() == [1, 2, 0] and batch["speakers"] == ["s1", None, "s2"]
     assert batch["transcripts"][0] == "hello there"
+
+
+def test_collate_reads_the_last_k_turns_newest_first(bert_tokenizer) -> None:
+    context = (("Joey", "how you doin"), ("Ross", "we were on a break"), (None, "pivot"))
+    ex = Example("a", None, "Hi there", 0, "Rachel", context=context)
+    tok = bert_tokenizer
+
+    def text(batch, row=0):
+        return tok.decode(batch["input_ids"][row][batch["text_mask"][row]])
+
+    assert text(collate([ex], tok, 64)) == "[CLS] hi there [SEP]"  # K = 0: the transcript alone
+    assert text(collate([ex], tok, 64, context_turns=2)) == \
+        "[CLS] rachel : hi there [SEP] pivot [SEP] ross : we were on a break [SEP]"
+    # Truncation drops the oldest context first, never the utterance.
+    short = collate([ex], tok, 12, context_turns=3)
+    assert short["input_ids"].shape[1] == 12 and text(short).startswith("[CLS] rachel : hi there [SEP] pivot [SEP] ross")
+    long = Example("b", None, "word " * 20, 0, "Rachel", context=context)
+    assert "pivot" not in text(collate([long], tok, 12, context_turns=2))  # no room left for context
+    # No transcript: no text at all, whatever the context; no context: the utterance alone.
+    batch = collate([Example("c", None, "", 0, "Rachel", context=context), Example("d", None, "ok", 0, "Ross")],
+                    tok, 64, context_turns=2)
+    assert not batch["text_mask"][0].any() and text(batch, 1) == "[CLS] ross : ok [SEP]"
 
 
 def test_collate_all_missing_text_and_audio() -> None:

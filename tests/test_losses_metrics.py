@@ -18,6 +18,11 @@ def test_class_weights_are_n_over_c_times_count():
     assert torch.allclose(w, torch.tensor([6 / 9, 1.0, 2.0]))
     w4 = class_weights_from_labels([0, 0, 0, 1, 1, 2], 4)
     assert torch.allclose(w4, torch.tensor([6 / 12, 6 / 8, 6 / 4, 0.0]))
+    sqrt = class_weights_from_labels([0, 0, 0, 1, 1, 2], 4, "sqrt")
+    assert torch.allclose(sqrt, torch.tensor([6 / 12, 6 / 8, 6 / 4, 0.0]).sqrt())
+    assert torch.equal(class_weights_from_labels([0, 0, 0, 1, 1, 2], 4, "none"), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="inverse, sqrt, none"):
+        class_weights_from_labels([0, 1], 2, "log")
 
 
 def test_focal_loss_by_hand():

@@ -65,6 +65,14 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     assert config["llm"]["path"] == "smollm2" and config["llm"]["modality"] == "text"
     assert config["former"]["num_queries"] == 4  # the stage-1 checkpoint's former
 
+    # The dialogue-context variant: K earlier turns, a model setting the checkpoint keeps.
+    run_recipe("meld-text-context", str(root), 4, tmp_path / "ctx", train_fraction=0.5, context_turns=1)
+    stored = json.loads((tmp_path / "ctx" / "summary.json").read_text())["recipe"]
+    assert stored["context_turns"] == 1 and RECIPES["meld-text-context"].context_turns > 1
+    config = json.loads((tmp_path / "ctx" / "best" / "config.json").read_text())["model_config"]
+    assert config["former"]["context_turns"] == 1
+    assert config["former"]["max_text_tokens"] == RECIPES["meld-text-context"].max_text_tokens
+
 
 def test_lr_groups_give_the_aux_head_its_own_rate() -> None:
     """The recipe's main lever: the auxiliary head trains at its group's rate, the rest at `lr`."""

@@ -8,7 +8,7 @@ import argparse
 from emoq_serve.config import PRESETS
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, resume: bool = True) -> None:
     """Flags both stages share; None means "the preset's default" (see STAGE1_DEFAULTS)."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size preset")
     p.add_argument("--data", default="synthetic", help="synthetic[:N] | iemocap:DIR[:fold] | meld:DIR[:4|7]")
@@ -18,7 +18,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="learning rate of the parts the preset gives no rate of their own "
                    "(its lr_groups: the fresh former parts, aux head, projector, LoRA keep theirs)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--select-metric", choices=["wa", "ua", "uar", "wf1"], help="dev metric choosing the best checkpoint")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"),
@@ -35,6 +36,12 @@ def _run_stage1(args: argparse.Namespace) -> int:
 
 def _run_stage2(args: argparse.Namespace) -> int:
     from training.stage2 import run
+
+    return run(args)
+
+
+def _run_loso(args: argparse.Namespace) -> int:
+    from training.loso import run
 
     return run(args)
 
@@ -63,3 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--zero-shot", action="store_true",
                         help="first score the untrained LLM on dev from the transcript alone (the zero-shot baseline)")
     stage2.set_defaults(func=_run_stage2)
+
+    loso = stages.add_parser("loso", help="IEMOCAP's five leave-one-session-out folds in turn, mean ± std of WA/UA/WF1")
+    _add_common(loso, resume=False)  # a finished fold (OUT/foldK/fold.json) is read back instead
+    loso.add_argument("--stages", type=int, choices=(1, 2), default=2,
+                      help="1: the former's auxiliary head; 2: stage 2 on it too (the paper's model)")
+    loso.add_argument("--folds", type=int, nargs="+", choices=range(1, 6), default=list(range(1, 6)), metavar="K",
+                      help="test sessions to run (default all five)")
+    loso.add_argument("--feature-cache", help="folder caching frozen HuBERT features across epochs and folds")
+    loso.set_defaults(func=_run_loso)

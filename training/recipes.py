@@ -35,6 +35,7 @@ import numpy as np
 
 from emoq_serve.config import TrainConfig
 from emoq_serve.data.types import Corpus
+from emoq_serve.model.losses import CLASS_WEIGHTING
 from training.common import PARAM_GROUPS
 from training.distributed import launched_rank
 
@@ -51,12 +52,18 @@ class Recipe:
     stage: int = 1
     num_queries: int | None = None
     max_text_tokens: int | None = None
+    #: Dialogue context: earlier turns the former reads (`FormerConfig.context_turns`).
+    context_turns: int = 0
     dev_fraction: float = 1.0
 
 
 RECIPES: dict[str, Recipe] = {
     "meld-text": Recipe(
         preset="small", num_queries=4, max_text_tokens=48, train_fraction=0.6,
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
+    ),
+    "meld-text-context": Recipe(
+        preset="small", num_queries=4, max_text_tokens=96, context_turns=2, train_fraction=1.0,
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-4, lr_groups={PARAM_GROUPS["aux_head"]: 2e-3}, focal_gamma=2.0, select_metric="wf1", seed=0, threads=1),
     ),
     "meld-text-llm": Recipe(
@@ -87,7 +94,8 @@ def stratified_subset(corpus: Corpus, fraction: float, seed: int, split: str = "
 
 
 def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, train_fraction: float | None = None,
-               from_stage1: str | None = None, dev_fraction: float | None = None, **overrides: Any) -> dict[str, Any]:
+               from_stage1: str | None = None, dev_fraction: float | None = None, context_turns: int | None = None,
+               **overrides: Any) -> dict[str, Any]:
     """Train recipe `name` on MELD (`classes` 4 or 7); `train_fraction`, `dev_fraction` and
     `overrides` (TrainConfig fields) replace the recipe's values, so a budget study changes one
     thing and nothing else. A stage-2 recipe starts from the stage-1 run `from_stage1`."""
@@ -96,7 +104,8 @@ def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, trai
 
     recipe = RECIPES[name]
     recipe = dataclasses.replace(recipe, **{k: v for k, v in (("train_fraction", train_fraction),
-                                                             ("dev_fraction", dev_fraction)) if v is not None})
+                                                             ("dev_fraction", dev_fraction),
+                                                             ("context_turns", context_turns)) if v is not None})
     train_cfg = dataclasses.replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
     corpus = stratified_subset(load_corpus(f"meld:{data_dir}:{classes}"), recipe.train_fraction, train_cfg.seed)
     corpus = stratified_subset(corpus, recipe.dev_fraction, train_cfg.seed, split="dev")
@@ -106,6 +115,7 @@ def run_recipe(name: str, data_dir: str, classes: int, out_dir: str | Path, trai
 
         model_cfg.former.num_queries = recipe.num_queries
         model_cfg.former.max_text_tokens = recipe.max_text_tokens
+        model_cfg.former.context_turns = recipe.context_turns
         summary = train_stage1(model_cfg, train_cfg, corpus, out_dir)
     else:
         from training.stage2 import Stage2Options, train_stage2
@@ -134,10 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--dev-fraction", type=float, help="override the recipe's stratified dev fraction")
     p.add_argument("--from-stage1", metavar="DIR", help="stage-2 recipes: the stage-1 run they start from")
+    p.add_argument("--context-turns", type=int, help="override the recipe's dialogue context (earlier turns read)")
+    p.add_argument("--class-weighting", choices=CLASS_WEIGHTING, help="override the focal term's class weights")
+    p.add_argument("--supcon-temperature", type=float, help="override the SupCon temperature")
+    p.add_argument("--threads", type=int, help="override the recipe's torch threads")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (CPUs with AVX512-BF16/AMX)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_recipe(args.recipe, args.data, args.classes, args.out, args.train_fraction, args.from_stage1,
-                         args.dev_fraction, seed=args.seed, epochs=args.epochs, lr=args.lr)
+                         args.dev_fraction, args.context_turns, seed=args.seed, epochs=args.epochs, lr=args.lr,
+                         class_weighting=args.class_weighting, supcon_temperature=args.supcon_temperature,
+                         threads=args.threads, bf16=args.bf16)
     if launched_rank():
         return 0
     best = summary["best_dev"]

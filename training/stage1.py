@@ -94,7 +94,8 @@ def _sampler(examples: Sequence[Example], batch_size: int, shuffle_seed: int | N
 
 def _collate(examples: Sequence[Example], rows: list[int], index: list[int], model: EmoQStage1, device: torch.device) -> dict[str, Any]:
     """`rows` collated on `device`, with `index` (the rows that count) as batch["index"]."""
-    batch = collate([examples[i] for i in rows], model.text_tokenizer, model.cfg.former.max_text_tokens)
+    batch = collate([examples[i] for i in rows], model.text_tokenizer, model.cfg.former.max_text_tokens,
+                    model.cfg.former.context_turns)
     batch["index"] = torch.tensor(index, dtype=torch.int64)  # rows' positions in `examples`
     return move_batch(batch, device)
 
@@ -142,7 +143,7 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: 
     device = here.device
     model = (EmoQStage1.load(out / "last") if resume else EmoQStage1(model_cfg)).to(device)
     forward = data_parallel(model, here)
-    weights = class_weights_from_labels([e.label for e in corpus.train], len(corpus.labels))
+    weights = class_weights_from_labels([e.label for e in corpus.train], len(corpus.labels), train_cfg.class_weighting)
     log.info("stage 1: %d train / %d dev examples, class weights %s", len(corpus.train), len(corpus.dev), weights.tolist())
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:

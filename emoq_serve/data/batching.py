@@ -13,20 +13,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from emoq_serve.data.types import Example
+from emoq_serve.data.types import Example, Turn
+
+#: Fewer free positions than this after the utterance itself: its context is left out.
+MIN_CONTEXT_TOKENS = 4
 
 
-def collate(examples: list[Example], tokenizer: Any, max_text_tokens: int) -> dict[str, Any]:
+def _turn_text(speaker: str | None, text: str) -> str:
+    return f"{speaker}: {text}" if speaker else text
+
+
+def encode_text(tokenizer: Any, transcript: str, speaker: str | None, context: tuple[Turn, ...],
+                max_text_tokens: int, context_turns: int) -> list[int]:
+    """The former's token ids for one utterance. Without context (`context_turns` 0) the
+    transcript alone. With K > 0 a pair: "speaker: transcript", then the last K earlier turns as
+    "speaker: text", newest first and separated by the tokenizer's separator, so truncation at
+    `max_text_tokens` drops the oldest context and never the utterance itself."""
+    if not context_turns:
+        return tokenizer(transcript, truncation=True, max_length=max_text_tokens)["input_ids"]
+    first = _turn_text(speaker, transcript)
+    ids = tokenizer(first, truncation=True, max_length=max_text_tokens)["input_ids"]
+    prior = [_turn_text(s, t) for s, t in context if t.strip()][-context_turns:]
+    if not prior or not transcript.strip() or len(ids) + MIN_CONTEXT_TOKENS > max_text_tokens:
+        return ids
+    sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " | "
+    return tokenizer(first, sep.join(reversed(prior)), truncation="only_second", max_length=max_text_tokens)["input_ids"]
+
+
+def collate(examples: list[Example], tokenizer: Any, max_text_tokens: int, context_turns: int = 0) -> dict[str, Any]:
     """Batch examples: waveforms [B,S] float32 zero-padded (S >= 1), lengths [B] int64,
     input_ids [B,T] int64 with the tokenizer's special tokens, text_mask [B,T] bool (T >= 1),
-    labels [B] int64, transcripts and speakers as lists."""
+    labels [B] int64, transcripts and speakers as lists. With `context_turns` K > 0 the former's
+    text also holds each example's last K earlier turns (`encode_text`)."""
     lengths = [0 if ex.audio is None else len(ex.audio) for ex in examples]
     waveforms = torch.zeros(len(examples), max(max(lengths, default=0), 1), dtype=torch.float32)
     for row, ex in enumerate(examples):
         if ex.audio is not None:
             waveforms[row, : len(ex.audio)] = torch.from_numpy(np.asarray(ex.audio, dtype=np.float32))
     transcripts = [ex.transcript for ex in examples]
-    enc = tokenizer(transcripts, padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt")
+    if context_turns:
+        rows = [{"input_ids": encode_text(tokenizer, ex.transcript, ex.speaker, ex.context, max_text_tokens, context_turns)}
+                for ex in examples]
+        enc = tokenizer.pad(rows, return_tensors="pt")
+    else:
+        enc = tokenizer(transcripts, padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt")
     input_ids, text_mask = enc["input_ids"].long(), enc["attention_mask"].bool()
     if input_ids.shape[1] == 0:  # tokenizers without special tokens give T=0 for all-empty text
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

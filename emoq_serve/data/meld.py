@@ -77,25 +77,32 @@ def _audio_index(root: Path, split: str) -> dict[str, Path]:
 
 
 def read_split(root: Path, split: str, labels: tuple[str, ...]) -> list[Example]:
-    """One split's examples; rows whose emotion is outside `labels` are dropped."""
+    """One split's examples; rows whose emotion is outside `labels` are dropped (but stay in
+    the later turns' dialogue context, which holds every earlier row of the dialogue)."""
     path = root / SPLIT_FILES[split]
     if not path.is_file():
         return []
     audio = _audio_index(root, split)
-    examples = []
-    for row in csv.DictReader(io.StringIO(_decode(path.read_bytes()), newline="")):
+    rows = list(csv.DictReader(io.StringIO(_decode(path.read_bytes()), newline="")))
+    rows.sort(key=lambda r: (int(r["Dialogue_ID"]), int(r["Utterance_ID"])))  # stable: file order on ties
+    examples, context, dialogue = [], [], None
+    for row in rows:
+        if row["Dialogue_ID"] != dialogue:
+            dialogue, context = row["Dialogue_ID"], []
+        speaker, text = clean_text(row["Speaker"]) or None, clean_text(row["Utterance"])
         emotion = row["Emotion"].strip().lower()
-        if emotion not in labels:
-            continue
-        stem = f"dia{int(row['Dialogue_ID'])}_utt{int(row['Utterance_ID'])}"
-        audio_path = audio.get(stem)
-        examples.append(Example(
-            id=f"{split}/{stem}",
-            audio=load_audio(audio_path) if audio_path else None,
-            transcript=clean_text(row["Utterance"]),
-            label=labels.index(emotion),
-            speaker=clean_text(row["Speaker"]) or None,
-        ))
+        if emotion in labels:
+            stem = f"dia{int(row['Dialogue_ID'])}_utt{int(row['Utterance_ID'])}"
+            audio_path = audio.get(stem)
+            examples.append(Example(
+                id=f"{split}/{stem}",
+                audio=load_audio(audio_path) if audio_path else None,
+                transcript=text,
+                label=labels.index(emotion),
+                speaker=speaker,
+                context=tuple(context),
+            ))
+        context.append((speaker, text))
     return examples
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: One earlier turn of the same conversation: (speaker or None, what was said).
+Turn = tuple[str | None, str]
+
 
 @dataclass
 class Example:
@@ -20,6 +23,9 @@ class Example:
     #: Synthetic data only: which modality carries the emotion ("both", "text", "prosody"),
     #: so evaluations can report the single-modality cases separately. None for real data.
     cue: str | None = None
+    #: The turns before this one in its dialogue, oldest first (past only, never later turns);
+    #: a model with `FormerConfig.context_turns` K > 0 reads the last K of them.
+    context: tuple[Turn, ...] = ()
 
 
 @dataclass

@@ -13,11 +13,21 @@ import torch
 import torch.nn.functional as F
 
 
-def class_weights_from_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
-    """w_c = N / (C · n_c) from the training labels; an absent class gets weight 0 (never inf)."""
+#: Class-weighting schemes for the focal term (`TrainConfig.class_weighting`).
+CLASS_WEIGHTING = ("inverse", "sqrt", "none")
+
+
+def class_weights_from_labels(labels: Sequence[int] | torch.Tensor, num_classes: int,
+                              scheme: str = "inverse") -> torch.Tensor:
+    """Per-class weights from the training labels: "inverse" w_c = N / (C · n_c) (the paper's),
+    "sqrt" its square root (milder on rare classes, which WF1 counts by frequency), "none" all 1.
+    An absent class gets weight 0 (never inf)."""
+    if scheme not in CLASS_WEIGHTING:
+        raise ValueError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING)}; got {scheme!r}")
     y = torch.as_tensor(labels, dtype=torch.long).flatten()
     counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
     weights = y.numel() / (num_classes * counts.clamp(min=1))
+    weights = {"inverse": weights, "sqrt": weights.sqrt(), "none": torch.ones_like(weights)}[scheme]
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 

@@ -59,6 +59,8 @@ def engine_info(bundle: Bundle, engine: str, llm_backend: str, device: str, dtyp
         "llm_backend": llm_backend,
         "device": device,
         "dtype": dtype,
+        # The earlier turns the model reads (the server keeps that many per conversation stream).
+        "context_turns": str(bundle.model_config.former.context_turns),
         **library_versions("emoq-serve", *packages),
     }
 
@@ -107,9 +109,9 @@ def model_batch(bundle: Bundle, tokenizer: Any, utterances: list[Utterance]) -> 
     the missing-audio case (length 0), an empty transcript the missing-text case.
     """
     cfg = bundle.model_config
-    examples = [Example(str(i), u.audio if len(u.audio) else None, u.transcript, 0, u.speaker)
+    examples = [Example(str(i), u.audio if len(u.audio) else None, u.transcript, 0, u.speaker, context=u.context)
                 for i, u in enumerate(utterances)]
-    batch = collate(examples, tokenizer, cfg.former.max_text_tokens)
+    batch = collate(examples, tokenizer, cfg.former.max_text_tokens, cfg.former.context_turns)
     if cfg.llm.modality == "audio":
         batch["text_mask"] = torch.zeros_like(batch["text_mask"])
         batch["transcripts"] = [""] * len(utterances)

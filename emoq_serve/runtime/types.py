@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from emoq_serve.data.types import Turn
+
 #: Pipeline stages reported in every result's timing breakdown, in order.
 STAGES = ("queue", "audio_encoder", "former", "pooling", "llm")
 
@@ -18,6 +20,9 @@ class Utterance:
     audio: np.ndarray
     transcript: str = ""
     speaker: str | None = None
+    #: Earlier turns of the conversation, oldest first: (speaker or None, transcript). A model
+    #: trained with dialogue context reads the last `context_turns` of them.
+    context: tuple[Turn, ...] = ()
 
 
 @dataclass

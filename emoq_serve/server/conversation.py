@@ -14,6 +14,12 @@ client's value, capped by the server) after it closes; with none by then, or onc
 half-closed, it is scored with the server's ASR transcript (`--asr auto`, the default) or, with
 ASR off, without one (TRANSCRIPT_NONE).
 
+Dialogue context: a bundle whose former reads the earlier turns (`context_turns` K > 0) gets,
+with each segment, the last K decided transcripts of this stream and their speakers, past only:
+a segment's transcript is decided first (client's or ASR's), then it waits for the segments
+before it to be decided, so the turns it reads are exactly the stream's earlier ones in order.
+Interim results read the turns decided so far.
+
 Memory: the segmenter holds the open segment (bounded); closed segments are held until their
 result is sent; pending transcripts are bounded by `max_pending_segment_transcripts`. All of it
 is reported to the server-wide `StreamTicket` after every message.
@@ -22,7 +28,9 @@ is reported to the server-wide `StreamTicket` after every message.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -35,7 +43,7 @@ import numpy as np
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.runtime.batcher import QueueFull
-from emoq_serve.runtime.types import Utterance
+from emoq_serve.runtime.types import Turn, Utterance
 from emoq_serve.runtime.vad import VadBatcher, VadParams
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.limits import StreamTicket
@@ -141,6 +149,11 @@ class ConversationStream:
         self._next_index = 0  # segments closed so far
         self._closed_end_s = 0.0
         self._closed_samples = 0  # audio of closed segments whose result is not sent yet
+        # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
+        # in segment order; each segment's future is set once its turn is in (or skipped).
+        self._history: collections.deque[Turn] = collections.deque(maxlen=max(service.context_turns, 1))
+        self._last_turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_turn.set_result(None)
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -207,7 +220,8 @@ class ConversationStream:
             self._closed_end_s = seg.end_s
             self._closed_samples += len(seg.audio)
             self._undecided += 1
-            self._spawn(self._final(seg, time.monotonic()))
+            before, self._last_turn = self._last_turn, asyncio.get_running_loop().create_future()
+            self._spawn(self._final(seg, time.monotonic(), before, self._last_turn))
         self._hold()
 
     def _spawn(self, coro: Awaitable[pb.EmotionResult | None]) -> asyncio.Task[pb.EmotionResult | None]:
@@ -219,7 +233,8 @@ class ConversationStream:
 
     # -- scoring -----------------------------------------------------------------------------------------
 
-    async def _final(self, seg: Segment, closed_at: float) -> pb.EmotionResult:
+    async def _final(self, seg: Segment, closed_at: float, before: asyncio.Future[None],
+                     turn: asyncio.Future[None]) -> pb.EmotionResult:
         try:
             try:
                 st = await self._client_transcript(seg)
@@ -228,8 +243,22 @@ class ConversationStream:
                 if not self._undecided:
                     self.transcripts.prune(self._next_index, self._closed_end_s)
             transcript, speaker = self._from_client(st)
-            return await self._score(seg, transcript, speaker, final=True, started=closed_at)
+            if not self.service.context_turns:
+                return await self._score(seg, transcript, speaker, final=True, started=closed_at)
+            # The model reads the earlier turns: decide this one's transcript (client's or ASR's),
+            # wait for the turns before it to be decided, read them, then add this one.
+            utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
+            said = await self.service.transcripts.transcript_for(utterance, self.config.asr)
+            await before
+            utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
+            if said.text.strip():
+                self._history.append((utterance.speaker, said.text))
+            turn.set_result(None)
+            result = await self.service.score(utterance, said, self.context, True, closed_at)
+            return self._place(result, seg)
         finally:
+            if not turn.done():  # failed before its turn was in: the next segment still waits for `before`
+                before.add_done_callback(lambda _: turn.done() or turn.set_result(None))
             self._closed_samples -= len(seg.audio)
             with contextlib.suppress(Exception):  # shrinking never raises; the ticket may be closed
                 self._hold()
@@ -273,8 +302,13 @@ class ConversationStream:
                      started: float) -> pb.EmotionResult:
         # The service picks the transcript the model reads: the client's, else ASR's (per
         # config.asr and the server's --asr), else none; the result says which.
-        utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
+        utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None,
+                              context=tuple(self._history) if self.service.context_turns else ())
         result = await self.service.recognize_utterance(utterance, self.context, final, started, self.config.asr)
+        return self._place(result, seg)
+
+    @staticmethod
+    def _place(result: pb.EmotionResult, seg: Segment) -> pb.EmotionResult:
         result.segment_index = seg.index
         result.start_s, result.end_s = seg.start_s, seg.end_s
         return result

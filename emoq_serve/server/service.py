@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -191,7 +192,17 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         """One utterance (or segment): its transcript (client's, ASR's or none), then the shared
         batcher under the call's deadline."""
         transcript = await self.transcripts.transcript_for(utterance, asr_mode)
-        utterance = dataclasses.replace(utterance, transcript=transcript.text)
+        return await self.score(dataclasses.replace(utterance, transcript=transcript.text), transcript, context,
+                                final, started)
+
+    @functools.cached_property
+    def context_turns(self) -> int:
+        """Earlier turns the served model reads (0: none); conversation streams keep that many."""
+        return int(self.recognizer.info().get("context_turns", "0"))
+
+    async def score(self, utterance: Utterance, transcript: Transcript, context: grpc.aio.ServicerContext,
+                    final: bool, started: float) -> pb.EmotionResult:
+        """An utterance whose transcript is decided, through the shared batcher under the call's deadline."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         prediction = await self.batcher.submit(utterance, deadline)

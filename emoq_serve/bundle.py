@@ -50,16 +50,16 @@ MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 PROMPT_FIELDS = ("placeholder_token", "num_soft_tokens", "emotion_words", "emotion_token_ids")
 PARITY_FIELDS = ("embedding_max_abs", "posterior_max_abs", "tolerances", "backend", "cases")
-#: Files (or, for folders, one file inside them) that every bundle must list.
-REQUIRED_FILES = (
-    AUDIO_ENCODER_ONNX,
-    FORMER_ONNX,
-    HEADS,
-    EMBED_TOKENS,
-    f"{LLM_DIR}/config.json",
-    f"{EAGER_AUDIO_ENCODER_DIR}/config.json",
-    EAGER_FORMER,
-)
+#: What scores the pooled embedding: "llm" (projector, soft prompt, the merged LLM: a stage-2
+#: export) or "aux" (the stage-1 auxiliary head in heads.safetensors: no LLM, no prompt). The
+#: manifest's `head` field; bundles written before it existed are "llm".
+HEADS_KINDS = ("llm", "aux")
+#: Files (or, for folders, one file inside them) that every bundle must list, by head.
+REQUIRED_FILES = {
+    "aux": (AUDIO_ENCODER_ONNX, FORMER_ONNX, HEADS, f"{EAGER_AUDIO_ENCODER_DIR}/config.json", EAGER_FORMER),
+    "llm": (AUDIO_ENCODER_ONNX, FORMER_ONNX, HEADS, EMBED_TOKENS, f"{LLM_DIR}/config.json",
+            f"{EAGER_AUDIO_ENCODER_DIR}/config.json", EAGER_FORMER),
+}
 
 
 class BundleError(Exception):
@@ -97,14 +97,18 @@ def validate_manifest(manifest: Any) -> None:
             raise BundleError(f"{MANIFEST} is missing the field {name!r}")
         if not isinstance(manifest[name], kind) or isinstance(manifest[name], bool):
             raise BundleError(f"{MANIFEST} field {name!r} has type {type(manifest[name]).__name__}")
-    for section, fields in (("prompt", PROMPT_FIELDS), ("parity", PARITY_FIELDS)):
+    head = manifest.get("head", "llm")
+    if head not in HEADS_KINDS:
+        raise BundleError(f"{MANIFEST} field 'head' is {head!r}; expected one of {', '.join(HEADS_KINDS)}")
+    sections = (("prompt", PROMPT_FIELDS), ("parity", PARITY_FIELDS)) if head == "llm" else (("parity", PARITY_FIELDS),)
+    for section, fields in sections:
         for name in fields:
             if name not in manifest[section]:
                 raise BundleError(f"{MANIFEST} is missing the field '{section}.{name}'")
-    for name in REQUIRED_FILES:
+    for name in REQUIRED_FILES[head]:
         if name not in manifest["files"]:
             raise BundleError(f"{MANIFEST} 'files' does not list the required file {name!r}")
-    if len(manifest["prompt"]["emotion_token_ids"]) != len(manifest["labels"]):
+    if head == "llm" and len(manifest["prompt"]["emotion_token_ids"]) != len(manifest["labels"]):
         raise BundleError(f"{MANIFEST} has {len(manifest['labels'])} labels but "
                           f"{len(manifest['prompt']['emotion_token_ids'])} emotion_token_ids")
     try:
@@ -166,6 +170,11 @@ class Bundle:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.manifest["labels"])
+
+    @property
+    def head(self) -> str:
+        """"llm" or "aux" (see `HEADS_KINDS`)."""
+        return self.manifest.get("head", "llm")
 
     @property
     def bundle_id(self) -> str:

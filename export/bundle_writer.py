@@ -58,9 +58,10 @@ def prompt_section(prompt: PromptBuilder) -> dict[str, Any]:
     }
 
 
-def write_manifest(root: Path, cfg: ModelConfig, prompt: PromptBuilder, parity: dict[str, Any],
+def write_manifest(root: Path, cfg: ModelConfig, prompt: PromptBuilder | None, parity: dict[str, Any],
                    onnx_optimizations: dict[str, Any]) -> dict[str, Any]:
-    """Hash the bundle's files and write manifest.json; returns the manifest."""
+    """Hash the bundle's files and write manifest.json; returns the manifest. Without `prompt`
+    the bundle is scored by the auxiliary head (`head: aux`, a stage-1 export)."""
     files = hash_files(root)
     manifest = {
         "format_version": names.FORMAT_VERSION,
@@ -70,7 +71,8 @@ def write_manifest(root: Path, cfg: ModelConfig, prompt: PromptBuilder, parity: 
         "labels": list(cfg.labels),
         "sample_rate": SAMPLE_RATE,
         "model_config": cfg.to_dict(),
-        "prompt": prompt_section(prompt),
+        "head": "llm" if prompt is not None else "aux",
+        "prompt": prompt_section(prompt) if prompt is not None else {},
         "files": files,
         "parity": parity,
         "onnx_optimizations": onnx_optimizations,

@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a stage-2 checkpoint to a verified serving bundle, "
-                                             "or re-verify a bundle")
+    p = subparsers.add_parser("export", help="export a checkpoint to a verified serving bundle (stage 2: the full "
+                                             "model; stage 1: former + auxiliary head, no LLM), or re-verify a bundle")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", help="stage-2 checkpoint directory (from `emoq train stage2`)")
+    mode.add_argument("--checkpoint", help="checkpoint directory or run folder (uses best/) from `emoq train "
+                                           "stage2` or `stage1`")
     mode.add_argument("--verify", metavar="BUNDLE", help="check a bundle's manifest, hashes and parity")
     p.add_argument("--out", help="bundle directory to create (with --checkpoint)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 audio encoder for the CUDA EP")
@@ -48,14 +49,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.out:
             print("emoq export: --out BUNDLE is required with --checkpoint", file=sys.stderr)
             return 2
+        from emoq_serve.model.emoq import EmoQStage1, checkpoint_folder, read_checkpoint_config
         from emoq_serve.model.stage2 import EmoQStage2
         from export.exporter import bundle_size_bytes, export_bundle
 
-        manifest = export_bundle(EmoQStage2.load(args.checkpoint), args.out, fp16=args.fp16,
+        folder = checkpoint_folder(args.checkpoint)
+        model = (EmoQStage1 if read_checkpoint_config(folder)[1] == 1 else EmoQStage2).load(folder)
+        manifest = export_bundle(model, args.out, fp16=args.fp16,
                                  verify=not args.no_verify, backend=args.backend, device=args.device)
         print(json.dumps({"bundle": args.out, "bundle_id": manifest["bundle_id"],
                           "size_bytes": bundle_size_bytes(args.out), "parity": manifest["parity"]}, indent=2))
         return 0
-    except (BundleError, ParityError, FileExistsError, ValueError) as e:
+    except (BundleError, ParityError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"emoq export: FAILED: {e}", file=sys.stderr)
         return 1

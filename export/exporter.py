@@ -1,4 +1,6 @@
-"""`emoq export`: a stage-2 checkpoint in, a verified serving bundle out.
+"""`emoq export`: a checkpoint in, a verified serving bundle out. A stage-2 checkpoint gives the
+full model (the LLM scores the soft prompt); a stage-1 checkpoint gives an "aux" bundle of the
+former and its auxiliary head, served without an LLM.
 
 The bundle is assembled in a staging folder beside the destination and moved into place only
 after parity passed, so a bundle directory that exists is one that verified (or was explicitly
@@ -24,11 +26,12 @@ from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.data.batching import collate
 from emoq_serve.device import resolve_device
+from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.stage2 import EmoQStage2
 from export import merge, onnx_export
 from export.bundle_writer import write_manifest
 from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, VARIANT_POSTERIOR_TOLERANCE, ParityError,
-                           fp16_frame_diff, model_stages, parity_report, save_reference, served_stages,
+                           fp16_frame_diff, model_stages, parity_report, save_reference, served_stages, stage_parts,
                            trained_model_deviation, variant_parity, verification_examples)
 
 log = logging.getLogger(__name__)
@@ -41,16 +44,19 @@ SHIPPED_UNOPTIMISED = {"shipped": "unoptimised", "at_load": "ORT_ENABLE_ALL for 
                                                              "cached under $EMOQ_CACHE/ort"}
 
 
-def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify: bool = True,
+def export_bundle(model: EmoQStage1 | EmoQStage2, out: str | Path, fp16: bool = False, verify: bool = True,
                   backend: str = "vllm", device: str = "cpu") -> dict[str, Any]:
-    """Export `model` (eval mode, on the CPU; its LoRA gets merged, so it is consumed) to `out`.
+    """Export `model` (eval mode, on the CPU; a stage-2 model's LoRA gets merged, so it is consumed) to `out`.
 
     Returns the manifest. Raises ParityError (leaving nothing at `out`) when the bundle does not
     reproduce the model within the fp32 tolerances, or its saved LLM dtype moves the trained
     model's posteriors beyond that dtype's tolerance.
     """
     on = resolve_device(device)  # an unusable device fails before anything is written
-    if model.former is None or model.cfg.llm.modality != "both":
+    aux = isinstance(model, EmoQStage1)
+    if aux:
+        backend = "none"  # no LLM to run
+    elif model.former is None or model.cfg.llm.modality != "both":
         raise ValueError("export serves full models only (use_former=True, modality='both'); "
                          "ablation checkpoints are for evaluation")
     out = Path(out)
@@ -71,19 +77,23 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
         optimizations = {graph: dict(SHIPPED_UNOPTIMISED) for graph in sorted(p.name for p in stage.glob("*.onnx"))}
         merge.write_heads(model, stage)
         merge.write_eager(model, stage)
-        merged = merge.write_merged_llm(model, stage)
-        llm_dtype = str(merged.dtype).removeprefix("torch.")
-        # Like with like: the reference holds the LLM the bundle holds (merged, in its saved dtype),
-        # computed in fp32 like the parity run. Recorded even unverified, for `--verify` later.
-        model.llm = merged.to(torch.float32)
-        reference = model_stages(model, examples, on)
+        prompt, reference = None, trained  # an aux bundle holds the trained model's weights as they are
+        if not aux:
+            merged = merge.write_merged_llm(model, stage)
+            llm_dtype = str(merged.dtype).removeprefix("torch.")
+            # Like with like: the reference holds the LLM the bundle holds (merged, in its saved dtype),
+            # computed in fp32 like the parity run. Recorded even unverified, for `--verify` later.
+            model.llm = merged.to(torch.float32)
+            prompt, reference = model.prompt, model_stages(model, examples, on)
         save_reference(reference, stage)
-        manifest = write_manifest(stage, model.cfg, model.prompt, dict(UNVERIFIED), optimizations)
+        manifest = write_manifest(stage, model.cfg, prompt, dict(UNVERIFIED), optimizations)
         if verify:
             bundle = Bundle.open(stage)
             served = served_stages(bundle, examples, backend, on.type)
-            parity = {**parity_report(reference, served, FP32_TOLERANCES, backend), "device": on.type}
-            parity["trained_model"] = trained_model_deviation(trained, served, llm_dtype)
+            parts = stage_parts(bundle.head)
+            parity = {**parity_report(reference, served, FP32_TOLERANCES, backend, parts), "device": on.type}
+            if not aux:
+                parity["trained_model"] = trained_model_deviation(trained, served, llm_dtype)
             if fp16:
                 batch = collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens,
                                 model.cfg.former.context_turns)
@@ -94,7 +104,7 @@ def export_bundle(model: EmoQStage2, out: str | Path, fp16: bool = False, verify
                                       f"> tolerance {FP16_FRAME_TOLERANCE:g}")
             parity["variants"], parity["variants_off"] = variant_parity(reference, bundle, examples, backend, on.type)
             parity["tolerances"]["variant_posteriors"] = VARIANT_POSTERIOR_TOLERANCE
-            manifest = write_manifest(stage, model.cfg, model.prompt, parity, optimizations)
+            manifest = write_manifest(stage, model.cfg, prompt, parity, optimizations)
         stage.rename(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from emoq_serve import bundle as names
 from emoq_serve.config import LLMConfig, resolve_local_path
+from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.stage2 import EmoQStage2
 
 
@@ -25,14 +26,16 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}, str(path))
 
 
-def write_heads(model: EmoQStage2, out: Path) -> None:
-    """heads.safetensors: the pooling vectors and the projector (applied outside the ONNX graphs)."""
+def write_heads(model: EmoQStage1 | EmoQStage2, out: Path) -> None:
+    """heads.safetensors: the pooling vectors and what reads the pooled embedding, applied outside
+    the ONNX graphs: the projector (stage 2) or the auxiliary head (stage 1)."""
     heads = {"pool_u": model.former.pool_u}
-    heads.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+    name, head = ("aux_head", model.aux_head) if isinstance(model, EmoQStage1) else ("projector", model.projector)
+    heads.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
     _save(heads, out / names.HEADS)
 
 
-def write_eager(model: EmoQStage2, out: Path) -> None:
+def write_eager(model: EmoQStage1 | EmoQStage2, out: Path) -> None:
     """Transcript tokenizer, HF HuBERT folder and former weights for eager re-computation."""
     model.text_tokenizer.save_pretrained(str(out / names.FORMER_TOKENIZER_DIR))
     model.audio_encoder.save_pretrained(out / names.EAGER_AUDIO_ENCODER_DIR)

@@ -45,6 +45,7 @@ from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
 from emoq_serve.device import move_batch
 from emoq_serve.model.audio_encoder import AudioEncoder
+from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
 from emoq_serve.runtime.assets import PromptEmbedder, load_heads, text_tokenizer
@@ -62,6 +63,19 @@ STAGE_PARTS = {
     "prompt_embeds": names.EMBED_TOKENS,
     "posteriors": f"{names.LLM_DIR}/ (the merged LLM)",
 }
+#: The same for a bundle of the stage-1 model ("aux": its auxiliary head scores z).
+AUX_STAGE_PARTS = {
+    "audio_frames": names.AUDIO_ENCODER_ONNX,
+    "former_states": names.FORMER_ONNX,
+    "embedding": f"{names.HEADS} (pool_u)",
+    "posteriors": f"{names.HEADS} (aux_head)",
+}
+
+
+def stage_parts(head: str) -> dict[str, str]:
+    """The stages a bundle with `head` ("llm" or "aux") serves, each with its exported part."""
+    return STAGE_PARTS if head == "llm" else AUX_STAGE_PARTS
+
 #: The stages the eager baseline engine computes from its own files (it shares the rest).
 EAGER_PARTS = {"audio_frames": names.EAGER_AUDIO_ENCODER_DIR, "former_states": names.EAGER_FORMER}
 
@@ -125,13 +139,15 @@ def _merged_llm(bundle: Bundle) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(bundle.file(names.LLM_DIR)), dtype=torch.float32).eval()
 
 
-def eager_model_from_bundle(bundle: Bundle) -> EmoQStage2:
+def eager_model_from_bundle(bundle: Bundle) -> EmoQStage1 | EmoQStage2:
     """The eager PyTorch model rebuilt from the bundle's own files (the eager baseline's parts)."""
     cfg = bundle.model_config
     encoder = AudioEncoder(dataclasses.replace(cfg.audio, path=str(bundle.file(names.EAGER_AUDIO_ENCODER_DIR))))
     former_weights = load_file(str(bundle.file(names.EAGER_FORMER)))
     former = EmoQFormer(cfg.former, encoder.hidden_size, former_weights["embeddings.word.weight"].shape[0])
     former.load_state_dict(former_weights)
+    if bundle.head == "aux":
+        return EmoQStage1.from_parts(cfg, encoder, former.eval(), text_tokenizer(bundle), load_heads(bundle)[1]).eval()
     model = EmoQStage2(cfg, encoder, former.eval(), text_tokenizer(bundle), _merged_llm(bundle), _llm_tokenizer(bundle))
     model.projector.load_state_dict(load_heads(bundle)[1].state_dict())
     return model.eval()
@@ -161,8 +177,9 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 @torch.no_grad()
-def model_stages(model: EmoQStage2, examples: list[Example], device: str | torch.device = "cpu") -> Stages:
-    """Each stage's output of the PyTorch stage-2 model on one padded batch (the reference), on `device`."""
+def model_stages(model: EmoQStage1 | EmoQStage2, examples: list[Example], device: str | torch.device = "cpu") -> Stages:
+    """Each stage's output of the PyTorch model (stage 2, or stage 1 with its auxiliary head) on
+    one padded batch (the reference), on `device`."""
     device = torch.device(device)
     batch = move_batch(collate(examples, model.text_tokenizer, model.cfg.former.max_text_tokens,
                                  model.cfg.former.context_turns), device)
@@ -170,10 +187,13 @@ def model_stages(model: EmoQStage2, examples: list[Example], device: str | torch
         return _model_stages(model, batch)
 
 
-def _model_stages(model: EmoQStage2, batch: dict[str, Any]) -> Stages:
+def _model_stages(model: EmoQStage1 | EmoQStage2, batch: dict[str, Any]) -> Stages:
     frames, frame_mask = model.audio_encoder(batch["waveforms"], batch["lengths"])
     states = model.former(frames, frame_mask, batch["input_ids"], batch["text_mask"])
     z = model.former.pool(states)
+    if isinstance(model, EmoQStage1):
+        return _numpy({"audio_frames": frames[frame_mask], "former_states": states, "embedding": z,
+                       "posteriors": torch.softmax(model.aux_head(z), dim=-1)})
     soft = model.projector(z)
     # The training side's prompt table is the LLM's own input embeddings.
     prompts = PromptEmbedder(model.prompt, model.llm.get_input_embeddings().weight)
@@ -191,18 +211,23 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
     from emoq_serve.runtime.pipeline import OnnxPipeline
     from emoq_serve.runtime.types import Utterance
 
-    if backend not in ("vllm", "transformers"):
+    if backend not in ("vllm", "transformers", "none"):
         raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
+    if (backend == "none") != (bundle.head == "aux"):
+        raise ValueError(f"parity backend {backend!r} does not fit a bundle with head {bundle.head!r}")
     utterances = [Utterance(np.zeros(0, np.float32) if ex.audio is None else ex.audio, ex.transcript, ex.speaker,
                             ex.context)
                   for ex in examples]
 
     async def run() -> Stages:
-        settings = {"llm_backend": backend, "verify_hashes": False, "device": device, "audio_precision": "float32",
+        settings = {"llm_backend": "transformers" if backend == "none" else backend, "verify_hashes": False, "device": device, "audio_precision": "float32",
                     "graph_cache": False, **runtime}
         pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(**settings))
         try:
             trace: dict[str, torch.Tensor] = {}
+            if bundle.head == "aux":
+                posteriors, _ = pipeline.classify(utterances, trace)
+                return _numpy({**trace, "posteriors": posteriors})
             embeds, _ = pipeline.encode(utterances, trace)
             posteriors = await pipeline.llm.posteriors(embeds, pipeline.prompts.emotion_token_ids)
         finally:
@@ -250,7 +275,8 @@ def parity_report(reference: Stages, served: Stages, tolerances: Tolerances, bac
 def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
                    tolerances: Tolerances = FP32_TOLERANCES, device: str = "cpu") -> dict[str, Any]:
     """The serving path (its LLM in `backend`: "vllm" or "transformers") against the reference."""
-    report = parity_report(reference, served_stages(bundle, examples, backend, device), tolerances, backend)
+    report = parity_report(reference, served_stages(bundle, examples, backend, device), tolerances, backend,
+                           stage_parts(bundle.head))
     return {**report, "device": device}
 
 
@@ -300,7 +326,7 @@ def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
         if runtime["device"] != device or not _variant_applies(name, bundle):
             continue
         served = served_stages(bundle, examples, backend, **runtime)
-        out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in STAGE_PARTS}
+        out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in stage_parts(bundle.head)}
         if not out[name]["posteriors"] <= VARIANT_POSTERIOR_TOLERANCE:
             off[name] = (f"moves posteriors by {out[name]['posteriors']:.3g} > {VARIANT_POSTERIOR_TOLERANCE:g} "
                          f"on this bundle ({runtime})")
@@ -323,6 +349,8 @@ def verify_bundle(path: str | Path, backend: str = "vllm", tolerances: Tolerance
     """`emoq export --verify`: schema, hashes and no unlisted file; then the serving path and the
     eager baseline's files (both on `device`) against the model's outputs recorded at export."""
     bundle = Bundle.open(path, verify_hashes=True)
+    if bundle.head == "aux":
+        backend = "none"  # no LLM to run
     examples = verification_examples()
     reference = load_reference(bundle)
     report = measure_parity(reference, bundle, examples, backend, tolerances, device)

@@ -24,9 +24,10 @@ TINY_TRANSCRIPTS = (
 )
 
 
-def build_checkpoint(directory: Path, preset_name: str = "tiny", seed: int = 0) -> Path:
+def build_checkpoint(directory: Path, preset_name: str = "tiny", seed: int = 0, **former: object) -> Path:
     """Save a stage-2 checkpoint of a built preset (random weights; lora_B made non-zero so a LoRA path that
-    export forgot to merge would show up in parity) and return its directory."""
+    export forgot to merge would show up in parity), `former` overriding FormerConfig fields, and return its
+    directory."""
     from emoq_serve.model.audio_encoder import AudioEncoder
     from emoq_serve.model.former import EmoQFormer, load_text_tokenizer
     from emoq_serve.model.llm import build_or_load_tokenizer
@@ -34,6 +35,8 @@ def build_checkpoint(directory: Path, preset_name: str = "tiny", seed: int = 0) 
     from emoq_serve.model.stage2 import EmoQStage2
 
     cfg = preset(preset_name)
+    for name, value in former.items():
+        setattr(cfg.former, name, value)
     torch.manual_seed(seed)
     audio = AudioEncoder(cfg.audio)
     text_tok = load_text_tokenizer(cfg.former)

@@ -91,6 +91,20 @@ def test_missing_nested_field_and_unlisted_required_file(bundle_copy):
         Bundle.open(bundle_copy)
 
 
+def test_the_head_field_names_what_scores_and_what_must_be_there(bundle_copy):
+    """No `head`: an "llm" bundle (written before the field existed); an unknown head is refused;
+    an "aux" bundle needs no prompt or LLM files, but still the graphs and heads."""
+    assert Bundle.open(bundle_copy).head == "llm"
+    edit_manifest(bundle_copy, lambda m: m.update(head="svm"))
+    with pytest.raises(BundleError, match="field 'head' is 'svm'"):
+        Bundle.open(bundle_copy)
+    edit_manifest(bundle_copy, lambda m: m.update(head="aux", prompt={}))
+    assert Bundle.open(bundle_copy, verify_hashes=False).head == "aux"
+    edit_manifest(bundle_copy, lambda m: m["files"].pop(names.HEADS))
+    with pytest.raises(BundleError, match="does not list the required file 'heads.safetensors'"):
+        Bundle.open(bundle_copy, verify_hashes=False)
+
+
 @pytest.mark.parametrize("version", [2, 0, "1"])
 def test_unknown_format_version_is_rejected(bundle_copy, version):
     edit_manifest(bundle_copy, lambda m: m.update(format_version=version))

@@ -5,6 +5,7 @@ bundle does not reproduce the model."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -401,6 +402,35 @@ def test_bf16_llm_bundle_parity_is_like_for_like_and_its_rounding_recorded_apart
     assert trained["stages"]["embedding"] <= FP32_TOLERANCES.embedding
     # --verify compares with the same saved-weights reference, at fp32 tolerances.
     assert emoq_export(["--verify", str(out), "--backend", "transformers", "--device", "cpu"]) == 0
+
+
+@pytest.mark.slow  # one more export and a re-verification
+def test_a_dialogue_context_bundle_serves_what_the_model_reads(tmp_path, monkeypatch, capsys):
+    """A model that reads 2 earlier turns: the bundle keeps K, its engine reports it (the server
+    keeps that many turns per stream), and parity holds on the verification batch's case with
+    earlier turns; a runtime that dropped the turns fails the re-verification."""
+    from conftest import build_checkpoint
+
+    from emoq_serve.runtime import assets
+    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.runtime.pipeline import OnnxPipeline
+
+    checkpoint = build_checkpoint(tmp_path, seed=2, context_turns=2)
+    out = tmp_path / "context_bundle"
+    assert emoq_export(["--checkpoint", str(checkpoint), "--out", str(out), "--backend", "transformers"]) == 0
+    bundle = Bundle.open(out)
+    assert bundle.model_config.former.context_turns == 2
+    engine = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend="transformers"))
+    assert engine.info()["context_turns"] == "2"
+    asyncio.run(engine.close())
+    model_batch = assets.model_batch
+
+    def without_context(bundle, tokenizer, utterances):
+        return model_batch(bundle, tokenizer, [dataclasses.replace(u, context=()) for u in utterances])
+
+    monkeypatch.setattr("emoq_serve.runtime.pipeline.model_batch", without_context)
+    assert emoq_export(["--verify", str(out), "--backend", "transformers"]) != 0
+    assert "former" in capsys.readouterr().err
 
 
 def test_trained_model_deviation_beyond_its_tolerance_fails():

@@ -47,11 +47,11 @@ def checkpoint_predictions(path: str, examples: list[Any], labels: tuple[str, ..
     """Predicted class per example (in order) from a stage-1 or stage-2 checkpoint or run folder."""
     import torch
 
-    from emoq_serve.model.emoq import EmoQStage1, read_checkpoint_config
+    from emoq_serve.model.emoq import EmoQStage1, checkpoint_folder, read_checkpoint_config
     from emoq_serve.model.stage2 import EmoQStage2
     from training import stage1, stage2
 
-    folder = stage2.stage1_checkpoint(path)  # accepts a run folder (-> best/) or a checkpoint
+    folder = checkpoint_folder(path)  # accepts a run folder (-> best/) or a checkpoint
     cfg, stage = read_checkpoint_config(folder)
     _check_labels(tuple(cfg.labels), labels, folder)
     if stage == 1:
@@ -78,7 +78,8 @@ def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], 
     recognizer = load_recognizer(path, runtime_preset(runtime).replace(max_batch=batch_size), engine=engine)
     _check_labels(tuple(recognizer.labels), labels, path)
     utterances = [
-        Utterance(audio=np.zeros(0, np.float32) if e.audio is None else e.audio, transcript=e.transcript, speaker=e.speaker)
+        Utterance(audio=np.zeros(0, np.float32) if e.audio is None else e.audio, transcript=e.transcript, speaker=e.speaker,
+                  context=e.context)
         for e in examples
     ]
 

@@ -26,7 +26,7 @@ from emoq_serve.config import ModelConfig, TrainConfig, preset
 from emoq_serve.data import load_corpus
 from emoq_serve.data.types import Corpus, Example
 from emoq_serve.metrics import emotion_metrics, emotion_report
-from emoq_serve.model.emoq import EmoQStage1
+from emoq_serve.model.emoq import EmoQStage1, checkpoint_folder
 from emoq_serve.model.feature_cache import FeatureCache
 from emoq_serve.model.llm import build_or_load_tokenizer
 from emoq_serve.model.prompt import resolve_emotion_words
@@ -79,16 +79,6 @@ def train_config(preset_name: str, **overrides: Any) -> TrainConfig:
     return preset_train_config(STAGE2_DEFAULTS, preset_name, **overrides)
 
 
-def stage1_checkpoint(path: str) -> Path:
-    """Accept a stage-1 run folder (uses its best/) or a checkpoint folder itself."""
-    folder = Path(path)
-    if not (folder / "config.json").exists() and (folder / "best" / "config.json").exists():
-        folder = folder / "best"
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"no stage-1 checkpoint in {path} (expected config.json or best/config.json)")
-    return folder
-
-
 @torch.no_grad()
 def predict(
     model: EmoQStage2, examples: Sequence[Example], batch_size: int, bf16: bool = False, here: Dist | None = None,
@@ -118,7 +108,7 @@ def evaluate(
 
 def build_model(cfg: ModelConfig, corpus: Corpus, opts: Stage2Options, seed: int) -> tuple[EmoQStage2, EmoQStage1 | None]:
     """A fresh stage-2 model (and the stage-1 model it started from, for the comparison)."""
-    first = EmoQStage1.load(stage1_checkpoint(opts.stage1_dir)) if opts.stage1_dir else None
+    first = EmoQStage1.load(checkpoint_folder(opts.stage1_dir)) if opts.stage1_dir else None
     if first is not None:
         cfg = first.cfg
     if tuple(cfg.labels) != tuple(corpus.labels):

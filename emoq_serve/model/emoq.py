@@ -38,6 +38,16 @@ def read_checkpoint_config(directory: str | Path) -> tuple[ModelConfig, int]:
     return ModelConfig.from_dict(meta["model_config"]), int(meta["stage"])
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a training run folder (then its best/)."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).exists() and (folder / "best" / CONFIG_FILE).exists():
+        folder = folder / "best"
+    if not (folder / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"no checkpoint in {path} (expected {CONFIG_FILE} or best/{CONFIG_FILE})")
+    return folder
+
+
 class EmoQStage1(nn.Module):
     """batch dict (see `emoq_serve.data.batching.collate`) -> (z [B,D], logits [B,C]).
 
@@ -60,6 +70,16 @@ class EmoQStage1(nn.Module):
             init_from_pretrained(self.former, cfg.former.text_init)
         self.aux_head = AuxHead(cfg.former.hidden_size, cfg.former.aux_hidden, len(cfg.labels), cfg.former.dropout)
         self._cache = FeatureCache(self.audio_encoder, cfg.audio.cache_dir) if cfg.audio.cache_dir else None
+
+    @classmethod
+    def from_parts(cls, cfg: ModelConfig, audio_encoder: AudioEncoder, former: EmoQFormer, text_tokenizer: object,
+                   aux_head: AuxHead) -> EmoQStage1:
+        """The model around already-built parts (e.g. a bundle's eager files), nothing initialised."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.cfg, model.text_tokenizer, model._cache = cfg, text_tokenizer, None
+        model.audio_encoder, model.former, model.aux_head = audio_encoder, former, aux_head
+        return model
 
     def encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder features, through the on-disk cache when `cfg.audio.cache_dir` is set."""

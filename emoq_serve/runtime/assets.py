@@ -2,7 +2,8 @@
 
 Both engines must compute exactly what the stage-2 model computes, so this module reuses the
 model's own code (`collate` for padding and transcript tokenisation, `PromptBuilder` and
-`inject_soft_prompt` for the prompt, `Projector` for the soft tokens) instead of re-deriving it.
+`inject_soft_prompt` for the prompt, `Projector` for the soft tokens, `AuxHead` for a bundle of
+the stage-1 model) instead of re-deriving it.
 The LLM is not needed to build prompt embeddings: `embed_tokens[ids]` is its first layer.
 """
 
@@ -15,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
+from emoq_serve.model.heads import AuxHead
 from emoq_serve.model.projector import Projector
 from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
 from emoq_serve.runtime.config import RuntimeConfig
@@ -90,16 +93,22 @@ def prompt_builder(bundle: Bundle) -> PromptBuilder:
     return builder
 
 
-def load_heads(bundle: Bundle) -> tuple[torch.Tensor, Projector]:
-    """(pool_u [H,d], the projector with its trained weights) from heads.safetensors."""
+def load_heads(bundle: Bundle) -> tuple[torch.Tensor, nn.Module]:
+    """(pool_u [H,d], what reads the pooled embedding) from heads.safetensors, with its trained
+    weights: the projector of an "llm" bundle, or the auxiliary head of an "aux" bundle."""
     heads = load_file(str(bundle.file(names.HEADS)))
-    state = {k[len("projector."):]: v for k, v in heads.items() if k.startswith("projector.")}
-    hidden, in_dim = state["fc1.weight"].shape
-    out_dim = state["fc2.weight"].shape[0]
-    k = int(bundle.manifest["prompt"]["num_soft_tokens"])
-    projector = Projector(in_dim, out_dim // k, k, hidden)
-    projector.load_state_dict(state)
-    return heads["pool_u"], projector.eval()
+    name = "projector" if bundle.head == "llm" else "aux_head"
+    state = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(f"{name}.")}
+    if bundle.head == "llm":
+        hidden, in_dim = state["fc1.weight"].shape
+        out_dim = state["fc2.weight"].shape[0]
+        k = int(bundle.manifest["prompt"]["num_soft_tokens"])
+        head: nn.Module = Projector(in_dim, out_dim // k, k, hidden)
+    else:
+        hidden, in_dim = state["net.0.weight"].shape
+        head = AuxHead(in_dim, hidden, state["net.3.weight"].shape[0])
+    head.load_state_dict(state)
+    return heads["pool_u"], head.eval()
 
 
 def model_batch(bundle: Bundle, tokenizer: Any, utterances: list[Utterance]) -> dict[str, Any]:

@@ -69,13 +69,15 @@ class EagerPipeline:
                                  weights["embeddings.word.weight"].shape[0])
         self.former.load_state_dict(weights)
         self.former.to(self.device).eval()
-        _, projector = load_heads(bundle)
-        self.projector = projector.to(self.device)
+        _, head = load_heads(bundle)  # the projector, or an "aux" bundle's auxiliary head
+        self.head = head.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
-        self.llm = TransformersBackend(bundle.file(names.LLM_DIR), self.dtype, self.device.type)
-        # The LLM's own input embeddings, not embed_tokens.safetensors: the baseline uses only
-        # the training-side artefacts.
-        self.prompts = PromptEmbedder(prompt_builder(bundle), self.llm.model.get_input_embeddings().weight)
+        self.llm: TransformersBackend | None = None
+        if bundle.head == "llm":
+            self.llm = TransformersBackend(bundle.file(names.LLM_DIR), self.dtype, self.device.type)
+            # The LLM's own input embeddings, not embed_tokens.safetensors: the baseline uses only
+            # the training-side artefacts.
+            self.prompts = PromptEmbedder(prompt_builder(bundle), self.llm.model.get_input_embeddings().weight)
         # The researcher's loop, once per worker, off the event loop; each worker a single
         # intra-op thread (torch's thread count is per OS thread, so set it in each).
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
@@ -84,7 +86,8 @@ class EagerPipeline:
                                           initializer=torch.set_num_threads, initargs=(1,))
 
     def info(self) -> dict[str, str]:
-        info = engine_info(self.bundle, "eager", "transformers", self.device.type, self.dtype, ("torch", "transformers"))
+        llm_backend = "transformers" if self.llm is not None else "none (auxiliary head)"
+        info = engine_info(self.bundle, "eager", llm_backend, self.device.type, self.dtype, ("torch", "transformers"))
         return {**info, "eager_workers": str(self.workers)}
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
@@ -106,8 +109,12 @@ class EagerPipeline:
                                  batch["text_mask"].to(self.device))
             clock.lap("former")
             z = self.former.pool(states)
+            if self.llm is None:
+                posteriors = torch.softmax(self.head(z).float(), dim=-1).cpu().numpy()
+                clock.lap("pooling")
+                return predictions(self.labels, posteriors, clock.timings)[0]
             clock.lap("pooling")
-            soft = self.projector(z)
+            soft = self.head(z)
             with self._tokenizing:
                 embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
         posteriors = self.llm.posteriors_sync(embeds, self.prompts.emotion_token_ids)
@@ -120,4 +127,5 @@ class EagerPipeline:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)
-        await self.llm.close()
+        if self.llm is not None:
+            await self.llm.close()

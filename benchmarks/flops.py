@@ -91,18 +91,20 @@ class RequestShape:
 
     samples: int
     text_tokens: int
-    prompt_tokens: int
+    prompt_tokens: int | None  # None: an "aux" bundle, no LLM (its head's FLOPs are negligible)
 
 
 def request_flops(cfg: ModelConfig, shape: RequestShape) -> dict[str, float]:
     """FLOPs per stage (keys as in the runtime's STAGES, without `queue`)."""
     frames = num_frames(shape.samples)
-    return {
+    out = {
         "audio_encoder": audio_encoder_flops(cfg.audio, shape.samples),
         "former": former_flops(cfg.former, cfg.audio.hidden_size, frames, shape.text_tokens),
         "pooling": pooling_flops(cfg.former),
-        "llm": llm_flops(cfg.llm, cfg.former.hidden_size, shape.prompt_tokens),
     }
+    if shape.prompt_tokens is not None:
+        out["llm"] = llm_flops(cfg.llm, cfg.former.hidden_size, shape.prompt_tokens)
+    return out
 
 
 @dataclass(frozen=True)

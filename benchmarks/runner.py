@@ -66,14 +66,14 @@ def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str,
     bundle = Bundle.open(bundle_path, verify_hashes=False)
     cfg = bundle.model_config
     text_tokenizer = AutoTokenizer.from_pretrained(str(bundle.file(FORMER_TOKENIZER_DIR)))
-    builder = prompt_builder(bundle)
+    builder = prompt_builder(bundle) if bundle.head == "llm" else None
     per_request = []
     for req in workload:
         shape = flops.RequestShape(
             samples=len(req.audio),
             text_tokens=len(text_tokenizer(req.transcript, truncation=True,
                                            max_length=cfg.former.max_text_tokens)["input_ids"]),
-            prompt_tokens=len(builder.encode(req.transcript, req.speaker)[0]),
+            prompt_tokens=len(builder.encode(req.transcript, req.speaker)[0]) if builder is not None else None,
         )
         per_request.append(flops.request_flops(cfg, shape))
     return {stage: float(np.mean([f[stage] for f in per_request])) for stage in per_request[0]}

@@ -103,6 +103,35 @@ def test_segments_read_the_last_k_earlier_turns_in_order(talk):
     assert seen[t[3]] == (("A", t[0]), ("B", t[1]))  # the last 2 with text: segment 2 said nothing
 
 
+def test_clients_send_earlier_turns_with_any_call(talk):
+    """RecognitionConfig.context: earlier turns a client keeps itself. A unary call and an
+    UTTERANCE stream hand them to the model as they are; a VOICE_ACTIVITY stream reads them
+    before its own turns; GetModelInfo says how many the model reads; too many are refused."""
+    earlier = [("Joey", "How you doin?"), ("", "Hi."), ("Ross", "We were on a break!")]
+    t = [turn.transcript for turn in talk.turns]
+    with RunningServer(ContextRecognizer, config(max_queue_delay_ms=5, max_audio_seconds=30.0,
+                                                 max_context_turns=3)) as srv:
+        assert srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).context_turns == 2
+        srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "unary", "Rachel", context=earlier), timeout=30)
+        msgs = stream_messages(tone(0.5), 16_000, "streamed", chunk_ms=100)
+        first = next(msgs)
+        first.config.context.add(speaker="Monica", transcript="Welcome!")
+        list(srv.stub.StreamingRecognize(iter([first, *msgs]), timeout=30))
+        msgs = conversation_messages(talk.audio, 16_000, [SegmentText(t[0], index=0, speaker="A")])
+        first = next(msgs)
+        first.config.context.add(speaker="Z", transcript="Before the call.")
+        list(srv.stub.StreamingRecognize(iter([first, *msgs]), timeout=60))
+        seen = srv.recognizer.seen
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "x", context=earlier * 2), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config.context has 6 turns" in err.value.details()
+        assert srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "still serving"), timeout=30).result.is_final
+    assert seen["unary"] == (("Joey", "How you doin?"), (None, "Hi."), ("Ross", "We were on a break!"))
+    assert seen["streamed"] == (("Monica", "Welcome!"),)
+    assert seen[t[0]] == (("Z", "Before the call."),)
+    assert seen[""] == (("Z", "Before the call."), ("A", t[0]))  # the next segment (no transcript of its own)
+
+
 def test_without_wait_only_transcripts_sent_before_the_close_are_used(server, talk):
     turns = talk.turns
     texts = [SegmentText(turns[0].transcript, index=0), SegmentText(turns[1].transcript, index=1, after_s=talk.duration_s)]

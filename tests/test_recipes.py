@@ -41,9 +41,9 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     root.mkdir()
     write_meld_split(root / "train_sent_emo.csv", 40, 0)
     write_meld_split(root / "dev_sent_emo.csv", 12, 1)
-    summary = run_recipe("meld-text", str(root), 4, tmp_path / "run", train_fraction=0.5)
+    summary = run_recipe("meld-text", str(root), 4, tmp_path / "run", train_fraction=0.5, epochs=1)
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert RECIPES["meld-text"].train_fraction == 0.6  # the override did not leak into the recipe
+    assert RECIPES["meld-text"].train_fraction == 1.0  # the override did not leak into the recipe
     assert stored["recipe"]["name"] == "meld-text" and stored["recipe"]["classes"] == 4
     assert stored["recipe"]["train_examples"] == len(stratified_subset(load_corpus(f"meld:{root}:4"), 0.5, 0).train)
     assert stored["recipe"]["train_fraction"] == 0.5 and stored["recipe"]["num_queries"] == 4
@@ -66,11 +66,12 @@ def test_meld_text_recipe_runs_end_to_end(tmp_path) -> None:
     assert config["former"]["num_queries"] == 4  # the stage-1 checkpoint's former
 
     # The dialogue-context variant: K earlier turns, a model setting the checkpoint keeps.
-    run_recipe("meld-text-context", str(root), 4, tmp_path / "ctx", train_fraction=0.5, context_turns=1)
+    assert RECIPES["meld-text-context"].context_turns == 1
+    run_recipe("meld-text-context", str(root), 4, tmp_path / "ctx", train_fraction=0.5, context_turns=2, epochs=1)
     stored = json.loads((tmp_path / "ctx" / "summary.json").read_text())["recipe"]
-    assert stored["context_turns"] == 1 and RECIPES["meld-text-context"].context_turns > 1
+    assert stored["context_turns"] == 2 and RECIPES["meld-text-context"].context_turns == 1
     config = json.loads((tmp_path / "ctx" / "best" / "config.json").read_text())["model_config"]
-    assert config["former"]["context_turns"] == 1
+    assert config["former"]["context_turns"] == 2
     assert config["former"]["max_text_tokens"] == RECIPES["meld-text-context"].max_text_tokens
 
 

@@ -143,20 +143,22 @@ def encode_audio(audio: np.ndarray, encoding: Encoding) -> bytes:
 
 def recognition_config(
     sample_rate: int, transcript: str = "", speaker: str | None = None, interim: bool = False,
-    encoding: Encoding = "float32",
+    encoding: Encoding = "float32", context: Sequence[tuple[str | None, str]] = (),
 ) -> pb.RecognitionConfig:
+    """`context`: earlier turns of the conversation, oldest first, as (speaker or None, transcript)."""
     return pb.RecognitionConfig(
         encoding=_ENCODINGS[encoding], sample_rate_hz=sample_rate, transcript=transcript,
         speaker=speaker or "", interim_results=interim,
+        context=[pb.ContextTurn(speaker=who or "", transcript=text) for who, text in context],
     )
 
 
 def recognize_request(
     audio: np.ndarray, sample_rate: int, transcript: str = "", speaker: str | None = None,
-    encoding: Encoding = "float32",
+    encoding: Encoding = "float32", context: Sequence[tuple[str | None, str]] = (),
 ) -> pb.RecognizeRequest:
     return pb.RecognizeRequest(
-        config=recognition_config(sample_rate, transcript, speaker, encoding=encoding),
+        config=recognition_config(sample_rate, transcript, speaker, encoding=encoding, context=context),
         audio_content=encode_audio(audio, encoding),
     )
 
@@ -219,9 +221,11 @@ class EmotionClient:
 
     async def recognize(
         self, audio: np.ndarray, sample_rate: int = 16_000, transcript: str = "", speaker: str | None = None, *,
-        encoding: Encoding = "float32", timeout: float | None = None,
+        encoding: Encoding = "float32", timeout: float | None = None, context: Sequence[tuple[str | None, str]] = (),
     ) -> EmotionResult:
-        request = recognize_request(audio, sample_rate, transcript, speaker, encoding)
+        """`context`: earlier turns (speaker or None, transcript), oldest first, for a model that
+        reads dialogue context (`model_info().context_turns` > 0)."""
+        request = recognize_request(audio, sample_rate, transcript, speaker, encoding, context)
         response = await self.stub.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
         return EmotionResult.from_proto(response.result)
 

@@ -46,6 +46,7 @@ class ServerConfig:
     max_transcript_chars: int = 2_000
     max_transcript_tokens: int = 128  # counted with the bundle's transcript tokenizer
     max_speaker_chars: int = 64
+    max_context_turns: int = 32  # RecognitionConfig.context: earlier turns a request may carry
     #: Largest |sample| accepted (nominal range [-1, 1]; headroom for resampler/filter overshoot).
     max_abs_sample: float = 4.0
     #: gRPC's own receive limit; a bigger message gets RESOURCE_EXHAUSTED from grpc itself.

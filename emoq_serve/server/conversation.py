@@ -48,7 +48,7 @@ from emoq_serve.runtime.vad import VadBatcher, VadParams
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.limits import StreamTicket
 from emoq_serve.server.segmenter import Segment, Segmenter
-from emoq_serve.server.validation import InvalidRequest, StreamAssembler
+from emoq_serve.server.validation import InvalidRequest, StreamAssembler, config_context
 
 if TYPE_CHECKING:
     from emoq_serve.server.service import EmotionRecognizerService
@@ -151,7 +151,8 @@ class ConversationStream:
         self._closed_samples = 0  # audio of closed segments whose result is not sent yet
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
         # in segment order; each segment's future is set once its turn is in (or skipped).
-        self._history: collections.deque[Turn] = collections.deque(maxlen=max(service.context_turns, 1))
+        self._history: collections.deque[Turn] = collections.deque(
+            (t for t in config_context(self.config) if t[1].strip()), maxlen=max(service.context_turns, 1))
         self._last_turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_turn.set_result(None)
 

@@ -310,6 +310,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 sample_rate_hz=SAMPLE_RATE,
                 bundle_id=info.pop("bundle_id", ""),
                 preset=info.pop("preset", ""),
+                context_turns=int(info.pop("context_turns", "0")),
                 versions=info,
                 asr=pb.AsrModelInfo(**asr.info()) if asr is not None else None,
             )

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from emoq_serve.audio import StreamResampler, decode_float32, decode_pcm16, partial_sample_error, resample
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.types import Utterance
+from emoq_serve.runtime.types import Turn, Utterance
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.server.config import ServerConfig
 
@@ -65,6 +65,11 @@ def tolerant_parser(message_type: type[M]) -> Callable[[bytes], M | MalformedMes
     return parse
 
 
+def config_context(config: pb.RecognitionConfig) -> tuple[Turn, ...]:
+    """The request's earlier turns as the model takes them: (speaker or None, transcript)."""
+    return tuple((t.speaker or None, t.transcript) for t in config.context)
+
+
 class RequestValidator:
     """Checks configs, transcripts and audio against the server's limits.
 
@@ -94,6 +99,14 @@ class RequestValidator:
         if len(config.speaker) > self.cfg.max_speaker_chars:
             raise InvalidRequest(f"config.speaker has {len(config.speaker)} characters; the limit is {self.cfg.max_speaker_chars}")
         self.check_transcript(config.transcript)
+        if len(config.context) > self.cfg.max_context_turns:
+            raise InvalidRequest(f"config.context has {len(config.context)} turns; the limit is "
+                                 f"{self.cfg.max_context_turns}: send the latest ones")
+        for turn in config.context:
+            if len(turn.speaker) > self.cfg.max_speaker_chars:
+                raise InvalidRequest(f"config.context speaker has {len(turn.speaker)} characters; "
+                                     f"the limit is {self.cfg.max_speaker_chars}")
+            self.check_transcript(turn.transcript)
         if config.segmentation not in (pb.UTTERANCE, pb.VOICE_ACTIVITY):
             raise InvalidRequest(f"config.segmentation {config.segmentation} is unknown: use UTTERANCE or VOICE_ACTIVITY")
         if config.segmentation == pb.UTTERANCE and (config.HasField("voice_activity") or config.segment_transcript_wait_ms):
@@ -187,7 +200,8 @@ class RequestValidator:
         if request.config.segmentation == pb.VOICE_ACTIVITY:
             raise InvalidRequest("segmentation VOICE_ACTIVITY needs StreamingRecognize: Recognize scores one utterance")
         audio = self.decode(request.config, request.audio_content)
-        return Utterance(audio=audio, transcript=request.config.transcript, speaker=request.config.speaker or None)
+        return Utterance(audio=audio, transcript=request.config.transcript, speaker=request.config.speaker or None,
+                         context=config_context(request.config))
 
     def stream(self) -> StreamAssembler:
         return StreamAssembler(self)
@@ -330,4 +344,5 @@ class StreamAssembler:
         if len(self._audio) > 1:
             self._audio = [np.concatenate(self._audio)]
         audio = self._audio[0] if self._audio else np.zeros(0, np.float32)
-        return Utterance(audio=audio, transcript=self.transcript, speaker=self.config.speaker or None)
+        return Utterance(audio=audio, transcript=self.transcript, speaker=self.config.speaker or None,
+                         context=config_context(self.config))

@@ -250,7 +250,7 @@ class ConversationStream:
             # wait for the turns before it to be decided, read them, then add this one.
             utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
             said = await self.service.transcripts.transcript_for(utterance, self.config.asr)
-            await before
+            await asyncio.shield(before)  # cancelling this segment must not cancel the one before
             utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
             if said.text.strip():
                 self._history.append((utterance.speaker, said.text))

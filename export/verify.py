@@ -211,17 +211,15 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
     from emoq_serve.runtime.pipeline import OnnxPipeline
     from emoq_serve.runtime.types import Utterance
 
-    if backend not in ("vllm", "transformers", "none"):
+    if bundle.head == "llm" and backend not in ("vllm", "transformers"):  # an aux bundle runs no LLM
         raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
-    if (backend == "none") != (bundle.head == "aux"):
-        raise ValueError(f"parity backend {backend!r} does not fit a bundle with head {bundle.head!r}")
     utterances = [Utterance(np.zeros(0, np.float32) if ex.audio is None else ex.audio, ex.transcript, ex.speaker,
                             ex.context)
                   for ex in examples]
 
     async def run() -> Stages:
-        settings = {"llm_backend": "transformers" if backend == "none" else backend, "verify_hashes": False, "device": device, "audio_precision": "float32",
-                    "graph_cache": False, **runtime}
+        settings = {"verify_hashes": False, "device": device, "audio_precision": "float32", "graph_cache": False,
+                    **({"llm_backend": backend} if bundle.head == "llm" else {}), **runtime}
         pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(**settings))
         try:
             trace: dict[str, torch.Tensor] = {}

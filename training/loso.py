@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from emoq_serve.config import preset
+from emoq_serve.data import path_and_number
 from emoq_serve.data.iemocap import NUM_SESSIONS, load_iemocap
 from training.common import flag_overrides
 
@@ -89,8 +90,9 @@ def format_loso(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`emoq train loso`: the five folds of the IEMOCAP folder in `--data iemocap:DIR`."""
-    kind, _, path = args.data.partition(":")
-    if kind != "iemocap" or not path or path.rsplit(":", 1)[-1].isdigit():
+    kind, _, rest = args.data.partition(":")
+    path, fold = path_and_number(rest)
+    if kind != "iemocap" or not path or fold is not None:
         raise SystemExit(f"--data must be iemocap:DIR (every fold is run; no :FOLD); got {args.data!r}")
     overrides = {k: v for k, v in flag_overrides(args).items() if v is not None}
     report = run_loso(path, args.out, args.preset, args.stages, tuple(args.folds), args.feature_cache, **overrides)

@@ -11,7 +11,7 @@ from emoq_serve.data.types import Corpus, Example
 __all__ = ["Corpus", "Example", "load_corpus"]
 
 
-def _path_and_number(rest: str) -> tuple[str, int | None]:
+def path_and_number(rest: str) -> tuple[str, int | None]:
     """`path[:number]` -> (path, number); the path itself may contain ':'."""
     head, sep, tail = rest.rpartition(":")
     return (head, int(tail)) if sep and tail.isdigit() else (rest, None)
@@ -34,7 +34,7 @@ def load_corpus(spec: str, seed: int = 0) -> Corpus:
         if rest and not rest.isdigit():
             raise ValueError(f"bad corpus spec {spec!r}: expected synthetic or synthetic:N")
         return make_corpus(int(rest), seed) if rest else make_corpus(seed=seed)
-    path, number = _path_and_number(rest)
+    path, number = path_and_number(rest)
     if not path:
         raise ValueError(f"bad corpus spec {spec!r}: {kind} needs a folder, e.g. {kind}:/data/{kind}")
     if kind == "iemocap":

@@ -152,7 +152,7 @@ class ConversationStream:
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
         # in segment order; each segment's future is set once its turn is in (or skipped).
         self._history: collections.deque[Turn] = collections.deque(
-            (t for t in config_context(self.config) if t[1].strip()), maxlen=max(service.context_turns, 1))
+            (t for t in config_context(self.config) if t[1].strip()), maxlen=service.context_turns)
         self._last_turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_turn.set_result(None)
 
@@ -304,7 +304,7 @@ class ConversationStream:
         # The service picks the transcript the model reads: the client's, else ASR's (per
         # config.asr and the server's --asr), else none; the result says which.
         utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None,
-                              context=tuple(self._history) if self.service.context_turns else ())
+                              context=tuple(self._history))
         result = await self.service.recognize_utterance(utterance, self.context, final, started, self.config.asr)
         return self._place(result, seg)
 

@@ -304,13 +304,14 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     ) -> pb.GetModelInfoResponse:
         async with self._outcome("GetModelInfo", context):
             info = dict(self.recognizer.info())
+            info.pop("context_turns", None)  # its own field
             asr = self.transcripts.asr
             return pb.GetModelInfoResponse(
                 labels=list(self.recognizer.labels),
                 sample_rate_hz=SAMPLE_RATE,
                 bundle_id=info.pop("bundle_id", ""),
                 preset=info.pop("preset", ""),
-                context_turns=int(info.pop("context_turns", "0")),
+                context_turns=self.context_turns,
                 versions=info,
                 asr=pb.AsrModelInfo(**asr.info()) if asr is not None else None,
             )

@@ -20,20 +20,11 @@ from pathlib import Path
 from benchmarks.report import library_versions, machine_description
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.synthetic import make_corpus
+from emoq_serve.hostinfo import simd_flags
 from emoq_serve.metrics import word_error_rate
-from emoq_serve.runtime.asr import AsrConfig, load_asr
+from emoq_serve.speech.asr import AsrConfig, load_asr
 
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide CTranslate2's int8 kernels."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def run(clips: int, threads: int, beam: int, batch: int) -> dict:
@@ -73,7 +64,7 @@ def run(clips: int, threads: int, beam: int, batch: int) -> dict:
         "audio_seconds_mean": statistics.fmean(seconds),
         "errors": [{"reference": r, "hypothesis": h} for r, h in zip(refs, single, strict=True)
                    if word_error_rate([r], [h]) > 0],
-        "machine": {**machine_description(), "load_average_before": load_before, "cpu_flags": cpu_flags()},
+        "machine": {**machine_description(), "load_average_before": load_before, "cpu_flags": simd_flags()},
         "versions": {**library_versions(), **{k: v for k, v in _asr_versions().items()}},
     }
 

@@ -28,8 +28,8 @@ from benchmarks import flops
 from benchmarks.report import library_versions, machine_description
 from emoq_serve.config import SAMPLE_RATE, preset
 from emoq_serve.model.audio_encoder import AudioEncoder
-from emoq_serve.runtime.openvino import OvStage
-from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.executors.openvino import OvStage
+from emoq_serve.executors.ort import OrtStage
 from export.onnx_export import export_audio_encoder, optimize_offline
 
 RESULTS_DIR = Path(__file__).parent / "results"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_asr import cpu_flags
+from emoq_serve.hostinfo import simd_flags
 from benchmarks.report import library_versions, machine_description
 from emoq_serve.config import LABEL_SETS, TrainConfig, preset
 from emoq_serve.data.types import Corpus, Example
@@ -84,7 +84,7 @@ def run(batch_size: int, steps: int, threads: int) -> dict:
     return {
         "benchmark": "stage2_step", "command": f"python -m benchmarks.bench_stage2_step --batch {batch_size} "
                                                f"--steps {steps} --threads {threads}",
-        "machine": machine_description(), "cpu_flags": cpu_flags(), "threads": threads, "versions": library_versions(),
+        "machine": machine_description(), "cpu_flags": simd_flags(), "threads": threads, "versions": library_versions(),
         "batch": batch_size, "padded_prompt_tokens": prompt_tokens,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "loss_kept_vs_all_abs_diff_fp32": same, "points": points,

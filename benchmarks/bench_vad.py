@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_asr import cpu_flags
+from emoq_serve.hostinfo import simd_flags
 from benchmarks.report import library_versions, machine_description
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.vad import WINDOW, SileroVad
+from emoq_serve.speech.vad import WINDOW, SileroVad
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -49,7 +49,7 @@ def run(batches: list[int], repeats: int) -> dict:
     for p in points:
         p["window_cost_vs_batch_1"] = p["window_us"] / base
     return {"points": points, "repeats": repeats, "ort_threads": 1, "machine": machine_description(),
-            "cpu_flags": cpu_flags(), "libraries": library_versions()}
+            "cpu_flags": simd_flags(), "libraries": library_versions()}
 
 
 def main() -> None:

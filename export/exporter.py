@@ -9,7 +9,7 @@ exported with verification off, which its manifest says).
 `device` (`--device auto|cpu|cuda`) is where the reference model and the parity run compute; the
 ONNX export, the merge and the files are made from the CPU copy either way, so the same code runs
 on both and the CPU tests exercise it. The graphs ship unoptimised: onnxruntime optimises them
-for the provider that loads them (`emoq_serve/runtime/ort.py`).
+for the provider that loads them (`emoq_serve/executors/ort.py`).
 """
 
 from __future__ import annotations

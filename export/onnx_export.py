@@ -7,7 +7,7 @@ same padded tensors the eager model sees and parity is a like-for-like compariso
 
 The graphs ship unoptimised: onnxruntime's fusions are provider-specific (the CPU EP's fused
 ops pin a graph to the CPU), so the runtime optimises each graph for the provider that loads it
-and caches the result under `$EMOQ_CACHE/ort` (`emoq_serve/runtime/ort.py`). `optimize_offline`
+and caches the result under `$EMOQ_CACHE/ort` (`emoq_serve/executors/ort.py`). `optimize_offline`
 remains for the encoder benchmarks, which time the CPU-optimised graph.
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
-from emoq_serve.runtime.ort import save_optimised_to
+from emoq_serve.executors.ort import save_optimised_to
 
 log = logging.getLogger(__name__)
 

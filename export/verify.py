@@ -48,8 +48,8 @@ from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
-from emoq_serve.runtime.assets import PromptEmbedder, load_heads, text_tokenizer
-from emoq_serve.runtime.ort import OrtStage
+from emoq_serve.executors.assets import PromptEmbedder, load_heads, text_tokenizer
+from emoq_serve.executors.ort import OrtStage
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,9 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
     """The same stages through the serving engine itself (`OnnxPipeline` on `device`: the fp32
     graphs, the LLM in fp32, one thread; `runtime` overrides the test preset, e.g. to run a
     precision variant). The optimised graphs are not cached: exports would fill the cache."""
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.pipeline import OnnxPipeline
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.pipeline import OnnxPipeline
+    from emoq_serve.executors.types import Utterance
 
     if bundle.head == "llm" and backend not in ("vllm", "transformers"):  # an aux bundle runs no LLM
         raise ValueError(f"unknown parity backend {backend!r}; expected 'vllm' or 'transformers'")
@@ -305,7 +305,7 @@ def _variant_applies(name: str, bundle: Bundle) -> bool:
     """Measured where a preset would serve it: openvino_bf16 where the cpu preset picks OpenVINO
     (native bf16 and OpenVINO installed; elsewhere bf16 is emulated, slow, never picked);
     cuda_fp16 when the bundle has the fp16 audio graph."""
-    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.executors.config import runtime_preset
 
     if name == "openvino_bf16":
         return runtime_preset("cpu").resolved_graph_runtime() == "openvino"

@@ -18,9 +18,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
-from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
+from emoq_serve.executors.types import Prediction, Recognizer, Utterance
 from emoq_serve.server.app import EmotionServer
 from emoq_serve.server.config import ServerConfig
 

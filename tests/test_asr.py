@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from emoq_serve.metrics import normalize_words, word_error_rate
-from emoq_serve.runtime.asr import AsrConfig, AsrEngine, AsrError, check_model_dir, default_model_dir, load_asr
+from emoq_serve.speech.asr import AsrConfig, AsrEngine, AsrError, check_model_dir, default_model_dir, load_asr
 
 
 def test_word_error_rate():

@@ -59,10 +59,10 @@ def test_asr_off_runs_audio_only_and_refuses_asr_requests(speech):
 def real_asr(tiny_bundle):
     """(server with ASR auto, eager reference) on the tiny bundle."""
     from emoq_serve.bundle import Bundle
-    from emoq_serve.runtime.asr import load_asr
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.eager import EagerPipeline
-    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.speech.asr import load_asr
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.eager import EagerPipeline
+    from emoq_serve.executors.pipeline import OnnxPipeline
     from emoq_serve.server.app import transcript_token_counter
 
     bundle = Bundle.open(tiny_bundle)
@@ -132,7 +132,7 @@ def _serve_fails(tiny_bundle, *flags: str) -> str:
 
 @pytest.mark.slow
 def test_serve_refuses_a_missing_or_broken_asr_folder(tiny_bundle, tmp_path):
-    from emoq_serve.runtime.asr import default_model_dir
+    from emoq_serve.speech.asr import default_model_dir
 
     missing = tmp_path / "no-such-model"
     err = _serve_fails(tiny_bundle, "--asr-model", str(missing))

@@ -23,8 +23,8 @@ from emoq_serve.client.api import recognize_request
 from emoq_serve.config import preset
 from emoq_serve.data.batching import collate
 from emoq_serve.model.emoq import EmoQStage1
-from emoq_serve.runtime.config import runtime_preset
-from emoq_serve.runtime.types import Utterance
+from emoq_serve.executors.config import runtime_preset
+from emoq_serve.executors.types import Utterance
 
 CONTEXT = (("Ross", "We were on a break!"), ("Rachel", "Fine."))
 
@@ -79,7 +79,7 @@ def test_aux_bundle_holds_no_llm_and_its_parity_covers_the_head(aux):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["onnx", "eager"])
 def test_both_engines_serve_the_heads_posteriors(aux, engine):
-    from emoq_serve.runtime import load_recognizer
+    from emoq_serve.executors import load_recognizer
 
     run, bundle_dir, _ = aux
     utterances = [Utterance(tone(0.7), "oh my god", "Monica", CONTEXT), Utterance(tone(1.3, freq=330), "no way"),
@@ -99,7 +99,7 @@ def test_both_engines_serve_the_heads_posteriors(aux, engine):
 
 @pytest.mark.slow
 def test_emoq_serve_answers_with_the_aux_bundle(aux):
-    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.executors.pipeline import OnnxPipeline
 
     run, bundle_dir, _ = aux
     bundle = Bundle.open(bundle_dir)

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from emoq_serve.runtime.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
-from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.engine.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+from emoq_serve.executors.types import Prediction, Utterance
 
 SR = 16_000
 

@@ -5,7 +5,6 @@ by `emoq serve` subprocesses for both engines)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from benchmarks import flops
 from benchmarks.workload import WorkloadConfig, make_workload
 from emoq_serve.cli import main
 from emoq_serve.config import SAMPLE_RATE, preset
-from emoq_serve.runtime.types import STAGES
+from emoq_serve.executors.types import STAGES
 
 
 def counted(fn, *args, **kwargs) -> int:

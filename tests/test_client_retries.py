@@ -17,9 +17,9 @@ import pytest
 from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve.client.api import EmotionClient, retry_service_config
-from emoq_serve.runtime.batcher import QueueFull
-from emoq_serve.runtime.types import Utterance
-from emoq_serve.server.supervisor import EngineUnavailable
+from emoq_serve.engine.batcher import QueueFull
+from emoq_serve.executors.types import Utterance
+from emoq_serve.engine.supervisor import EngineUnavailable
 
 AUDIO = tone(0.5)
 REFUSALS = {

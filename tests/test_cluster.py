@@ -31,8 +31,8 @@ from server_harness import tone
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.client.api import recognize_request, stream_messages
-from emoq_serve.runtime.cluster import DEPLOYMENT_NAME, ClusterConfig, replica_resources
-from emoq_serve.runtime.config import runtime_preset
+from emoq_serve.engine.cluster import DEPLOYMENT_NAME, ClusterConfig, replica_resources
+from emoq_serve.executors.config import runtime_preset
 
 APP = "emoq-test"
 KV_CACHE_MIB = 64  # three vLLM engines (two replicas, the reference) on a shared 2-core box
@@ -135,7 +135,7 @@ def front_door(ray_cluster, tiny_bundle):
 @pytest.fixture(scope="module")
 def reference(tiny_bundle):
     """The single-process engine (`emoq serve`'s local engine) on the same bundle and preset."""
-    from emoq_serve.runtime import load_recognizer
+    from emoq_serve.executors import load_recognizer
 
     engine = load_recognizer(tiny_bundle, runtime_preset("test").replace(vllm_kv_cache_mib=KV_CACHE_MIB))
     loop = asyncio.new_event_loop()  # one loop for vLLM's futures across calls
@@ -145,7 +145,7 @@ def reference(tiny_bundle):
 
 
 def _utterance(audio: np.ndarray, text: str):
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors.types import Utterance
 
     return Utterance(audio=audio, transcript=text)
 
@@ -323,7 +323,7 @@ def test_serve_flags_make_the_cluster_config():
 
 def test_build_app_for_declarative_deploys():
     """The application a KubeRay RayService (or `serve deploy`) builds from its `args`."""
-    from emoq_serve.runtime.cluster import build_app
+    from emoq_serve.engine.cluster import build_app
 
     app = build_app({"bundle": "/bundles/b", "runtime": "cuda", "min_replicas": 1, "max_replicas": 3})
     deployment = app._bound_deployment  # no public accessor; the options Serve will apply
@@ -341,9 +341,9 @@ def test_replica_errors_reach_the_client_as_the_replica_raised_them():
     (whose text names the remote process, its pid and ip); a replica going away is retryable, a bad batch is not."""
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from emoq_serve.runtime.batcher import BatcherClosed, QueueFull
-    from emoq_serve.runtime.cluster import replica_died, replica_error
-    from emoq_serve.runtime.types import EngineFailure
+    from emoq_serve.engine.batcher import BatcherClosed, QueueFull
+    from emoq_serve.engine.cluster.front_door import replica_died, replica_error
+    from emoq_serve.executors.types import EngineFailure
 
     wrapped = RayTaskError("recognize", "Traceback (most recent call last): ...", QueueFull("queue is full")).as_instanceof_cause()
     assert isinstance(wrapped, QueueFull) and "pid=" in str(wrapped)  # Ray's text: process, pid, ip

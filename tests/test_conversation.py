@@ -10,8 +10,8 @@ import torch
 
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.data.conversation import load_conversation, make_conversation
-from emoq_serve.runtime.vad import CONTEXT, WINDOW, SileroVad, VadBatcher, VadParams, default_model_path
-from emoq_serve.server.segmenter import Segmenter
+from emoq_serve.speech.vad import CONTEXT, WINDOW, SileroVad, VadBatcher, VadParams, default_model_path
+from emoq_serve.speech.segmenter import Segmenter
 
 #: The issue's tolerance between a segment's (padded) bounds and the turn's trimmed speech extent.
 BOUNDARY_TOLERANCE_S = 0.3

@@ -347,9 +347,9 @@ def test_stream_and_buffer_limits_answer_resource_exhausted_and_the_server_keeps
 def real(tiny_bundle):
     """(server, eager reference) for the tiny bundle served with ORT + vLLM, with stream limits."""
     from emoq_serve.bundle import Bundle
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.eager import EagerPipeline
-    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.eager import EagerPipeline
+    from emoq_serve.executors.pipeline import OnnxPipeline
     from emoq_serve.server.app import transcript_token_counter
 
     bundle = Bundle.open(tiny_bundle)
@@ -363,7 +363,7 @@ def real(tiny_bundle):
 
 @pytest.mark.slow
 def test_real_conversation_one_result_per_turn_matching_eager(real, talk):
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors.types import Utterance
 
     server, eager = real
     texts = [SegmentText(t.transcript, index=t.index) for t in talk.turns]

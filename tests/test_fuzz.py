@@ -30,7 +30,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request
-from emoq_serve.runtime.types import Utterance
+from emoq_serve.executors.types import Utterance
 from emoq_serve.server.config import ServerConfig
 
 EXAMPLES = int(os.environ.get("EMOQ_FUZZ_EXAMPLES", "1000"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from emoq_serve.config import preset
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.llm_backends import TransformersBackend, VllmBackend, renormalise
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.llm_backends import TransformersBackend, VllmBackend, renormalise
 
 IDS = [5, 77, 300, 1001]
 
@@ -131,7 +131,7 @@ def test_vllm_prefix_cache_reuses_shared_template(vllm_backend, transformers_bac
 # -- engine settings and prompt hand-over ---------------------------------------------------------
 
 def test_vllm_engine_args_batch_and_tensor_parallel_from_the_runtime_config(qwen_dir, monkeypatch):
-    from emoq_serve.runtime.llm_backends import engine_args
+    from emoq_serve.executors.llm_backends import engine_args
 
     one = engine_args(qwen_dir, RuntimeConfig(device="cpu", max_batch=8))
     assert (one["tensor_parallel_size"], one["distributed_executor_backend"], one["max_num_seqs"]) == (1, "uni", 16)

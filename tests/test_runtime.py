@@ -20,14 +20,14 @@ from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
-from emoq_serve.runtime import load_recognizer
-from emoq_serve.runtime.assets import prompt_builder
-from emoq_serve.runtime.config import RuntimeConfig, cpu_has_native_bf16, runtime_preset
-from emoq_serve.runtime.eager import EagerPipeline
-from emoq_serve.runtime.openvino import OvStage
-from emoq_serve.runtime.ort import OrtStage, providers, session_options
-from emoq_serve.runtime.pipeline import OnnxPipeline
-from emoq_serve.runtime.types import STAGES, Utterance
+from emoq_serve.executors import load_recognizer
+from emoq_serve.executors.assets import prompt_builder
+from emoq_serve.executors.config import RuntimeConfig, cpu_has_native_bf16, runtime_preset
+from emoq_serve.executors.eager import EagerPipeline
+from emoq_serve.executors.openvino import OvStage
+from emoq_serve.executors.ort import OrtStage, providers, session_options
+from emoq_serve.executors.pipeline import OnnxPipeline
+from emoq_serve.executors.types import STAGES, Utterance
 
 TOL = 1e-4
 COMPUTE_STAGES = set(STAGES) - {"queue"}  # the batcher adds "queue"
@@ -78,7 +78,7 @@ def test_providers():
 def test_cuda_provider_options_use_the_stages_stream_and_search_convs_heuristically(monkeypatch):
     # The options only (no GPU here): the stage's own stream, the device torch reports, and no
     # per-length conv search.
-    from emoq_serve.runtime import ort as ort_module
+    from emoq_serve.executors import ort as ort_module
 
     monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -152,7 +152,7 @@ def test_optimised_graph_is_cached_once_and_reused(tiny_bundle, tmp_path, monkey
 
 
 def test_changed_graph_or_provider_gets_its_own_cache_entry(tiny_bundle, tmp_path, monkeypatch):
-    from emoq_serve.runtime import ort as ort_module
+    from emoq_serve.executors import ort as ort_module
 
     graph = tiny_bundle / names.FORMER_ONNX
     entry = OrtStage(graph, 1, "cpu", cache_dir=tmp_path / "cache").cache_entry

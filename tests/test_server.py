@@ -279,9 +279,9 @@ def test_sigterm_with_requests_in_flight_completes_them():
 def real(tiny_bundle):
     """(server, eager reference, gate) for the tiny bundle served with ORT + vLLM in fp32."""
     from emoq_serve.bundle import Bundle
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.eager import EagerPipeline
-    from emoq_serve.runtime.pipeline import OnnxPipeline
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.eager import EagerPipeline
+    from emoq_serve.executors.pipeline import OnnxPipeline
     from emoq_serve.server.app import transcript_token_counter
 
     bundle = Bundle.open(tiny_bundle)
@@ -301,7 +301,7 @@ def real(tiny_bundle):
 
 
 def eager_probs(eager, audio: np.ndarray, transcript: str) -> np.ndarray:
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors.types import Utterance
 
     (pred,) = asyncio.run(eager.recognize([Utterance(audio=audio, transcript=transcript)]))
     return np.asarray(pred.probabilities, dtype=np.float64)

@@ -71,9 +71,9 @@ def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], 
     """Predicted class per example through the serving runtime (`load_recognizer`)."""
     import asyncio
 
-    from emoq_serve.runtime import load_recognizer
-    from emoq_serve.runtime.config import runtime_preset
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors import load_recognizer
+    from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.types import Utterance
 
     recognizer = load_recognizer(path, runtime_preset(runtime).replace(max_batch=batch_size), engine=engine)
     _check_labels(tuple(recognizer.labels), labels, path)

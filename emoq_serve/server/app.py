@@ -27,16 +27,16 @@ from grpc_reflection.v1alpha import reflection
 
 from emoq_serve._proto import emoq_pb2
 from emoq_serve.bundle import Bundle
-from emoq_serve.runtime import EngineName, load_recognizer, warm_up
-from emoq_serve.runtime.asr import AsrEngine, load_asr
-from emoq_serve.runtime.batcher import DynamicBatcher
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.types import Recognizer
+from emoq_serve.executors import EngineName, load_recognizer, warm_up
+from emoq_serve.speech.asr import AsrEngine, load_asr
+from emoq_serve.engine.batcher import DynamicBatcher
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.types import Recognizer
 from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_credentials
 from emoq_serve.server.config import ServerConfig
-from emoq_serve.server.metrics import ServerMetrics
+from emoq_serve.server.telemetry import ServerMetrics
 from emoq_serve.server.service import EmotionRecognizerService
-from emoq_serve.server.supervisor import EngineSupervisor
+from emoq_serve.engine.supervisor import EngineSupervisor
 from emoq_serve.server.transcripts import TranscriptStage
 from emoq_serve.server.validation import RequestValidator, tolerant_parser
 
@@ -47,7 +47,7 @@ SERVICE_NAME = emoq_pb2.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_na
 
 def transcript_token_counter(bundle: Bundle) -> Callable[[str], int]:
     """Count transcript tokens the way the model's transcript tokenizer does."""
-    from emoq_serve.runtime.assets import text_tokenizer  # lazy: loads transformers
+    from emoq_serve.executors.assets import text_tokenizer  # lazy: loads transformers
 
     tokenizer = text_tokenizer(bundle)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -230,7 +230,7 @@ async def cluster_engine(
     bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName
 ) -> tuple[Recognizer, Bundle]:
     """The engine as Ray Serve replicas (`cfg.cluster`), and the bundle as the front door reads it."""
-    from emoq_serve.runtime.cluster import connect_cluster  # imports ray: cluster mode only
+    from emoq_serve.engine.cluster import connect_cluster  # imports ray: cluster mode only
 
     assert cfg.cluster is not None
     bundle = await asyncio.to_thread(Bundle.open, bundle_path, runtime_cfg.verify_hashes)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from emoq_serve.runtime.cluster import ClusterConfig
-from emoq_serve.runtime.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
+from emoq_serve.engine.cluster import ClusterConfig
+from emoq_serve.executors.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
 from emoq_serve.server.config import ASR_MODES, ServerConfig
 
 
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             "--no-verify: the bundle's files are NOT checked against its manifest hashes; a corrupted or "
             "tampered bundle will be served. Use only for bundles you built on this machine."
         )
-    from emoq_serve.runtime.asr import AsrError
+    from emoq_serve.speech.asr import AsrError
 
     try:
         asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))

@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from emoq_serve.runtime.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
-from emoq_serve.server.supervisor import SupervisorConfig
+from emoq_serve.engine.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
+from emoq_serve.engine.supervisor import SupervisorConfig
 
 if TYPE_CHECKING:  # the CLI parser imports this module: keep it light (vad imports onnxruntime)
-    from emoq_serve.runtime.asr import AsrConfig
-    from emoq_serve.runtime.cluster import ClusterConfig
-    from emoq_serve.runtime.vad import VadParams
+    from emoq_serve.speech.asr import AsrConfig
+    from emoq_serve.engine.cluster import ClusterConfig
+    from emoq_serve.speech.vad import VadParams
 
 #: Server-wide ASR settings (`--asr`).
 ASR_MODES = ("off", "auto", "always")
@@ -27,7 +27,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (tests)
     metrics_port: int | None = 9090  # Prometheus /metrics; None = off, 0 = free port
-    # Dynamic batching (see emoq_serve.runtime.batcher).
+    # Dynamic batching (see emoq_serve.engine.batcher).
     max_batch: int = 8
     max_queue_delay_ms: float = 5.0
     queue_size: int = 256
@@ -66,7 +66,7 @@ class ServerConfig:
     max_buffered_audio_s: float = 1_800.0  # 16 kHz audio held over all streams (115 MB of float32)
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
-    # Engine supervision (see emoq_serve.server.supervisor): a batch slower than this is a hung
+    # Engine supervision (see emoq_serve.engine.supervisor): a batch slower than this is a hung
     # engine; this many failed batches in a row count as fatal; rebuild retry backoff.
     engine_timeout_s: float = 60.0
     max_consecutive_failures: int = 3
@@ -76,7 +76,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set = mutual TLS: clients must present a cert it signed
     auth_tokens_file: str | None = None
-    # Speech recognition for audio without a transcript (see emoq_serve.runtime.asr).
+    # Speech recognition for audio without a transcript (see emoq_serve.speech.asr).
     #: off: never (requests asking for it are refused); auto: when the client sent no transcript;
     #: always: replace the client's. A request's RecognitionConfig.asr overrides it per call.
     asr: str = "auto"
@@ -107,7 +107,7 @@ class ServerConfig:
         )
 
     def asr_config(self) -> AsrConfig:
-        from emoq_serve.runtime.asr import AsrConfig
+        from emoq_serve.speech.asr import AsrConfig
 
         return AsrConfig(model_dir=self.asr_model, threads=self.asr_threads, compute_type=self.asr_compute_type)
 

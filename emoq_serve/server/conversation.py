@@ -35,23 +35,21 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.batcher import QueueFull
-from emoq_serve.runtime.types import Turn, Utterance
-from emoq_serve.runtime.vad import VadBatcher, VadParams
+from emoq_serve.engine.batcher import QueueFull
+from emoq_serve.executors.types import Turn, Utterance
+from emoq_serve.speech.vad import VadBatcher, VadParams
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.limits import StreamTicket
-from emoq_serve.server.segmenter import Segment, Segmenter
+from emoq_serve.server.scoring import Scorer, next_interim
+from emoq_serve.speech.segmenter import Segment, Segmenter
 from emoq_serve.server.validation import InvalidRequest, StreamAssembler, config_context
 
-if TYPE_CHECKING:
-    from emoq_serve.server.service import EmotionRecognizerService
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +128,11 @@ class SegmentTranscripts:
 class ConversationStream:
     """One VOICE_ACTIVITY call (see the module docstring)."""
 
-    def __init__(self, service: EmotionRecognizerService, stream: StreamAssembler, context: grpc.aio.ServicerContext,
+    def __init__(self, scorer: Scorer, stream: StreamAssembler, context: grpc.aio.ServicerContext,
                  ticket: StreamTicket, vad: VadBatcher) -> None:
         assert stream.config is not None
-        self.service, self.stream, self.context, self.ticket = service, stream, context, ticket
-        self.cfg: ServerConfig = service.cfg
+        self.scorer, self.stream, self.context, self.ticket = scorer, stream, context, ticket
+        self.cfg: ServerConfig = scorer.cfg
         self.config = stream.config
         self.vad = vad
         self.segmenter = Segmenter(vad.vad, vad_params(self.cfg, self.config.voice_activity))
@@ -152,7 +150,7 @@ class ConversationStream:
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
         # in segment order; each segment's future is set once its turn is in (or skipped).
         self._history: collections.deque[Turn] = collections.deque(
-            (t for t in config_context(self.config) if t[1].strip()), maxlen=service.context_turns)
+            (t for t in config_context(self.config) if t[1].strip()), maxlen=scorer.context_turns)
         self._last_turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_turn.set_result(None)
 
@@ -179,9 +177,9 @@ class ConversationStream:
     async def _read(self, next_message: Callable[[], Awaitable[pb.StreamingRecognizeRequest | None]]) -> None:
         try:
             span = self.cfg.interim_span_s
-            next_interim = span
+            next_point = span
             while (request := await next_message()) is not None:
-                item = await self.service.off_loop(self.stream.feed, request)
+                item = await self.scorer.off_loop(self.stream.feed, request)
                 if isinstance(item, np.ndarray):
                     self._close(await self._segment(item))
                 elif item is not None:
@@ -192,10 +190,10 @@ class ConversationStream:
                         self.transcripts.prune(self._next_index, self._closed_end_s)
                     self._hold()
                 seconds = self.segmenter.total_samples / SAMPLE_RATE
-                if self.config.interim_results and seconds >= next_interim:
+                if self.config.interim_results and seconds >= next_point:
                     self._start_interim()
-                    next_interim = (math.floor(seconds / span) + 1) * span
-            closed = await self._segment(await self.service.off_loop(self.stream.finish))
+                    next_point = next_interim(seconds, span)
+            closed = await self._segment(await self.scorer.off_loop(self.stream.finish))
             closed += self.segmenter.finish()
             self._ended = True
             self._arrival.set()
@@ -244,18 +242,18 @@ class ConversationStream:
                 if not self._undecided:
                     self.transcripts.prune(self._next_index, self._closed_end_s)
             transcript, speaker = self._from_client(st)
-            if not self.service.context_turns:
+            if not self.scorer.context_turns:
                 return await self._score(seg, transcript, speaker, final=True, started=closed_at)
             # The model reads the earlier turns: decide this one's transcript (client's or ASR's),
             # wait for the turns before it to be decided, read them, then add this one.
             utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
-            said = await self.service.transcripts.transcript_for(utterance, self.config.asr)
+            said = await self.scorer.transcripts.transcript_for(utterance, self.config.asr)
             await asyncio.shield(before)  # cancelling this segment must not cancel the one before
             utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
             if said.text.strip():
                 self._history.append((utterance.speaker, said.text))
             turn.set_result(None)
-            result = await self.service.score(utterance, said, self.context, True, closed_at)
+            result = await self.scorer.score(utterance, said, self.context, True, closed_at)
             return self._place(result, seg)
         finally:
             if not turn.done():  # failed before its turn was in: the next segment still waits for `before`
@@ -305,7 +303,7 @@ class ConversationStream:
         # config.asr and the server's --asr), else none; the result says which.
         utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None,
                               context=tuple(self._history))
-        result = await self.service.recognize_utterance(utterance, self.context, final, started, self.config.asr)
+        result = await self.scorer.recognize_utterance(utterance, self.context, final, started, self.config.asr)
         return self._place(result, seg)
 
     @staticmethod

@@ -15,31 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
-import numpy as np
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
-from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
-from emoq_serve.runtime.vad import SileroVad, VadBatcher
+from emoq_serve.engine.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
+from emoq_serve.executors.types import Recognizer
+from emoq_serve.speech.vad import SileroVad, VadBatcher
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
 from emoq_serve.server.limits import ServerBusy, StreamLimits, StreamTicket
-from emoq_serve.server.metrics import RESULT_STAGES, ServerMetrics
-from emoq_serve.server.supervisor import EngineUnavailable
-from emoq_serve.server.transcripts import Transcript, TranscriptStage
+from emoq_serve.server.scoring import Scorer, next_interim
+from emoq_serve.server.telemetry import ServerMetrics
+from emoq_serve.engine.supervisor import EngineUnavailable
+from emoq_serve.server.transcripts import TranscriptStage
 from emoq_serve.server.validation import InvalidRequest, RequestValidator, StreamAssembler
 
 log = logging.getLogger(__name__)
@@ -90,7 +86,8 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         transcripts: TranscriptStage | None = None,
     ) -> None:
         self.recognizer = recognizer
-        self.transcripts = transcripts or TranscriptStage(None, "off")
+        self.scorer = Scorer(recognizer, batcher, metrics, cfg, transcripts)
+        self.transcripts = self.scorer.transcripts
         self.batcher = batcher
         self.validator = validator
         self.metrics = metrics
@@ -102,9 +99,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # Decoding, resampling (and VAD) run here, so a large chunk never stalls the event loop
-        # that every other stream's messages and results go through.
-        self._workers = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="emoq-decode")
+        self.off_loop = self.scorer.off_loop
         self.limits = StreamLimits(cfg.max_streams, cfg.max_buffered_audio_s)
         metrics.open_streams.set_function(lambda: self.limits.open_streams)
         metrics.buffered_audio.set_function(lambda: self.limits.buffered_seconds)
@@ -119,12 +114,8 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 self._vad = VadBatcher(await self.off_loop(SileroVad), on_batch=self.metrics.vad_batch_size.observe)
         return self._vad
 
-    async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on a decode worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
-
     def close(self) -> None:
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.scorer.close()
         if self._vad is not None:
             self._vad.close()
 
@@ -185,57 +176,11 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             if self._calls == 0:
                 self._idle.set()
 
-    async def recognize_utterance(
-        self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float,
-        asr_mode: int = pb.ASR_SERVER_DEFAULT,
-    ) -> pb.EmotionResult:
-        """One utterance (or segment): its transcript (client's, ASR's or none), then the shared
-        batcher under the call's deadline."""
-        transcript = await self.transcripts.transcript_for(utterance, asr_mode)
-        return await self.score(dataclasses.replace(utterance, transcript=transcript.text), transcript, context,
-                                final, started)
-
-    @functools.cached_property
-    def context_turns(self) -> int:
-        """Earlier turns the served model reads (0: none); conversation streams keep that many."""
-        return int(self.recognizer.info().get("context_turns", "0"))
-
-    async def score(self, utterance: Utterance, transcript: Transcript, context: grpc.aio.ServicerContext,
-                    final: bool, started: float) -> pb.EmotionResult:
-        """An utterance whose transcript is decided, through the shared batcher under the call's deadline."""
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        prediction = await self.batcher.submit(utterance, deadline)
-        seconds = len(utterance.audio) / SAMPLE_RATE
-        result = self._result(prediction, seconds, final, started, transcript)
-        # UTTERANCE mode: segment 0 spans the whole audio (VOICE_ACTIVITY overwrites these).
-        result.end_s, result.speaker = seconds, utterance.speaker or ""
-        return result
-
-    def _result(
-        self, prediction: Prediction, audio_seconds: float, final: bool, started: float,
-        transcript: Transcript = Transcript("", pb.TRANSCRIPT_NONE),
-    ) -> pb.EmotionResult:
-        if not np.isfinite(prediction.probabilities).all():  # never hand a client NaN as an answer
-            raise ValueError(f"the engine returned non-finite scores {prediction.probabilities.tolist()}")
-        total_ms = (time.monotonic() - started) * 1e3
-        timings_ms = {**prediction.timings_ms, "asr": transcript.asr_ms} if transcript.asr_ms else prediction.timings_ms
-        self.metrics.observe_result(timings_ms, total_ms)
-        timing = pb.Timing(total_ms=total_ms, **{f"{s}_ms": timings_ms.get(s, 0.0) for s in RESULT_STAGES})
-        scores = [
-            pb.ClassScore(label=label, probability=float(p))
-            for label, p in zip(self.recognizer.labels, prediction.probabilities, strict=True)
-        ]
-        return pb.EmotionResult(
-            label=prediction.label, scores=scores, is_final=final, audio_seconds=audio_seconds, timing=timing,
-            transcript=transcript.text, transcript_source=transcript.source,
-        )
-
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         started = time.monotonic()
         async with self._outcome("Recognize", context):
             utterance = await self.off_loop(self.validator.unary, request)
-            result = await self.recognize_utterance(utterance, context, True, started, request.config.asr)
+            result = await self.scorer.recognize_utterance(utterance, context, True, started, request.config.asr)
             return pb.RecognizeResponse(result=result)
 
     async def _next_message(
@@ -265,7 +210,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 if first is not None:
                     await self.off_loop(stream.feed, first)
                 if stream.voice_activity:
-                    conversation = ConversationStream(self, stream, context, ticket, await self.vad())
+                    conversation = ConversationStream(self.scorer, stream, context, ticket, await self.vad())
                     async for response in conversation.run(lambda: self._next_message(requests)):
                         yield response
                 else:
@@ -280,23 +225,22 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
         """UTTERANCE mode after the first message: the whole stream is one utterance."""
         span = self.cfg.interim_span_s
-        next_interim = span
+        next_point = span
         while not ended and (request := await self._next_message(requests)) is not None:
             await self.off_loop(stream.feed, request)
             ticket.hold(stream.held_samples)
-            if stream.config.interim_results and stream.audio_seconds >= next_interim:
-                # Computed inline: grpc buffers the chunks that arrive meanwhile, and a slow
-                # model skips interim points instead of queueing a backlog of stale ones.
+            if stream.config.interim_results and stream.audio_seconds >= next_point:
+                # Computed inline: grpc buffers the chunks that arrive meanwhile (see next_interim).
                 started = time.monotonic()
                 utterance = await self.off_loop(stream.utterance, False)
                 if len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
-                    result = await self.recognize_utterance(utterance, context, False, started,
+                    result = await self.scorer.recognize_utterance(utterance, context, False, started,
                                                              stream.config.asr)
                     yield pb.StreamingRecognizeResponse(result=result)
-                next_interim = (math.floor(stream.audio_seconds / span) + 1) * span
+                next_point = next_interim(stream.audio_seconds, span)
         started = time.monotonic()
         utterance = await self.off_loop(stream.utterance, True)
-        result = await self.recognize_utterance(utterance, context, True, started, stream.config.asr)
+        result = await self.scorer.recognize_utterance(utterance, context, True, started, stream.config.asr)
         yield pb.StreamingRecognizeResponse(result=result)
 
     async def GetModelInfo(
@@ -311,7 +255,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 sample_rate_hz=SAMPLE_RATE,
                 bundle_id=info.pop("bundle_id", ""),
                 preset=info.pop("preset", ""),
-                context_turns=self.context_turns,
+                context_turns=self.scorer.context_turns,
                 versions=info,
                 asr=pb.AsrModelInfo(**asr.info()) if asr is not None else None,
             )

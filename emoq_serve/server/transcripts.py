@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from emoq_serve._proto import emoq_pb2 as pb
-from emoq_serve.runtime.asr import AsrEngine
-from emoq_serve.runtime.types import Utterance
+from emoq_serve.speech.asr import AsrEngine
+from emoq_serve.executors.types import Utterance
 
 #: `--asr` values as the per-request enum.
 SERVER_MODES = {"off": pb.ASR_OFF, "auto": pb.ASR_AUTO, "always": pb.ASR_ALWAYS}

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from emoq_serve.audio import StreamResampler, decode_float32, decode_pcm16, partial_sample_error, resample
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.types import Turn, Utterance
+from emoq_serve.executors.types import Turn, Utterance
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.server.config import ServerConfig
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.vad import WINDOW, SileroVad, VadParams, VadState
+from emoq_serve.speech.vad import WINDOW, SileroVad, VadParams, VadState
 
 #: How far back from the length limit a forced cut looks for a pause between words.
 _CUT_SEARCH_S = 1.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoq_serve.runtime.ort import check_inputs
+from emoq_serve.executors.ort import check_inputs
 
 #: RuntimeConfig precision -> OpenVINO's inference precision hint.
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from emoq_serve.runtime.types import EngineFailure, EngineUnavailable, Prediction, Recognizer, Utterance
+from emoq_serve.executors.types import EngineFailure, EngineUnavailable, Prediction, Recognizer, Utterance
 
 log = logging.getLogger(__name__)
 

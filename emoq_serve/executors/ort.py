@@ -126,12 +126,9 @@ def graph_digest(path: Path, known: Callable[[Path], str | None] = lambda p: Non
 
 def _cpu_flags_digest() -> str:
     """The optimised CPU graph uses layouts and kernels for this instruction set (NCHWc, AVX-512)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:8]
+    from emoq_serve.hostinfo import cpu_flags
+
+    return hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
 
 
 def provider_tag(device: str) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.types import Recognizer
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.types import Recognizer
 
 EngineName = Literal["onnx", "eager"]
 
@@ -22,11 +22,11 @@ def load_recognizer(bundle_path: str | Path, cfg: RuntimeConfig, engine: EngineN
 
     bundle = Bundle.open(bundle_path, verify_hashes=cfg.verify_hashes)
     if engine == "onnx":
-        from emoq_serve.runtime.pipeline import OnnxPipeline
+        from emoq_serve.executors.pipeline import OnnxPipeline
 
         return OnnxPipeline(bundle, cfg)
     if engine == "eager":
-        from emoq_serve.runtime.eager import EagerPipeline
+        from emoq_serve.executors.eager import EagerPipeline
 
         return EagerPipeline(bundle, cfg)
     raise ValueError(f"unknown engine {engine!r}; expected 'onnx' or 'eager'")
@@ -41,6 +41,6 @@ async def warm_up(recognizer: Recognizer) -> None:
     import numpy as np
 
     from emoq_serve.config import SAMPLE_RATE
-    from emoq_serve.runtime.types import Utterance
+    from emoq_serve.executors.types import Utterance
 
     await recognizer.recognize([Utterance(np.zeros(SAMPLE_RATE, dtype=np.float32), "warm up")])

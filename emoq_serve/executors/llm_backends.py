@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.types import EngineFailure
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.types import EngineFailure
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from emoq_serve.hostinfo import cpu_has_native_bf16
+
 LLMBackendName = Literal["vllm", "transformers"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 DTypeName = Literal["float32", "bfloat16", "auto"]
@@ -43,7 +45,7 @@ class RuntimeConfig:
     #: CUDA when the bundle has it, fp32 otherwise.
     audio_precision: GraphPrecisionName = "auto"
     #: Cache the graphs onnxruntime optimised for this provider under `$EMOQ_CACHE/ort`, so a
-    #: restart skips the optimisation (see `runtime/ort.py`); off: optimise in memory at each load.
+    #: restart skips the optimisation (see `executors/ort.py`); off: optimise in memory at each load.
     graph_cache: bool = True
     #: onnxruntime intra-op threads for audio_encoder.onnx / former.onnx (inter-op is always 1:
     #: the graphs are sequential chains, a second pool only competes for the same cores).
@@ -99,7 +101,7 @@ class RuntimeConfig:
                 raise ValueError("graph_runtime 'openvino' runs on the CPU only; use onnxruntime on CUDA")
             return self.graph_runtime
         if self.resolved_device() == "cpu" and self.resolved_dtype() == "bfloat16":
-            from emoq_serve.runtime.openvino import openvino_available
+            from emoq_serve.executors.openvino import openvino_available
 
             if openvino_available():
                 return "openvino"
@@ -130,16 +132,6 @@ class RuntimeConfig:
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 #: Named starting points; the CLI overrides single fields on top of one of these.

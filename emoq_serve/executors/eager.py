@@ -28,7 +28,7 @@ from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
-from emoq_serve.runtime.assets import (
+from emoq_serve.executors.assets import (
     PromptEmbedder,
     StageClock,
     engine_device,
@@ -40,9 +40,9 @@ from emoq_serve.runtime.assets import (
     text_only,
     text_tokenizer,
 )
-from emoq_serve.runtime.config import RuntimeConfig
-from emoq_serve.runtime.llm_backends import TransformersBackend
-from emoq_serve.runtime.types import Prediction, Utterance
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.llm_backends import TransformersBackend
+from emoq_serve.executors.types import Prediction, Utterance
 
 
 def eager_workers(cfg: RuntimeConfig) -> int:

@@ -115,3 +115,72 @@ def test_missing_faster_whisper_is_an_asr_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import now raises ImportError
     with pytest.raises(AsrError, match="ASR needs faster-whisper.*--asr off"):
         AsrEngine(AsrConfig(device="cpu"))
+
+
+class _Gate:
+    """Holds the worker inside its model call until released, then runs the real model: the
+    only way to make 'the worker is busy' deterministic without racing real decode times."""
+
+    def __init__(self, engine, monkeypatch):
+        import threading
+
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
+        real = engine.transcribe_batch
+
+        def gated(clips):
+            self.calls.append(len(clips))
+            self.entered.set()
+            self.release.wait(30)
+            return real(clips)
+
+        monkeypatch.setattr(engine, "transcribe_batch", gated)
+
+
+def test_a_full_asr_queue_refuses_at_once_and_expired_or_cancelled_clips_cost_nothing(engine, monkeypatch):
+    """The queue is bounded (one more clip is refused before it is held), a clip whose caller's
+    deadline passed while it waited is failed without a model call, and so is a cancelled one.
+    On main 9b76bb9 the queue took every clip and the worker transcribed every one of them."""
+    import dataclasses
+    import time
+
+    from emoq_serve.speech.asr import AsrBusy, AsrDeadlineExpired
+
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, queue_size=3))
+    gate = _Gate(engine, monkeypatch)
+    clip = np.zeros(8_000, np.float32)
+    running = engine.submit(clip)
+    assert gate.entered.wait(10)  # the worker holds clip 1; the queue is empty again
+    expired = engine.submit(clip, deadline=time.monotonic() + 0.05)
+    cancelled = engine.submit(clip)
+    waiting = engine.submit(clip)
+    started = time.monotonic()
+    with pytest.raises(AsrBusy, match="queue is full \\(3 clips waiting, --asr-queue-size\\)"):
+        engine.submit(clip)
+    assert time.monotonic() - started < 0.1 and engine.queued == 3
+    assert cancelled.cancel()
+    time.sleep(0.1)  # past the expiring clip's deadline
+    gate.release.set()
+    assert running.result(30) == "" and waiting.result(30) == ""
+    with pytest.raises(AsrDeadlineExpired, match="deadline passed"):
+        expired.result(5)
+    assert gate.calls == [1, 1]  # clip 1 and the waiting one: nothing for the other two
+
+
+def test_a_hung_asr_call_turns_health_off_and_refuses_new_clips(engine, monkeypatch):
+    import dataclasses
+    import time
+
+    from emoq_serve.speech.asr import AsrStalled
+
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, stall_timeout_s=0.2))
+    gate = _Gate(engine, monkeypatch)
+    assert engine.healthy
+    running = engine.submit(np.zeros(8_000, np.float32))
+    assert gate.entered.wait(10)
+    time.sleep(0.3)
+    assert not engine.healthy and engine.stalled_for() > 0
+    with pytest.raises(AsrStalled, match="stuck"):
+        engine.submit(np.zeros(8_000, np.float32))
+    gate.release.set()
+    assert running.result(30) == ""
+    assert engine.healthy  # recovered: the call finished

@@ -126,6 +126,24 @@ def test_vad_batcher_fails_the_jobs_of_a_broken_step_and_keeps_running(vad, conv
         batcher.close()
 
 
+def test_a_raising_batch_hook_neither_kills_the_vad_thread_nor_its_streams(vad, conversation):
+    """The metrics hook runs after each step; on main 9b76bb9 it ran outside the thread's `try`,
+    so one raise killed the thread and every VOICE_ACTIVITY stream waited forever."""
+    def broken_hook(size: int) -> None:
+        raise RuntimeError("metrics backend down")
+
+    batcher = VadBatcher(vad, on_batch=broken_hook)
+    good = conversation.audio[:8 * WINDOW].reshape(8, WINDOW)
+    try:
+        for _ in range(2):  # the second job proves the thread outlived the first hook's raise
+            np.testing.assert_allclose(batcher.submit(vad.new_state(), good).result(timeout=10),
+                                       vad.scores(vad.new_state(), good), atol=1e-5)
+        assert batcher.healthy()
+    finally:
+        batcher.close()
+    assert not batcher.healthy()  # a stopped thread is reported, not assumed alive
+
+
 def test_vad_refuses_misshapen_windows_and_bad_params(vad):
     with pytest.raises(ValueError, match=r"windows must be \[2, 512\]"):
         vad.step([vad.new_state(), vad.new_state()], np.zeros((2, 500), np.float32))

@@ -67,15 +67,20 @@ def vad_params(cfg: ServerConfig, va: pb.VoiceActivityConfig) -> VadParams:
     threshold = pick(va.speech_threshold, d.threshold, 0.05, 0.95)
     min_silence = int(pick(va.min_silence_ms, d.min_silence_ms, 100, 5_000))
     min_speech = int(pick(va.min_speech_ms, d.min_speech_ms, 0, 5_000))
-    pad = int(pick(va.speech_pad_ms, d.speech_pad_ms, 0, min(1_000, min_silence)))
+    # Clamped after the default is chosen: the default pad may exceed a client's short silence.
+    pad = int(min(pick(va.speech_pad_ms, d.speech_pad_ms, 0, 1_000), min_silence))
     longest = min(cfg.max_segment_s, cfg.max_audio_seconds)  # a segment is one model input
     max_segment = pick(va.max_segment_s, min(d.max_segment_s, longest), 1.0, longest)
-    max_segment = max(max_segment, (min_speech + 2 * pad) / 1000)  # VadParams' own consistency rule
+    # VadParams' own consistency rule, rounded up to whole milliseconds so float error cannot break it.
+    max_segment = max(max_segment, math.ceil(min_speech + 2 * pad) / 1000)
     if max_segment > longest:
         raise InvalidRequest(f"voice_activity.min_speech_ms + 2 * speech_pad_ms is longer than this server's longest "
                              f"segment ({longest:g} s): lower them")
-    return VadParams(threshold=threshold, min_silence_ms=min_silence, min_speech_ms=min_speech,
-                     max_segment_s=max_segment, speech_pad_ms=pad)
+    try:
+        return VadParams(threshold=threshold, min_silence_ms=min_silence, min_speech_ms=min_speech,
+                         max_segment_s=max_segment, speech_pad_ms=pad)
+    except ValueError as exc:  # settings that clash after clamping: the client's to fix
+        raise InvalidRequest(f"voice_activity settings clash: {exc}") from None
 
 
 def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:

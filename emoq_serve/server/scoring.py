@@ -37,6 +37,12 @@ def next_interim(seconds: float, span: float) -> float:
     return (math.floor(seconds / span) + 1) * span
 
 
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() instant (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 class Scorer:
     """Decoding workers, the transcript stage and the batcher, shared by every call."""
 
@@ -65,16 +71,14 @@ class Scorer:
         asr_mode: int = pb.ASR_SERVER_DEFAULT,
     ) -> pb.EmotionResult:
         """One utterance (or segment): its transcript (client's, ASR's or none), then `score`."""
-        transcript = await self.transcripts.transcript_for(utterance, asr_mode)
+        transcript = await self.transcripts.transcript_for(utterance, asr_mode, deadline_of(context))
         return await self.score(dataclasses.replace(utterance, transcript=transcript.text), transcript, context,
                                 final, started)
 
     async def score(self, utterance: Utterance, transcript: Transcript, context: grpc.aio.ServicerContext,
                     final: bool, started: float) -> pb.EmotionResult:
         """An utterance whose transcript is decided, through the shared batcher under the call's deadline."""
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        prediction = await self.batcher.submit(utterance, deadline)
+        prediction = await self.batcher.submit(utterance, deadline_of(context))
         seconds = len(utterance.audio) / SAMPLE_RATE
         result = self.result(prediction, seconds, final, started, transcript)
         # UTTERANCE mode: segment 0 spans the whole audio (VOICE_ACTIVITY overwrites these).

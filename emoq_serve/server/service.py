@@ -2,10 +2,10 @@
 
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
 and counts them by status, so the error contract lives in one place:
-InvalidRequest -> INVALID_ARGUMENT, QueueFull and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
-DeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable (engine
-failed or restarting) and ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL. An INTERNAL answer carries a fixed
-message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
+InvalidRequest -> INVALID_ARGUMENT, QueueFull, AsrBusy and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
+DeadlineExpired, AsrDeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable
+(engine failed or restarting), AsrStalled and ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL.
+An INTERNAL answer carries a fixed message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
 text, which may hold paths or data; the server logs the detail under the same id. Calls still
 running when the drain timeout ends are cut off with UNAVAILABLE and a message, so no accepted call
 ends without a status.
@@ -28,6 +28,7 @@ from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.engine.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
 from emoq_serve.executors.types import Recognizer
+from emoq_serve.speech.asr import AsrBusy, AsrDeadlineExpired, AsrStalled
 from emoq_serve.speech.vad import SileroVad, VadBatcher
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
@@ -58,6 +59,9 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherClosed: grpc.StatusCode.UNAVAILABLE,
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AsrBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AsrDeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    AsrStalled: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -43,14 +43,15 @@ class TranscriptStage:
         """The request's mode, or the server's for ASR_SERVER_DEFAULT."""
         return self.default if requested == pb.ASR_SERVER_DEFAULT else requested
 
-    async def transcript_for(self, utterance: Utterance, mode: int) -> Transcript:
-        """The transcript to score `utterance` with under `mode` (a RecognitionConfig.asr value)."""
+    async def transcript_for(self, utterance: Utterance, mode: int, deadline: float | None = None) -> Transcript:
+        """The transcript to score `utterance` with under `mode` (a RecognitionConfig.asr value);
+        ASR waits at most until `deadline` (time.monotonic())."""
         mode = self.mode(mode)
         client = utterance.transcript.strip()
         if mode == pb.ASR_ALWAYS or (mode == pb.ASR_AUTO and not client):
             if self.asr is None:  # validation refuses these requests first; never silently skipped
                 raise RuntimeError("ASR requested on a server without an ASR engine")
-            text, ms = await self.asr.transcribe(utterance.audio)
+            text, ms = await self.asr.transcribe(utterance.audio, deadline)
             return Transcript(self._fit(text), pb.TRANSCRIPT_ASR, ms)
         if client:
             return Transcript(utterance.transcript, pb.TRANSCRIPT_CLIENT)

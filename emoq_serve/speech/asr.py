@@ -19,10 +19,10 @@ Every failure raises `AsrError` naming the folder and what is wrong.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
 import importlib.util
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -49,8 +49,8 @@ VERIFY_MAX_WER = 0.5
 NO_SPEECH_PROB = 0.6
 LOGPROB_THRESHOLD = -1.0
 #: Silence put before and after each clip: trimmed clips that start on the first phoneme lose their
-#: first word more often (tiny.en on espeak-ng, `benchmarks/results/asr.json`: WER 0.284 -> 0.271 on
-#: 80 clips). Free: every clip is padded to the 30 s window anyway.
+#: first word more often (`benchmarks/results/asr.json`). Free: every clip is padded to the 30 s
+#: window anyway.
 EDGE_PAD_S = 0.3
 
 AsrDevice = Literal["cpu", "cuda", "auto"]
@@ -60,23 +60,44 @@ class AsrError(RuntimeError):
     """The ASR model folder is missing, incomplete or broken, or fails the start-up check."""
 
 
+class AsrBusy(Exception):
+    """The ASR queue is full: refused at the door, before any work (RESOURCE_EXHAUSTED)."""
+
+
+class AsrDeadlineExpired(Exception):
+    """The caller's deadline passed while its clip waited for the ASR worker (DEADLINE_EXCEEDED)."""
+
+
+class AsrStalled(Exception):
+    """The ASR worker has been inside one model call for longer than `stall_timeout_s`: it is
+    treated as hung, new clips are refused and health says NOT_SERVING (UNAVAILABLE)."""
+
+
 @dataclass(frozen=True)
 class AsrConfig:
     model_dir: str | None = None  # None = the bundled Whisper tiny.en
     device: AsrDevice = "auto"  # auto = CUDA when CTranslate2 sees a GPU
     compute_type: str = "auto"  # auto = int8 on CPU, float16 on CUDA
-    #: CTranslate2 intra-op threads. One by default: on the 2-core CPU the ONNX stages and the
-    #: LLM hold a core each, and a 2-thread op beside a busy process runs slower than 1 thread.
+    #: CTranslate2 intra-op threads. One by default: the emotion stages hold the other cores, and
+    #: a 2-thread op beside a busy process runs slower than a 1-thread one.
     threads: int = 1
-    #: Clips per model call; None = 1 on CPU, 8 on CUDA. On the 2-core CPU a batch of 8 ran at
-    #: 0.54 clips/s against 0.61 one at a time (benchmarks/results/asr.json; an earlier probe had
-    #: batch 4 10 % ahead): the 30 s encoder window dominates and gains nothing from batching,
-    #: while the first clip of a batch waits for the others. A GPU encodes a batch in one pass.
+    #: Clips per model call; None = 1 on CPU, 8 on CUDA. On CPU the 30 s encoder window dominates
+    #: and batching gained nothing (benchmarks/results/asr.json) while the first clip of a batch
+    #: waits for the others; a GPU encodes a batch in one pass.
     max_batch: int | None = None
-    #: Beam search width. 5 (Whisper's default) measured 29 % WER on the synthetic corpus's
-    #: espeak-ng clips against 36 % greedy, for about 20 % more time per clip.
+    #: Beam search width: 5 (Whisper's default) had fewer word errors than greedy on the synthetic
+    #: corpus for a little more time per clip (benchmarks/results/asr.json).
     beam_size: int = 5
     language: str = "en"
+    #: Clips waiting for the worker; one more is refused at once (AsrBusy). The bound keeps a
+    #: flood of transcript-less calls from holding their audio and waiting minutes.
+    queue_size: int = 16
+    #: A model call running longer than this counts as hung (a clip is at most 30 s of audio).
+    stall_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1 or self.stall_timeout_s <= 0 or self.threads < 1 or self.beam_size < 1:
+            raise ValueError("AsrConfig: queue_size, threads and beam_size must be >= 1 and stall_timeout_s > 0")
 
 
 def default_model_dir() -> Path:
@@ -146,7 +167,10 @@ class AsrEngine:
         self._prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.sha256 = sha256_file(self.model_dir / "model.bin")
         self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 1)
-        self._queue: queue.SimpleQueue[tuple[np.ndarray, Future[str]] | None] = queue.SimpleQueue()
+        self._queue: collections.deque[_Clip] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._busy_since: float | None = None  # monotonic start of the model call in progress
         self._worker: threading.Thread | None = None
 
     @property
@@ -219,56 +243,104 @@ class AsrEngine:
 
     def start(self) -> None:
         if self._worker is None:
+            self._closing = False
             self._worker = threading.Thread(target=self._run, name="asr-worker", daemon=True)
             self._worker.start()
 
-    def submit(self, audio: np.ndarray) -> Future[str]:
-        """Queue one clip for the worker (thread-safe); the future holds its transcript."""
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def stalled_for(self) -> float:
+        """Seconds the current model call has run past `stall_timeout_s` (0: not stalled)."""
+        since = self._busy_since
+        if since is None:
+            return 0.0
+        return max(0.0, time.monotonic() - since - self.cfg.stall_timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        """The worker runs and is not stuck in one model call: what gRPC health reports."""
+        return self._worker is not None and self._worker.is_alive() and not self.stalled_for()
+
+    def submit(self, audio: np.ndarray, deadline: float | None = None) -> Future[str]:
+        """Queue one clip for the worker (thread-safe); the future holds its transcript.
+
+        Refused at once, before the clip is held: `AsrBusy` when `queue_size` clips wait,
+        `AsrStalled` when the worker is hung. A clip whose `deadline` (time.monotonic()) passes
+        before the worker reaches it fails with `AsrDeadlineExpired` and costs nothing.
+        """
         if self._worker is None:
             raise RuntimeError("the ASR engine is not started (call start()) or is closed")
+        if not self.healthy:
+            raise AsrStalled(f"speech recognition is stuck: one call has run over {self.cfg.stall_timeout_s:g} s; "
+                             "send the transcript with the audio, or retry on another server")
         future: Future[str] = Future()
-        self._queue.put((audio, future))
+        with self._cv:
+            if len(self._queue) >= self.cfg.queue_size:
+                raise AsrBusy(f"the speech recognition queue is full ({self.cfg.queue_size} clips waiting, "
+                              "--asr-queue-size): send the transcript with the audio, or retry later")
+            self._queue.append(_Clip(audio, future, deadline))
+            self._cv.notify()
         return future
 
-    async def transcribe(self, audio: np.ndarray) -> tuple[str, float]:
-        """(transcript, milliseconds from queueing to result) without blocking the event loop."""
+    async def transcribe(self, audio: np.ndarray, deadline: float | None = None) -> tuple[str, float]:
+        """(transcript, milliseconds from queueing to result) without blocking the event loop.
+        Cancelling the caller takes its clip out of the worker's way."""
         started = time.monotonic()
-        text = await asyncio.wrap_future(self.submit(audio))
+        text = await asyncio.wrap_future(self.submit(audio, deadline))
         return text, (time.monotonic() - started) * 1e3
 
+    def _next_batch(self) -> list[_Clip] | None:
+        """The clips the worker runs next (live, in time); None once closing and empty."""
+        with self._cv:
+            while not self._queue and not self._closing:
+                self._cv.wait()
+            if not self._queue:
+                return None
+            batch: list[_Clip] = []
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_batch:  # whatever queued meanwhile joins
+                clip = self._queue.popleft()
+                if clip.deadline is not None and clip.deadline <= now:
+                    if clip.future.set_running_or_notify_cancel():
+                        clip.future.set_exception(AsrDeadlineExpired(
+                            "the call's deadline passed while its audio waited for speech recognition"))
+                elif clip.future.set_running_or_notify_cancel():  # False: its caller is gone
+                    batch.append(clip)
+            return batch
+
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self.max_batch:  # whatever queued meanwhile joins, nothing waits
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # close after this batch
-                    break
-                batch.append(nxt)
-            live = [(a, f) for a, f in batch if f.set_running_or_notify_cancel()]
-            if not live:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
                 continue
+            self._busy_since = time.monotonic()
             try:
-                texts = self.transcribe_batch([a for a, _ in live])
+                texts = self.transcribe_batch([c.audio for c in batch])
             except Exception as exc:  # fail this batch's callers; the worker keeps serving
-                for _, f in live:
-                    f.set_exception(exc)
+                for c in batch:
+                    c.future.set_exception(exc)
             else:
-                for (_, f), text in zip(live, texts, strict=True):
-                    f.set_result(text)
+                for c, text in zip(batch, texts, strict=True):
+                    c.future.set_result(text)
+            finally:
+                self._busy_since = None
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued clips, then stop the worker."""
         if self._worker is not None:
-            self._queue.put(None)
+            with self._cv:
+                self._closing = True
+                self._cv.notify()
             self._worker.join(timeout)
             self._worker = None
+
+
+@dataclass(eq=False)
+class _Clip:
+    audio: np.ndarray
+    future: Future[str]
+    deadline: float | None
 
 
 def load_asr(cfg: AsrConfig | None = None, verify: bool = True) -> AsrEngine:

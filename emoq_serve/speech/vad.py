@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -38,6 +40,8 @@ import onnxruntime as ort
 
 from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.executors.ort import session_options
+
+log = logging.getLogger(__name__)
 
 #: Samples per VAD step at 16 kHz, and the context carried from the previous step.
 WINDOW = 512
@@ -68,7 +72,8 @@ class VadParams:
         if not 0 <= self.speech_pad_ms <= self.min_silence_ms:
             raise ValueError(f"speech_pad_ms must be in [0, min_silence_ms={self.min_silence_ms}] (the end padding "
                              f"is silence already received when a segment closes); got {self.speech_pad_ms}")
-        if self.max_segment_s * 1000 < self.min_speech_ms + 2 * self.speech_pad_ms or self.max_segment_s > 600:
+        # Compared in whole milliseconds (rounded), so 1.001 s holds 701 + 2 * 150 ms despite float error.
+        if round(self.max_segment_s * 1000, 6) < self.min_speech_ms + 2 * self.speech_pad_ms or self.max_segment_s > 600:
             raise ValueError(f"max_segment_s must be in [min_speech + 2 * pad, 600] s; got {self.max_segment_s}")
 
     @property
@@ -150,8 +155,8 @@ class VadBatcher:
 
     A stream's windows are sequential (each step carries its recurrent state to the next), but
     different streams are independent: each tick scores the next pending window of every waiting
-    stream as one batch, up to `max_batch`. A batch of 16 costs about a third per window of 16
-    single steps (`benchmarks/bench_vad.py`). A stream submits one job at a time (its owner
+    stream as one batch, up to `max_batch`: a batch costs far less per window than single steps
+    (`benchmarks/bench_vad.py`). A stream submits one job at a time (its owner
     awaits the result before feeding more), so its state is never stepped twice at once.
     """
 
@@ -166,8 +171,16 @@ class VadBatcher:
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._busy_since: float | None = None  # monotonic start of the model step in progress
         self._thread = threading.Thread(target=self._run, name="emoq-vad", daemon=True)
         self._thread.start()
+
+    def healthy(self, stall_timeout_s: float = 10.0) -> bool:
+        """The thread runs and no model step has taken longer than `stall_timeout_s` (a step is one
+        512-sample window per stream: milliseconds when healthy). What gRPC health reports."""
+        since = self._busy_since
+        stuck = since is not None and time.monotonic() - since > stall_timeout_s
+        return self._thread.is_alive() and not stuck
 
     def submit(self, state: VadState, windows: np.ndarray) -> Future[np.ndarray]:
         """Queue one stream's windows [k, 512]; the future gives their probabilities [k]."""
@@ -209,6 +222,7 @@ class VadBatcher:
                         active.append(job)
             if not active:
                 continue
+            self._busy_since = time.monotonic()
             try:
                 probs = self.vad.step([j.state for j in active], np.stack([j.windows[j.pos] for j in active]))
             except Exception as exc:  # a broken model fails the jobs it was scoring, not the thread
@@ -216,11 +230,16 @@ class VadBatcher:
                     job.future.set_exception(exc)
                 active = []
                 continue
+            finally:
+                self._busy_since = None
             self.steps += 1
             self.windows += len(active)
             self.largest_batch = max(self.largest_batch, len(active))
             if self.on_batch is not None:
-                self.on_batch(len(active))
+                try:
+                    self.on_batch(len(active))
+                except Exception:  # a metrics hook must never stop every stream's VAD
+                    log.exception("VAD on_batch hook failed")
             still: list[_Job] = []
             for job, p in zip(active, probs):
                 job.probs[job.pos] = p

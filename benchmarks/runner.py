@@ -90,7 +90,7 @@ def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--bundle", str(cfg.bundle), *ENGINE_FLAGS[engine], *cfg.serve_args.split()])
     runtime, server = configs(args)
-    return {"runtime": asdict(runtime), "batching": asdict(server.batcher())}
+    return {"runtime": asdict(runtime), "batching": asdict(server.batcher)}
 
 
 @contextlib.contextmanager

@@ -7,13 +7,14 @@ The server (and any async engine inside the recognizer) lives on its own loop, e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -118,10 +119,16 @@ class RunningServer:
         self.close()
 
 
-def config(**changes: object) -> ServerConfig:
-    """Test defaults: ephemeral ports, short delays, a short drain."""
-    base = ServerConfig(port=0, metrics_port=0, max_queue_delay_ms=2.0, drain_timeout_s=5.0, max_audio_seconds=10.0)
-    return base.replace(**changes)
+def config(batcher: dict[str, Any] | None = None, supervisor: dict[str, Any] | None = None,
+           **changes: object) -> ServerConfig:
+    """Test defaults: ephemeral ports, short delays, a short drain. `batcher` and `supervisor` change
+    fields of the server's own `BatcherConfig` / `SupervisorConfig` (dicts: `spawn_server` sends JSON)."""
+    base = ServerConfig(port=0, metrics_port=0, drain_timeout_s=5.0, max_audio_seconds=10.0)
+    return base.replace(
+        batcher=dataclasses.replace(base.batcher, **{"max_queue_delay_ms": 2.0, **(batcher or {})}),
+        supervisor=dataclasses.replace(base.supervisor, **(supervisor or {})),
+        **changes,
+    )
 
 
 def tone(seconds: float, sr: int = 16_000, freq: float = 220.0, amp: float = 0.3) -> np.ndarray:

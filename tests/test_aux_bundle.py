@@ -103,7 +103,7 @@ def test_emoq_serve_answers_with_the_aux_bundle(aux):
 
     run, bundle_dir, _ = aux
     bundle = Bundle.open(bundle_dir)
-    with RunningServer(lambda: OnnxPipeline(bundle, runtime_preset("test")), config(max_queue_delay_ms=5)) as srv:
+    with RunningServer(lambda: OnnxPipeline(bundle, runtime_preset("test")), config(batcher={"max_queue_delay_ms": 5})) as srv:
         result = srv.stub.Recognize(recognize_request(tone(0.9), 16_000, "leave me alone"), timeout=30).result
     (expected,) = eager_posteriors(run, [Utterance(tone(0.9), "leave me alone")])
     np.testing.assert_allclose([s.probability for s in result.scores], expected, atol=1e-5)

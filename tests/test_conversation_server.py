@@ -34,7 +34,7 @@ def talk():
 
 @pytest.fixture(scope="module")
 def server():
-    cfg = config(max_batch=16, max_queue_delay_ms=30, max_audio_seconds=30.0, interim_span_s=1.0)
+    cfg = config(batcher={"max_batch": 16, "max_queue_delay_ms": 30}, max_audio_seconds=30.0, interim_span_s=1.0)
     with RunningServer(StandInRecognizer, cfg) as srv:
         yield srv
 
@@ -92,7 +92,7 @@ def test_segments_read_the_last_k_earlier_turns_in_order(talk):
     texts = [SegmentText(t[0], index=0, speaker="A"),
              SegmentText(t[1], index=1, speaker="B", after_s=talk.duration_s + 0.5),  # after segments 2, 3 closed
              SegmentText(t[3], index=3, speaker="A")]  # segment 2: none (no ASR here)
-    with RunningServer(ContextRecognizer, config(max_queue_delay_ms=5, max_audio_seconds=30.0)) as srv:
+    with RunningServer(ContextRecognizer, config(batcher={"max_queue_delay_ms": 5}, max_audio_seconds=30.0)) as srv:
         msgs = conversation_messages(talk.audio, 16_000, texts, transcript_wait_ms=5_000, speaker="C")
         results = [r.result for r in srv.stub.StreamingRecognize(msgs, timeout=60)]
         seen = srv.recognizer.seen
@@ -109,7 +109,7 @@ def test_clients_send_earlier_turns_with_any_call(talk):
     before its own turns; GetModelInfo says how many the model reads; too many are refused."""
     earlier = [("Joey", "How you doin?"), ("", "Hi."), ("Ross", "We were on a break!")]
     t = [turn.transcript for turn in talk.turns]
-    with RunningServer(ContextRecognizer, config(max_queue_delay_ms=5, max_audio_seconds=30.0,
+    with RunningServer(ContextRecognizer, config(batcher={"max_queue_delay_ms": 5}, max_audio_seconds=30.0,
                                                  max_context_turns=3)) as srv:
         assert srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).context_turns == 2
         srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "unary", "Rachel", context=earlier), timeout=30)
@@ -354,7 +354,8 @@ def real(tiny_bundle):
 
     bundle = Bundle.open(tiny_bundle)
     runtime = runtime_preset("test")
-    cfg = config(max_batch=8, max_queue_delay_ms=20, max_audio_seconds=30.0, max_streams=3, max_buffered_audio_s=20.0)
+    cfg = config(batcher={"max_batch": 8, "max_queue_delay_ms": 20}, max_audio_seconds=30.0, max_streams=3,
+                 max_buffered_audio_s=20.0)
     with RunningServer(lambda: OnnxPipeline(bundle, runtime), cfg, transcript_token_counter(bundle)) as srv:
         eager = EagerPipeline(bundle, runtime)
         yield srv, eager

@@ -115,10 +115,11 @@ def faulty():
     """(server, faults, supervisor) with a 0.5 s engine timeout and 3 failures in a row = fatal."""
     faults = Faults()
     holder: dict[str, EngineSupervisor] = {}
-    cfg = config(max_batch=1, max_inflight_batches=1, max_queue_delay_ms=0, engine_timeout_s=0.5, restart_backoff_s=0.05)
+    cfg = config(batcher={"max_batch": 1, "max_inflight_batches": 1, "max_queue_delay_ms": 0},
+                 supervisor={"engine_timeout_s": 0.5, "restart_backoff_s": 0.05})
 
     def make() -> EngineSupervisor:
-        holder["sup"] = EngineSupervisor(factory(faults), cfg.supervisor())
+        holder["sup"] = EngineSupervisor(factory(faults), cfg.supervisor)
         return holder["sup"]
 
     with RunningServer(make, cfg) as srv:
@@ -308,7 +309,7 @@ def real_vllm_server(bundle, **changes: object) -> Iterator[tuple[RunningServer,
     holder: dict[str, EngineSupervisor] = {}
 
     def make() -> EngineSupervisor:
-        holder["sup"] = EngineSupervisor(lambda: load_recognizer(bundle, runtime), cfg.supervisor())
+        holder["sup"] = EngineSupervisor(lambda: load_recognizer(bundle, runtime), cfg.supervisor)
         return holder["sup"]
 
     with RunningServer(make, cfg) as server:
@@ -325,7 +326,8 @@ def test_real_vllm_engine_death_is_recovered(tiny_bundle):
     from emoq_serve.bundle import Bundle
 
     request = recognize_request(tone(0.6), 16_000, "the engine will die")
-    with real_vllm_server(tiny_bundle, max_batch=4, engine_timeout_s=30, max_consecutive_failures=1) as (server, sup):
+    with real_vllm_server(tiny_bundle, batcher={"max_batch": 4},
+                          supervisor={"engine_timeout_s": 30, "max_consecutive_failures": 1}) as (server, sup):
         before = server.stub.Recognize(request, timeout=60).result
         engine = sup._engine
         server.run(engine.llm.close())  # the vLLM engine thread shuts down under the pipeline
@@ -344,7 +346,7 @@ def test_real_vllm_engine_death_is_recovered(tiny_bundle):
 
 #: No watchdog and no failure count in these cases: only the engine thread's own report can end
 #: the in-flight calls and start the rebuild (the old code left them waiting for the watchdog).
-NO_WATCHDOG = {"engine_timeout_s": 1e6, "max_consecutive_failures": 1000}
+NO_WATCHDOG = {"supervisor": {"engine_timeout_s": 1e6, "max_consecutive_failures": 1000}}
 
 
 @pytest.mark.slow
@@ -352,7 +354,7 @@ def test_real_vllm_step_failure_fails_inflight_calls_and_rebuilds(tiny_bundle):
     """`LLMEngine.step()` raises under three in-flight calls: each ends UNAVAILABLE (not a
     transient INTERNAL on a kept engine), the supervisor rebuilds, the next call is right."""
     request = recognize_request(tone(0.6), 16_000, "the engine step will fail")
-    with real_vllm_server(tiny_bundle, max_batch=4, max_queue_delay_ms=20, **NO_WATCHDOG) as (server, sup):
+    with real_vllm_server(tiny_bundle, batcher={"max_batch": 4, "max_queue_delay_ms": 20}, **NO_WATCHDOG) as (server, sup):
         before = server.stub.Recognize(request, timeout=60).result
         engine = sup._engine
         vllm_engine = engine.llm._engine._engine  # the real vLLM LLMEngine, driven by the engine thread

@@ -35,7 +35,7 @@ from emoq_serve.server.config import ServerConfig
 
 EXAMPLES = int(os.environ.get("EMOQ_FUZZ_EXAMPLES", "1000"))
 CFG = config(
-    max_batch=8, max_queue_delay_ms=1.0, max_audio_seconds=2.0, max_message_bytes=256 * 1024,
+    batcher={"max_batch": 8, "max_queue_delay_ms": 1.0}, max_audio_seconds=2.0, max_message_bytes=256 * 1024,
     max_transcript_chars=300, max_transcript_tokens=40, interim_span_s=0.5,
     # Long enough that a loaded CI machine never idles out a well-behaved fuzz stream.
     stream_idle_timeout_s=1.5,

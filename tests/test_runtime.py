@@ -314,7 +314,7 @@ def test_serve_max_batch_is_the_presets_unless_given(flags, expected):
     register(parser.add_subparsers(dest="command"))
     runtime, server = configs(parser.parse_args(["serve", *flags]))
     # The batcher's batches and the engine's sizing agree.
-    assert runtime.max_batch == server.batcher().max_batch == expected
+    assert runtime.max_batch == server.batcher.max_batch == expected
 
 
 def test_serve_tensor_parallel_and_audio_precision_flags():

@@ -56,7 +56,7 @@ def probs(result: pb.EmotionResult) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    with RunningServer(StandInRecognizer, config(max_batch=16, max_queue_delay_ms=30, interim_span_s=1.0)) as srv:
+    with RunningServer(StandInRecognizer, config(batcher={"max_batch": 16, "max_queue_delay_ms": 30}, interim_span_s=1.0)) as srv:
         yield srv
 
 
@@ -151,7 +151,8 @@ def gated():
         holder["rec"] = GatedRecognizer(StandInRecognizer())
         return holder["rec"]
 
-    with RunningServer(make, config(max_batch=1, max_inflight_batches=1, max_queue_delay_ms=0, queue_size=2, drain_timeout_s=5)) as srv:
+    with RunningServer(make, config(batcher={"max_batch": 1, "max_inflight_batches": 1, "max_queue_delay_ms": 0, "queue_size": 2},
+                                    drain_timeout_s=5)) as srv:
         rec = holder["rec"]
         srv.call_soon(rec.gate.clear)
         yield srv, rec
@@ -241,7 +242,7 @@ SIGTERM_SERVER = textwrap.dedent(
             return await super().recognize(batch)
 
     async def main():
-        server = EmotionServer(Slow(), config(metrics_port=None, max_batch=4, max_queue_delay_ms=50))
+        server = EmotionServer(Slow(), config(batcher={"max_batch": 4, "max_queue_delay_ms": 50}, metrics_port=None))
         await server.start()
         server.stop_on_signals()
         print(server.port, flush=True)
@@ -292,7 +293,8 @@ def real(tiny_bundle):
         holder["rec"] = GatedRecognizer(OnnxPipeline(bundle, runtime))
         return holder["rec"]
 
-    cfg = config(max_batch=8, max_inflight_batches=1, max_queue_delay_ms=20, interim_span_s=1.0, queue_size=4)
+    cfg = config(batcher={"max_batch": 8, "max_inflight_batches": 1, "max_queue_delay_ms": 20, "queue_size": 4},
+                 interim_span_s=1.0)
     counter = transcript_token_counter(bundle)
     with RunningServer(make, cfg, counter) as srv:
         eager = EagerPipeline(bundle, runtime)

@@ -78,7 +78,8 @@ def stop_process(proc) -> float:
 
 
 def test_sigterm_under_load_completes_every_accepted_call():
-    proc, port = spawn_server(delay_s=0.05, max_batch=8, max_queue_delay_ms=10, interim_span_s=0.2, drain_timeout_s=20)
+    proc, port = spawn_server(delay_s=0.05, batcher={"max_batch": 8, "max_queue_delay_ms": 10}, interim_span_s=0.2,
+                              drain_timeout_s=20)
     try:
         result = asyncio.run(sigterm_under_load(port, proc, streams=24, seconds=1.5, unary=8))
     finally:
@@ -97,7 +98,8 @@ def test_sigterm_under_load_completes_every_accepted_call():
 
 def test_drain_timeout_cuts_off_the_rest_with_a_status():
     """Streams that would run 6 s more get UNAVAILABLE with a message at the 1 s drain timeout."""
-    proc, port = spawn_server(delay_s=0.05, max_batch=8, max_queue_delay_ms=10, interim_span_s=0.2, drain_timeout_s=1.0)
+    proc, port = spawn_server(delay_s=0.05, batcher={"max_batch": 8, "max_queue_delay_ms": 10}, interim_span_s=0.2,
+                              drain_timeout_s=1.0)
     try:
         result = asyncio.run(sigterm_under_load(port, proc, streams=8, seconds=6.0, unary=4))
     finally:

@@ -53,7 +53,8 @@ class RssSampler:
 
 @pytest.mark.slow
 def test_soak_concurrent_streams_without_errors_or_memory_growth():
-    proc, port = spawn_server(delay_s=0.002, max_batch=16, max_queue_delay_ms=5, queue_size=256, interim_span_s=0.5)
+    proc, port = spawn_server(delay_s=0.002, batcher={"max_batch": 16, "max_queue_delay_ms": 5, "queue_size": 256},
+                              interim_span_s=0.5)
     try:
         rss = RssSampler(proc.pid)
         finals, interims, errors = 0, 0, []
@@ -104,7 +105,7 @@ def test_soak_concurrent_streams_without_errors_or_memory_growth():
 def test_overload_is_refused_quickly_and_accepted_calls_complete():
     """4 per batch, 0.5 s per batch, 8 queue slots: of 96 simultaneous calls most must be refused
     at once; the rest are served in full."""
-    proc, port = spawn_server(delay_s=0.5, max_batch=4, max_queue_delay_ms=5, queue_size=8)
+    proc, port = spawn_server(delay_s=0.5, batcher={"max_batch": 4, "max_queue_delay_ms": 5, "queue_size": 8})
     try:
         async def one(client: EmotionClient) -> tuple[str, float]:
             t0 = time.monotonic()

@@ -15,6 +15,7 @@ cluster mode (`ServerConfig.cluster`) Ray Serve restarts dead replicas instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -90,7 +91,7 @@ class EmotionServer:
     ) -> None:
         self.cfg = cfg
         self.recognizer = recognizer
-        self.batcher = DynamicBatcher(recognizer, cfg.batcher(), on_batch=self._observe_batch)
+        self.batcher = DynamicBatcher(recognizer, cfg.batcher, on_batch=self._observe_batch)
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.queue_depth)
         transcripts = TranscriptStage(asr, cfg.asr, count_tokens, cfg.max_transcript_tokens)
         self.service = EmotionRecognizerService(
@@ -199,16 +200,17 @@ async def bundle_server(
     Unless `cfg.asr` is off, the ASR model is loaded and checked first (`AsrError` with the
     reason when its folder is missing or broken), before the slower engine start.
     """
-    asr = None if cfg.asr == "off" else await asyncio.to_thread(load_asr, cfg.asr_config())
+    asr = None if cfg.asr == "off" else await asyncio.to_thread(load_asr, cfg.asr_engine)
     try:
         if cfg.cluster is None:
             recognizer: Recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine),
-                                                      cfg.supervisor())
+                                                      cfg.supervisor)
             bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
         else:  # the replicas verify the bundle; the front door reads its tokenizer and limits
             recognizer, bundle = await cluster_engine(bundle_path, runtime_cfg, cfg, engine)
             # Batches for every replica in flight at once; each replica batches again behind it.
-            cfg = cfg.replace(max_inflight_batches=cfg.max_inflight_batches * cfg.cluster.most_replicas)
+            inflight = cfg.batcher.max_inflight_batches * cfg.cluster.most_replicas
+            cfg = cfg.replace(batcher=dataclasses.replace(cfg.batcher, max_inflight_batches=inflight))
         # Longer transcripts would be cut by the former anyway: refuse them instead of guessing.
         cfg = cfg.replace(
             max_transcript_tokens=min(cfg.max_transcript_tokens, bundle.model_config.former.max_text_tokens)
@@ -234,7 +236,7 @@ async def cluster_engine(
 
     assert cfg.cluster is not None
     bundle = await asyncio.to_thread(Bundle.open, bundle_path, runtime_cfg.verify_hashes)
-    recognizer = await connect_cluster(bundle_path, bundle.bundle_id, runtime_cfg, engine, cfg.batcher(), cfg.cluster)
+    recognizer = await connect_cluster(bundle_path, bundle.bundle_id, runtime_cfg, engine, cfg.batcher, cfg.cluster)
     return recognizer, bundle
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from emoq_serve.engine.batcher import BatcherConfig
 from emoq_serve.engine.cluster import ClusterConfig
+from emoq_serve.engine.supervisor import SupervisorConfig
 from emoq_serve.executors.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
 from emoq_serve.server.config import ASR_MODES, ServerConfig
+from emoq_serve.speech.asr import AsrConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,10 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-precision", choices=("float32", "float16", "auto"), default=None,
                    help="onnx engine: the fp32 or the fp16 audio graph (default auto: fp16 on CUDA when the bundle "
                         "was exported with --fp16)")
-    p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
-    p.add_argument("--max-inflight-batches", type=int, default=d.max_inflight_batches,
+    p.add_argument("--max-queue-delay-ms", type=float, default=d.batcher.max_queue_delay_ms)
+    p.add_argument("--max-inflight-batches", type=int, default=d.batcher.max_inflight_batches,
                    help="batches in the engine at once (2: ONNX stages of one overlap the LLM of another)")
-    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--queue-size", type=int, default=d.batcher.queue_size)
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
     p.add_argument("--max-transcript-tokens", type=int, default=d.max_transcript_tokens)
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
@@ -64,9 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-segment-transcript-wait-ms", type=int, default=d.max_segment_transcript_wait_ms,
                    help="VOICE_ACTIVITY: longest wait for a segment's client transcript after it closes")
     p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
-    p.add_argument("--engine-timeout-s", type=float, default=d.engine_timeout_s,
+    p.add_argument("--engine-timeout-s", type=float, default=d.supervisor.engine_timeout_s,
                    help="a batch slower than this means a hung engine: fail it (UNAVAILABLE) and rebuild the engine")
-    p.add_argument("--max-consecutive-failures", type=int, default=d.max_consecutive_failures,
+    p.add_argument("--max-consecutive-failures", type=int, default=d.supervisor.max_consecutive_failures,
                    help="failed batches in a row before the engine is rebuilt")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM server key")
@@ -77,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "replace client transcripts; off = run such audio audio-only (no ASR model loaded)")
     p.add_argument("--asr-model", default=None, metavar="DIR",
                    help="CTranslate2 Whisper folder (default: the bundled Whisper tiny.en)")
-    p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="ASR (CTranslate2) threads")
-    p.add_argument("--asr-compute-type", default=d.asr_compute_type,
+    p.add_argument("--asr-threads", type=int, default=d.asr_engine.threads, help="ASR (CTranslate2) threads")
+    p.add_argument("--asr-compute-type", default=d.asr_engine.compute_type,
                    help="CTranslate2 compute type: auto (int8 on CPU, float16 on CUDA), int8, float16, float32, ...")
     cluster = p.add_argument_group("cluster mode: the engine as Ray Serve replicas (this process stays the front door)")
     cluster.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -117,8 +120,15 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    server = ServerConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "max_batch"},
-                          max_batch=runtime.max_batch)  # the batcher and the engine agree on one size
+    server = ServerConfig(
+        **{k: v for k, v in vars(args).items() if k in fields},
+        # The batcher and the engine agree on one batch size.
+        batcher=BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
+                              queue_size=args.queue_size, max_inflight_batches=args.max_inflight_batches),
+        supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
+                                    max_consecutive_failures=args.max_consecutive_failures),
+        asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type),
+    )
     if server.metrics_port is not None and server.metrics_port < 0:
         server = server.replace(metrics_port=None)
     return runtime, server.replace(cluster=cluster_config(args))

@@ -1,25 +1,28 @@
 """Server settings: network, batching, input limits, shutdown and security, in one dataclass.
 
 The CLI fills a `ServerConfig`; `app.build_server` reads nothing else. Limits live here (not in
-the model) because they protect the service: they bound memory and compute per call.
+the model) because they protect the service: they bound memory and compute per call. The
+batcher's, the supervisor's and the ASR engine's settings are their own small configs, nested
+here rather than spelled out again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
 
-from emoq_serve.engine.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig
+from emoq_serve.engine.batcher import BatcherConfig
 from emoq_serve.engine.supervisor import SupervisorConfig
+from emoq_serve.speech.asr import AsrConfig
 
 if TYPE_CHECKING:  # the CLI parser imports this module: keep it light (vad imports onnxruntime)
-    from emoq_serve.speech.asr import AsrConfig
     from emoq_serve.engine.cluster import ClusterConfig
     from emoq_serve.speech.vad import VadParams
 
 #: Server-wide ASR settings (`--asr`).
-ASR_MODES = ("off", "auto", "always")
+AsrMode = Literal["off", "auto", "always"]
+ASR_MODES: tuple[str, ...] = get_args(AsrMode)
 
 
 @dataclass
@@ -27,15 +30,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (tests)
     metrics_port: int | None = 9090  # Prometheus /metrics; None = off, 0 = free port
-    # Dynamic batching (see emoq_serve.engine.batcher).
-    max_batch: int = 8
-    max_queue_delay_ms: float = 5.0
-    queue_size: int = 256
-    bucket_edges_s: tuple[float, ...] = DEFAULT_BUCKET_EDGES_S
-    #: Batches computed at once. 2 makes a two-stage pipeline (the ONNX stages of one batch run
-    #: while the LLM scores the previous one; the runtime's `cpu` preset gives each stage one
-    #: thread to match) and is what the committed CPU benchmarks ran with.
-    max_inflight_batches: int = 2  # the ONNX stages of one batch overlap the LLM of the previous
+    #: Dynamic batching (see emoq_serve.engine.batcher). Two batches in flight: the ONNX stages of
+    #: one run while the LLM scores the other (the runtime's `cpu` preset gives each stage a thread).
+    batcher: BatcherConfig = field(default_factory=lambda: BatcherConfig(max_inflight_batches=2))
     # Input limits (INVALID_ARGUMENT beyond them).
     min_sample_rate_hz: int = 8_000
     max_sample_rate_hz: int = 192_000
@@ -66,11 +63,8 @@ class ServerConfig:
     max_buffered_audio_s: float = 1_800.0  # 16 kHz audio held over all streams (115 MB of float32)
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
-    # Engine supervision (see emoq_serve.engine.supervisor): a batch slower than this is a hung
-    # engine; this many failed batches in a row count as fatal; rebuild retry backoff.
-    engine_timeout_s: float = 60.0
-    max_consecutive_failures: int = 3
-    restart_backoff_s: float = 1.0
+    #: Engine supervision: hung-batch timeout, failures in a row, rebuild backoff (emoq_serve.engine.supervisor).
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     # Security (all optional). TLS files are PEM; tokens are bearer tokens, one per line.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -79,37 +73,16 @@ class ServerConfig:
     # Speech recognition for audio without a transcript (see emoq_serve.speech.asr).
     #: off: never (requests asking for it are refused); auto: when the client sent no transcript;
     #: always: replace the client's. A request's RecognitionConfig.asr overrides it per call.
-    asr: str = "auto"
-    asr_model: str | None = None  # CTranslate2 Whisper folder; None = the bundled tiny.en
-    asr_threads: int = 1  # CTranslate2 threads (one core: the ONNX stages and the LLM hold the rest)
-    asr_compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA
+    asr: AsrMode = "auto"
+    #: The ASR engine loaded unless `asr` is off: model folder (None = the bundled tiny.en),
+    #: threads, compute type.
+    asr_engine: AsrConfig = field(default_factory=AsrConfig)
     #: Where the engine runs: None = in this process; set = as Ray Serve replicas (`--ray-address`).
     cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         if self.asr not in ASR_MODES:
             raise ValueError(f"asr must be one of {', '.join(ASR_MODES)}; got {self.asr!r}")
-
-    def batcher(self) -> BatcherConfig:
-        return BatcherConfig(
-            max_batch=self.max_batch,
-            max_queue_delay_ms=self.max_queue_delay_ms,
-            queue_size=self.queue_size,
-            bucket_edges_s=self.bucket_edges_s,
-            max_inflight_batches=self.max_inflight_batches,
-        )
-
-    def supervisor(self) -> SupervisorConfig:
-        return SupervisorConfig(
-            engine_timeout_s=self.engine_timeout_s,
-            max_consecutive_failures=self.max_consecutive_failures,
-            restart_backoff_s=self.restart_backoff_s,
-        )
-
-    def asr_config(self) -> AsrConfig:
-        from emoq_serve.speech.asr import AsrConfig
-
-        return AsrConfig(model_dir=self.asr_model, threads=self.asr_threads, compute_type=self.asr_compute_type)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)

@@ -19,7 +19,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 SAMPLE_RATE = 16_000
 
@@ -42,7 +42,22 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How an emotion word maps to the one token its class is scored by: "single" = the word's
 #: continuation after "Emotion:" must be exactly one token; "first" = its first token (the first
 #: tokens of the label set must then be distinct).
-EMOTION_WORD_RULES = ("single", "first")
+EmotionWordRule = Literal["single", "first"]
+EMOTION_WORD_RULES: tuple[str, ...] = get_args(EmotionWordRule)
+#: Stage-2 ablations (paper Table 3): what the LLM is given.
+Modality = Literal["both", "audio", "text"]
+#: HuBERT's feature-extractor normalisation: "group" (base) or "layer" (large).
+FeatExtractNorm = Literal["group", "layer"]
+
+
+def check_literals(config: object, **fields: object) -> None:
+    """Refuse a `Literal` setting outside its values, naming the field and what it allows. Called
+    from `__post_init__`, so a bad value fails when the config is built, not where it is used."""
+    for name, kind in fields.items():
+        allowed = get_args(kind)
+        if (value := getattr(config, name)) not in allowed:
+            raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
+                             f"got {value!r}")
 
 
 def cache_root() -> Path:
@@ -78,10 +93,13 @@ class AudioEncoderConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     conv_dim: tuple[int, ...] = (512,) * 7
-    feat_extract_norm: str = "group"  # "group" (base) or "layer" (large)
+    feat_extract_norm: FeatExtractNorm = "group"
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
     cache_dir: str | None = None  # on-disk feature cache (the encoder is frozen)
+
+    def __post_init__(self) -> None:
+        check_literals(self, feat_extract_norm=FeatExtractNorm)
 
 
 @dataclass
@@ -136,12 +154,15 @@ class LLMConfig:
     emotion_words: dict[str, str] = field(default_factory=dict)
     #: One of `EMOTION_WORD_RULES`: "single" (each word one token) or "first" (a multi-token word
     #: is scored by its first token; the first tokens must be distinct). Recorded in the manifest.
-    emotion_word_rule: str = "single"
+    emotion_word_rule: EmotionWordRule = "single"
     #: Stage-2 ablations (paper Table 3): what the LLM is given. "both" | "audio" (transcript
     #: blanked everywhere) | "text" (audio frames masked out).
-    modality: str = "both"
+    modality: Modality = "both"
     #: False: inject the raw audio frames' masked mean instead of the EmoQ-Former's vector.
     use_former: bool = True
+
+    def __post_init__(self) -> None:
+        check_literals(self, emotion_word_rule=EmotionWordRule, modality=Modality)
 
 
 @dataclass

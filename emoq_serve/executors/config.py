@@ -81,6 +81,12 @@ class RuntimeConfig:
     #: Check every bundle file's sha256 at load (slow for big bundles, catches corruption).
     verify_hashes: bool = True
 
+    def __post_init__(self) -> None:
+        from emoq_serve.config import check_literals
+
+        check_literals(self, llm_backend=LLMBackendName, device=DeviceName, dtype=DTypeName,
+                       graph_runtime=GraphRuntimeName, audio_precision=GraphPrecisionName)
+
     def resolved_device(self) -> Literal["cpu", "cuda"]:
         """`auto` means CUDA when torch sees a GPU, CPU otherwise."""
         if self.device != "auto":

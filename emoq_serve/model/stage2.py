@@ -36,7 +36,6 @@ from emoq_serve.model.llm import apply_lora, build_or_load_llm, emotion_posterio
 from emoq_serve.model.projector import Projector
 from emoq_serve.model.prompt import PromptBuilder, inject_soft_prompt
 
-MODALITIES = ("both", "audio", "text")
 STAGE = 2
 LORA_DIR = "lora"
 LLM_TOKENIZER_DIR = "llm_tokenizer"
@@ -80,8 +79,6 @@ class EmoQStage2(nn.Module):
         llm_tokenizer,
     ) -> None:
         super().__init__()
-        if cfg.llm.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {cfg.llm.modality!r}")
         if cfg.llm.use_former != (former is not None):
             raise ValueError("a former must be given exactly when cfg.llm.use_former is set")
         self.cfg = cfg

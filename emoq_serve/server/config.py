@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
+from emoq_serve.config import check_literals
 from emoq_serve.engine.batcher import BatcherConfig
 from emoq_serve.engine.supervisor import SupervisorConfig
 from emoq_serve.speech.asr import AsrConfig
@@ -81,8 +82,7 @@ class ServerConfig:
     cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.asr not in ASR_MODES:
-            raise ValueError(f"asr must be one of {', '.join(ASR_MODES)}; got {self.asr!r}")
+        check_literals(self, asr=AsrMode)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)

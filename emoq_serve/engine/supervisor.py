@@ -13,8 +13,8 @@ Failure classes:
 - fatal: the batch ran past `engine_timeout_s` (hung), raised an error that names a dead engine
   (`EngineFailure`, `FATAL_ERROR_NAMES`, MemoryError, SystemError), or `max_consecutive_failures`
   batches failed in a row. Those callers get UNAVAILABLE (`EngineUnavailable`) and the engine is
-  rebuilt. An engine with `watch_failure` (the vLLM engine thread) also reports its own breakage,
-  which starts the rebuild at once, even with no batch in flight.
+  rebuilt. An engine that `SupportsFailureWatch` (the vLLM engine thread) also reports its own
+  breakage, which starts the rebuild at once, even with no batch in flight.
 While rebuilding, batches fail at once with UNAVAILABLE instead of queueing behind a dead engine.
 """
 
@@ -29,7 +29,14 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from emoq_serve.executors.types import EngineFailure, EngineUnavailable, Prediction, Recognizer, Utterance
+from emoq_serve.executors.types import (
+    EngineFailure,
+    EngineUnavailable,
+    Prediction,
+    Recognizer,
+    SupportsFailureWatch,
+    Utterance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +120,8 @@ class EngineSupervisor:
 
     def _adopt(self, engine: Recognizer) -> Recognizer:
         """Subscribe to `engine`'s own failure reports, if it makes any."""
-        watch = getattr(engine, "watch_failure", None)
-        if watch is not None:
-            watch(lambda exc: self._reported(engine, exc))
+        if isinstance(engine, SupportsFailureWatch):
+            engine.watch_failure(lambda exc: self._reported(engine, exc))
         return engine
 
     def _reported(self, engine: Recognizer, exc: BaseException) -> None:

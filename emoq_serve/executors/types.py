@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,16 +46,8 @@ class EngineUnavailable(Exception):
 
 
 class Recognizer(Protocol):
-    """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline).
-
-    An engine that can break by itself between batches (a background engine thread) may also
-    offer `watch_failure(callback)`: it calls `callback(EngineFailure)` once, from any thread,
-    when it breaks, so the supervisor can rebuild it before the next request finds it broken.
-
-    An engine whose availability changes while it runs (`EngineSupervisor`, the cluster engine)
-    also offers `serving: bool` and an assignable `on_state` coroutine callback, awaited with the
-    new state on every change; the server mirrors it in gRPC health.
-    """
+    """A batch-in, batch-out engine (ONNX+vLLM pipeline, or the eager baseline). Optional
+    capabilities are the `Supports*` protocols below, checked with `isinstance`."""
 
     labels: tuple[str, ...]
 
@@ -67,3 +60,30 @@ class Recognizer(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsFailureWatch(Protocol):
+    """An engine that can break by itself between batches (a background engine thread): it calls
+    `callback(EngineFailure)` once, from any thread, when it breaks, so the supervisor can rebuild
+    it before the next request finds it broken."""
+
+    def watch_failure(self, callback: Callable[[BaseException], None]) -> None: ...
+
+
+@runtime_checkable
+class SupportsServingState(Protocol):
+    """An engine whose availability changes while it runs (`EngineSupervisor`, the cluster engine):
+    `serving` now, and an assignable `on_state`, awaited with the new state on every change (the
+    server mirrors it in gRPC health)."""
+
+    serving: bool
+    on_state: Callable[[bool], Awaitable[None]] | None
+
+
+@runtime_checkable
+class SupportsMetrics(Protocol):
+    """An engine with its own Prometheus series (the cluster engine's per replica), registered on
+    the server's registry so that one endpoint serves them all."""
+
+    def bind_metrics(self, registry: Any) -> None: ...

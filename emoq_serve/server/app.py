@@ -32,7 +32,7 @@ from emoq_serve.executors import EngineName, load_recognizer, warm_up
 from emoq_serve.speech.asr import AsrEngine, load_asr
 from emoq_serve.engine.batcher import DynamicBatcher
 from emoq_serve.executors.config import RuntimeConfig
-from emoq_serve.executors.types import Recognizer
+from emoq_serve.executors.types import Recognizer, SupportsMetrics, SupportsServingState
 from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_credentials
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.telemetry import ServerMetrics
@@ -104,11 +104,10 @@ class EmotionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
-        if hasattr(recognizer, "on_state"):  # an engine whose availability changes (see `Recognizer`)
+        if isinstance(recognizer, SupportsServingState):
             recognizer.on_state = self._engine_state
-        bind_metrics = getattr(recognizer, "bind_metrics", None)
-        if bind_metrics is not None:  # the cluster engine's per-replica series on the same endpoint
-            bind_metrics(self.metrics.registry)
+        if isinstance(recognizer, SupportsMetrics):
+            recognizer.bind_metrics(self.metrics.registry)
 
     async def _engine_state(self, serving: bool) -> None:
         """Mirror the engine's state in health (a draining server stays NOT_SERVING)."""
@@ -148,8 +147,7 @@ class EmotionServer:
         self._server = server
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
-        serving = getattr(self.recognizer, "serving", True)
-        await self._engine_state(serving)
+        await self._engine_state(not isinstance(self.recognizer, SupportsServingState) or self.recognizer.serving)
         log.info(
             "serving %s on %s:%d (%s, %d token(s)); metrics on port %s",
             SERVICE_NAME, self.cfg.host, self.port, "TLS" if credentials else "plaintext",

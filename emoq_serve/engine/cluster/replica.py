@@ -13,7 +13,7 @@ import numpy as np
 from emoq_serve.executors import EngineName, load_recognizer, warm_up
 from emoq_serve.engine.batcher import BatcherConfig, DynamicBatcher
 from emoq_serve.executors.config import RuntimeConfig
-from emoq_serve.executors.types import EngineFailure, Prediction, Utterance
+from emoq_serve.executors.types import EngineFailure, Prediction, SupportsFailureWatch, Utterance
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ class EngineReplica:
         self._broken: BaseException | None = None
         # Off the replica's loop: loading checks every file's sha256 and starts the LLM engine.
         self.engine = await asyncio.to_thread(load_recognizer, bundle_path, runtime, engine)
-        watch = getattr(self.engine, "watch_failure", None)
-        if watch is not None:
-            watch(self._failed)
+        if isinstance(self.engine, SupportsFailureWatch):
+            self.engine.watch_failure(self._failed)
         await warm_up(self.engine)  # before Ray marks the replica RUNNING and routes to it
         self.batcher = DynamicBatcher(self.engine, batcher)
         self.batcher.start()

@@ -29,7 +29,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request
 from emoq_serve.executors.types import Prediction, Utterance
-from emoq_serve.server.service import REQUEST_ID_KEY
+from emoq_serve.server.status import REQUEST_ID_KEY
 from emoq_serve.engine.supervisor import EngineSupervisor
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -214,6 +214,68 @@ def streams(draw) -> list[pb.StreamingRecognizeRequest]:
     return msgs
 
 
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@st.composite
+def voice_activity_streams(draw, speech: np.ndarray) -> list[pb.StreamingRecognizeRequest]:
+    """VOICE_ACTIVITY streams: any VAD settings (defaults, in range, out of range, clashing, non-finite),
+    real speech or a tone cut into chunks of at most the server's audio limit, and segment transcripts
+    (valid and invalid targets and texts) anywhere after the config."""
+    ints = st.sampled_from([0, 1, 31, 100, 150, 250, 701, 1_000, 5_001]) | st.integers(-(2**31), 2**31 - 1)
+    va = pb.VoiceActivityConfig(
+        speech_threshold=draw(st.sampled_from([0.0, 0.5, 0.99]) | finite_or_not),
+        min_silence_ms=draw(ints), min_speech_ms=draw(ints), speech_pad_ms=draw(ints),
+        max_segment_s=draw(st.sampled_from([0.0, 1.0, 1.5, 60.0]) | finite_or_not),
+    )
+    cfg = pb.RecognitionConfig(encoding=pb.FLOAT32, sample_rate_hz=16_000, segmentation=pb.VOICE_ACTIVITY,
+                               voice_activity=va, interim_results=draw(st.booleans()))
+    audio = speech if draw(st.booleans()) else tone(1.0)
+    audio = audio[: draw(st.integers(400, len(audio)))]
+    limit = int(CFG.max_audio_seconds * 16_000)  # a chunk is at most one model input
+    cuts = sorted(draw(st.lists(st.integers(0, len(audio)), max_size=6)))
+    bounds = [0, *cuts, len(audio)]
+    msgs = [pb.StreamingRecognizeRequest(config=cfg)]
+    for a, b in zip(bounds, bounds[1:]):
+        for start in range(a, b, limit):
+            msgs.append(pb.StreamingRecognizeRequest(audio_content=audio[start:min(b, start + limit)].astype("<f4").tobytes()))
+    for _ in range(draw(st.integers(0, 3))):
+        if draw(st.booleans()):
+            st_msg = pb.SegmentTranscript(segment_index=draw(st.integers(-2, 3)), transcript=draw(texts))
+        else:
+            st_msg = pb.SegmentTranscript(time_range=pb.TimeRange(start_s=draw(finite_or_not), end_s=draw(finite_or_not)),
+                                          transcript=draw(texts))
+        msgs.insert(draw(st.integers(1, len(msgs))), pb.StreamingRecognizeRequest(segment_transcript=st_msg))
+    return msgs
+
+
+def expected_voice_activity(msgs: list[pb.StreamingRecognizeRequest]) -> Code:
+    """The documented contract: settings are clamped into the server's limits (0 = default), so only
+    non-finite values, or a min_speech + 2 * pad that no segment up to the audio limit can hold, are
+    refused; a segment transcript needs a valid target and an acceptable text."""
+    va = msgs[0].config.voice_activity
+    values = (va.speech_threshold, va.min_silence_ms, va.min_speech_ms, va.max_segment_s, va.speech_pad_ms)
+    if not all(np.isfinite(v) for v in values):
+        return Code.INVALID_ARGUMENT
+    silence = 400 if va.min_silence_ms == 0 else min(max(va.min_silence_ms, 100), 5_000)
+    speech = 250 if va.min_speech_ms == 0 else min(max(va.min_speech_ms, 0), 5_000)
+    pad = min(150 if va.speech_pad_ms == 0 else min(max(va.speech_pad_ms, 0), 1_000), silence)
+    if speech + 2 * pad > 1000 * min(CFG.max_segment_s, CFG.max_audio_seconds):
+        return Code.INVALID_ARGUMENT
+    for m in msgs[1:]:
+        if m.WhichOneof("streaming_request") != "segment_transcript":
+            continue
+        t = m.segment_transcript
+        if t.WhichOneof("target") == "segment_index":
+            bad_target = t.segment_index < 0
+        else:
+            a, b = t.time_range.start_s, t.time_range.end_s
+            bad_target = not (np.isfinite(a) and np.isfinite(b) and 0 <= a < b)
+        if bad_target or transcript_error(t.transcript, CFG):
+            return Code.INVALID_ARGUMENT
+    return Code.OK
+
+
 # --- checks -------------------------------------------------------------------------------------
 
 
@@ -286,6 +348,28 @@ def test_fuzz_streams(server):
             assert results[-1].is_final and not any(r.is_final for r in results[:-1])
             for r in results:
                 check_result(r)
+
+    case()
+    assert_still_serving(server)
+
+
+def test_fuzz_voice_activity_streams(server):
+    """VOICE_ACTIVITY settings and segment transcripts: on main 9b76bb9, settings that clash after
+    clamping (min_silence_ms 100 beside the default 150 ms pad; max_segment_s 1 with min_speech_ms
+    701) answered INTERNAL. Every stream ends as the contract says, and every result is sound."""
+    from emoq_serve.data.speech import Prosody, render
+
+    (speech,) = render([("I can not believe you did that to me.", Prosody(), "m1")], backend="espeak", workers=1)
+
+    @fuzz_settings(EXAMPLES // 5)
+    @given(msgs=voice_activity_streams(speech.astype(np.float32)))
+    def case(msgs: list[pb.StreamingRecognizeRequest]) -> None:
+        started = time.monotonic()
+        code, message, results = run_stream(server, msgs)
+        record("voice", code, message, started)
+        assert code == expected_voice_activity(msgs), message
+        for r in results:
+            check_result(r)
 
     case()
     assert_still_serving(server)

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--realtime", action="store_true", help="send stream chunks at the audio's speed")
     p.add_argument("--interim", action="store_true", help="ask for interim results while streaming")
     p.add_argument("--json", action="store_true", help="one JSON object per result instead of a table")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (all retries included)")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (all retries included; with --conversation --realtime, after the recording's own length)")
     # Default and range as api.DEFAULT_RETRIES and MAX_RETRIES (not imported: this module stays light).
     p.add_argument("--retries", type=int, default=3, choices=range(5), metavar="{0..4}",
                    help="retry a call ended UNAVAILABLE or RESOURCE_EXHAUSTED up to this many times, with "

@@ -90,7 +90,10 @@ async def stream_conversation(client, audio: np.ndarray, sample_rate: int, texts
                               chunk_ms: float = 100.0, realtime: bool = False, interim: bool = False,
                               transcript_wait_ms: int = 0, timeout: float | None = None):
     """Stream a recording in VOICE_ACTIVITY mode through an `EmotionClient`; yields
-    (result, latency_ms): latency from sending the segment's last audio to receiving its result."""
+    (result, latency_ms): latency from sending the segment's last audio to receiving its result.
+
+    `timeout` (default: the client's) bounds the wait after the audio: a real-time stream lasts as
+    long as its recording, so its call deadline is the recording's length plus `timeout`."""
     import asyncio
     import time
 
@@ -109,7 +112,10 @@ async def stream_conversation(client, audio: np.ndarray, sample_rate: int, texts
                 sent.append((seconds, time.monotonic()))
             yield m
 
-    call = client.stub.StreamingRecognize(paced(), timeout=timeout or client.timeout, metadata=client.metadata)
+    deadline = timeout or client.timeout
+    if deadline is not None and realtime:
+        deadline += len(audio) / sample_rate
+    call = client.stub.StreamingRecognize(paced(), timeout=deadline, metadata=client.metadata)
     async for response in call:
         r = response.result
         now = time.monotonic()

@@ -1,14 +1,9 @@
 """The `emoq.v1.EmotionRecognizer` servicer (grpc.aio): validate, batch, answer.
 
 Every call goes through one outcome guard that maps failures to gRPC statuses with a message
-and counts them by status, so the error contract lives in one place:
-InvalidRequest -> INVALID_ARGUMENT, QueueFull, AsrBusy and ServerBusy (a stream limit) -> RESOURCE_EXHAUSTED,
-DeadlineExpired, AsrDeadlineExpired and an idle stream -> DEADLINE_EXCEEDED, BatcherClosed, EngineUnavailable
-(engine failed or restarting), AsrStalled and ShuttingDown -> UNAVAILABLE, anything else -> INTERNAL.
-An INTERNAL answer carries a fixed message with a request id (also sent as `emoq-request-id` trailing metadata), never the exception's
-text, which may hold paths or data; the server logs the detail under the same id. Calls still
-running when the drain timeout ends are cut off with UNAVAILABLE and a message, so no accepted call
-ends without a status.
+(the table is `server/status.py`) and counts them by status, so the error contract lives in one
+place. Calls still running when the drain timeout ends are cut off with UNAVAILABLE and a
+message, so no accepted call ends without a status.
 """
 
 from __future__ import annotations
@@ -26,57 +21,21 @@ import grpc
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.engine.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
+from emoq_serve.engine.batcher import DynamicBatcher
 from emoq_serve.executors.types import Recognizer
-from emoq_serve.speech.asr import AsrBusy, AsrDeadlineExpired, AsrStalled
 from emoq_serve.speech.vad import SileroVad, VadBatcher
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
-from emoq_serve.server.limits import ServerBusy, StreamLimits, StreamTicket
+from emoq_serve.server.limits import StreamLimits, StreamTicket
 from emoq_serve.server.scoring import Scorer, next_interim
+from emoq_serve.server.status import REQUEST_ID_KEY, ShuttingDown, StreamIdle, status_for
 from emoq_serve.server.telemetry import ServerMetrics
-from emoq_serve.engine.supervisor import EngineUnavailable
 from emoq_serve.server.transcripts import TranscriptStage
-from emoq_serve.server.validation import InvalidRequest, RequestValidator, StreamAssembler
+from emoq_serve.server.streams import StreamAssembler
+from emoq_serve.server.validation import RequestValidator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class StreamIdle(Exception):
-    """No stream message arrived within the idle timeout."""
-
-
-class ShuttingDown(Exception):
-    """The server is draining: it finishes accepted calls and takes no new ones."""
-
-
-_STATUS: dict[type[Exception], grpc.StatusCode] = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BatcherClosed: grpc.StatusCode.UNAVAILABLE,
-    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
-    AsrBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AsrDeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    AsrStalled: grpc.StatusCode.UNAVAILABLE,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-#: Trailing metadata key of the id an INTERNAL answer and its server log line share.
-REQUEST_ID_KEY = "emoq-request-id"
-
-
-def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and client-facing message for a failure (`request_id` names an INTERNAL one)."""
-    for kind, code in _STATUS.items():
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, (f"internal error (request id {request_id}): the server could not compute "
-                                      "this result; its log has the details under this id")
 
 
 class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
@@ -208,7 +167,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         async with self._outcome("StreamingRecognize", context):
             ticket = self.limits.open()
             try:
-                stream = self.validator.stream()
+                stream = StreamAssembler(self.validator)
                 requests = aiter(request_iterator)
                 first = await self._next_message(requests)
                 if first is not None:

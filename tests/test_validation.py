@@ -17,6 +17,7 @@ from server_harness import RunningServer, StandInRecognizer, config, tone
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.client.api import recognize_request, recognition_config, stream_messages
 from emoq_serve.client.conversation import conversation_messages
+from emoq_serve.server.streams import StreamAssembler
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -143,7 +144,7 @@ def test_valid_stream_with_late_transcript_and_pcm16(server):
 
 def test_interim_view_ignores_partial_sample_final_does_not():
     validator = RequestValidator(config(**LIMITS))
-    stream = validator.stream()
+    stream = StreamAssembler(validator)
     stream.feed(s_config(encoding="pcm16"))
     stream.feed(pb.StreamingRecognizeRequest(audio_content=b"\x00\x40" * 500 + b"\x01"))
     assert len(stream.utterance(final=False).audio) == 500
@@ -180,11 +181,11 @@ def test_asr_fields_are_refused_and_segmentation_fields_checked() -> None:
     with pytest.raises(InvalidRequest, match="needs StreamingRecognize"):
         validator.unary(pb.RecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY),
                                             audio_content=b"\x00\x00" * 800))
-    stream = validator.stream()
+    stream = StreamAssembler(validator)
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base)))
     with pytest.raises(InvalidRequest, match="segment_transcript needs segmentation VOICE_ACTIVITY"):
         stream.feed(pb.StreamingRecognizeRequest(segment_transcript=pb.SegmentTranscript(segment_index=0, transcript="hi")))
-    stream = validator.stream()
+    stream = StreamAssembler(validator)
     stream.feed(pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(**base, segmentation=pb.VOICE_ACTIVITY)))
     for bad, message in [(pb.SegmentTranscript(transcript="hi"), "no target"),
                          (pb.SegmentTranscript(segment_index=-1), "numbered from 0"),
@@ -206,7 +207,7 @@ def test_chunked_stream_decodes_like_the_whole_clip(encoding, sr):
     audio = tone(1.3, sr=sr, freq=310.0)
     whole = validator.unary(recognize_request(audio, sr, encoding=encoding)).audio
     data = encode_audio(audio, encoding)
-    stream = validator.stream()
+    stream = StreamAssembler(validator)
     stream.feed(pb.StreamingRecognizeRequest(config=recognition_config(sr, encoding=encoding)))
     cuts = np.cumsum([0, 1, 3, 1001, 5, 7777, 2, 40_000])
     for a, b in zip([*cuts], [*cuts[1:], len(data)], strict=True):

@@ -48,7 +48,8 @@ from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.limits import StreamTicket
 from emoq_serve.server.scoring import Scorer, next_interim
 from emoq_serve.speech.segmenter import Segment, Segmenter
-from emoq_serve.server.validation import InvalidRequest, StreamAssembler, config_context
+from emoq_serve.server.streams import StreamAssembler
+from emoq_serve.server.validation import InvalidRequest, config_context
 
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,11 @@ class ConversationStream:
             span = self.cfg.interim_span_s
             next_point = span
             while (request := await next_message()) is not None:
-                item = await self.scorer.off_loop(self.stream.feed, request)
-                if isinstance(item, np.ndarray):
-                    self._close(await self._segment(item))
-                elif item is not None:
-                    self.transcripts.add(item)
+                fed = await self.scorer.off_loop(self.stream.feed, request)
+                if fed.audio is not None:
+                    self._close(await self._segment(fed.audio))
+                elif fed.segment_transcript is not None:
+                    self.transcripts.add(fed.segment_transcript)
                     self._arrival.set()
                     self._arrival = asyncio.Event()
                     if not self._undecided:

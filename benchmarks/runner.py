@@ -61,7 +61,7 @@ def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str,
     from transformers import AutoTokenizer
 
     from emoq_serve.bundle import FORMER_TOKENIZER_DIR, Bundle
-    from emoq_serve.executors.assets import prompt_builder
+    from emoq_serve.executors.heads import prompt_builder
 
     bundle = Bundle.open(bundle_path, verify_hashes=False)
     cfg = bundle.model_config

@@ -48,7 +48,8 @@ from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
-from emoq_serve.executors.assets import PromptEmbedder, load_heads, text_tokenizer
+from emoq_serve.executors.heads import PromptEmbedder, load_heads
+from emoq_serve.executors.inputs import text_tokenizer
 from emoq_serve.executors.ort import OrtStage
 
 log = logging.getLogger(__name__)

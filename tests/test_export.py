@@ -411,7 +411,7 @@ def test_a_dialogue_context_bundle_serves_what_the_model_reads(tmp_path, monkeyp
     earlier turns; a runtime that dropped the turns fails the re-verification."""
     from conftest import build_checkpoint
 
-    from emoq_serve.executors import assets
+    from emoq_serve.executors import inputs
     from emoq_serve.executors.config import runtime_preset
     from emoq_serve.executors.pipeline import OnnxPipeline
 
@@ -423,7 +423,7 @@ def test_a_dialogue_context_bundle_serves_what_the_model_reads(tmp_path, monkeyp
     engine = OnnxPipeline(bundle, runtime_preset("test").replace(llm_backend="transformers"))
     assert engine.info()["context_turns"] == "2"
     asyncio.run(engine.close())
-    model_batch = assets.model_batch
+    model_batch = inputs.model_batch
 
     def without_context(bundle, tokenizer, utterances):
         return model_batch(bundle, tokenizer, [dataclasses.replace(u, context=()) for u in utterances])

@@ -21,7 +21,7 @@ from emoq_serve.bundle import Bundle, BundleError
 from emoq_serve.data.batching import collate
 from emoq_serve.data.types import Example
 from emoq_serve.executors import load_recognizer
-from emoq_serve.executors.assets import prompt_builder
+from emoq_serve.executors.heads import prompt_builder
 from emoq_serve.executors.config import RuntimeConfig, cpu_has_native_bf16, runtime_preset
 from emoq_serve.executors.eager import EagerPipeline
 from emoq_serve.executors.openvino import OvStage

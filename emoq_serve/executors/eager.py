@@ -28,18 +28,9 @@ from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.former import EmoQFormer
-from emoq_serve.executors.assets import (
-    PromptEmbedder,
-    StageClock,
-    engine_device,
-    engine_info,
-    load_heads,
-    model_batch,
-    predictions,
-    prompt_builder,
-    text_only,
-    text_tokenizer,
-)
+from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
+from emoq_serve.executors.heads import PromptEmbedder, load_heads, prompt_builder
+from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
 from emoq_serve.executors.config import RuntimeConfig
 from emoq_serve.executors.llm_backends import TransformersBackend
 from emoq_serve.executors.types import Prediction, Utterance

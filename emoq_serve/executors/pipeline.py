@@ -28,17 +28,9 @@ import torch.nn.functional as F
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
 from emoq_serve.kernels import attentive_pool
-from emoq_serve.executors.assets import (
-    PromptEmbedder,
-    StageClock,
-    engine_device,
-    engine_info,
-    load_heads,
-    model_batch,
-    predictions,
-    text_only,
-    text_tokenizer,
-)
+from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
+from emoq_serve.executors.heads import PromptEmbedder, load_heads
+from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
 from emoq_serve.executors.config import RuntimeConfig
 from emoq_serve.executors.llm_backends import make_llm_backend
 from emoq_serve.executors.ort import OrtStage, graph_cache_dir, graph_digest

@@ -15,5 +15,13 @@ class AuxHead(nn.Module):
             nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> AuxHead:
+        """A head of the shape `state` holds, with its weights."""
+        hidden, in_dim = state["net.0.weight"].shape
+        head = cls(in_dim, hidden, state["net.3.weight"].shape[0])
+        head.load_state_dict(state)
+        return head
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -48,7 +48,7 @@ SERVICE_NAME = emoq_pb2.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_na
 
 def transcript_token_counter(bundle: Bundle) -> Callable[[str], int]:
     """Count transcript tokens the way the model's transcript tokenizer does."""
-    from emoq_serve.executors.assets import text_tokenizer  # lazy: loads transformers
+    from emoq_serve.executors.inputs import text_tokenizer  # lazy: loads transformers
 
     tokenizer = text_tokenizer(bundle)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])

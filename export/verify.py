@@ -352,7 +352,46 @@ def verify_bundle(path: str | Path, backend: str = "vllm", tolerances: Tolerance
         backend = "none"  # no LLM to run
     examples = verification_examples()
     reference = load_reference(bundle)
-    report = measure_parity(reference, bundle, examples, backend, tolerances, device)
-    eager = parity_report(reference, model_stages(eager_model_from_bundle(bundle), examples, device), tolerances,
-                          "transformers", EAGER_PARTS)
+    with _naming_former_tensors(bundle):
+        report = measure_parity(reference, bundle, examples, backend, tolerances, device)
+        eager = parity_report(reference, model_stages(eager_model_from_bundle(bundle), examples, device), tolerances,
+                              "transformers", EAGER_PARTS)
     return {**report, "eager_baseline": eager["stages"]}
+
+
+def former_tensor_mismatches(bundle: Bundle) -> list[str]:
+    """The former weights (by name, e.g. `relative_attention_bias.weight`) whose values differ
+    between former.onnx and the eager former file. The two are written from the same module, so
+    when the former stage is off this says which tensor of which file changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bundle.file(names.FORMER_ONNX)))
+    eager = load_file(str(bundle.file(names.EAGER_FORMER)))
+    out = []
+    for init in graph.graph.initializer:
+        if init.name in eager:
+            value, saved = numpy_helper.to_array(init), eager[init.name].numpy()
+            if value.shape == saved.shape and not np.array_equal(value, saved):
+                out.append(init.name)
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def _naming_former_tensors(bundle: Bundle) -> Iterator[None]:
+    """A ParityError that names a former file gets the differing tensors' names appended."""
+    try:
+        yield
+    except ParityError as error:
+        part = str(error).split(" does not reproduce", 1)[0]
+        if part not in (names.FORMER_ONNX, names.EAGER_FORMER):
+            raise
+        try:
+            differ = former_tensor_mismatches(bundle)
+        except Exception as e:  # noqa: BLE001 -- a diagnostic must not hide the parity failure
+            log.warning("could not compare the former's tensors: %s", e)
+            raise error from None
+        if not differ:
+            raise
+        raise ParityError(f"{error}; tensors differing between {names.FORMER_ONNX} and {names.EAGER_FORMER}: "
+                          f"{', '.join(differ)}") from error

@@ -12,6 +12,15 @@ text (all `text_mask` False, or T = 0) still has something to attend to.
 
 Attention is `F.scaled_dot_product_attention` with boolean key masks (exports to ONNX with
 dynamic batch/length; `nn.MultiheadAttention` does not).
+
+MPNet (`FormerConfig.relative_attention_buckets` > 0): MPNet adds a learned bias per head and
+relative-distance bucket (T5's bidirectional log buckets, max distance 128, one table shared by
+all layers) to its self-attention scores. The former adds it between text tokens only, so the
+text path is MPNet's own. The queries get none (zero bias to and from them): they are an
+unordered set with no position, any position-independent constant would only rescale the
+query keys against the text keys, which the learned queries and projections do anyway, and zero
+keeps the text-to-text scores exactly MPNet's. The bucket table is precomputed for
+`max_text_tokens` and sliced, so the ONNX graph carries the bias table and a constant gather.
 """
 
 from __future__ import annotations
@@ -47,6 +56,22 @@ class TextEmbeddings(nn.Module):
         return self.word(input_ids) + self.position(positions)[None] + self.token_type
 
 
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
+    """[length, length] bucket of key position j seen from query position i (MPNet's
+    `relative_position_bucket`, bidirectional: half the buckets for each sign, exact up to
+    num_buckets/4, logarithmic up to max_distance)."""
+    pos = torch.arange(length)
+    n = pos[:, None] - pos[None, :]  # -(key - query)
+    half = num_buckets // 2
+    ret = (n < 0).long() * half
+    n = n.abs()
+    max_exact = half // 2
+    large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (half - max_exact)).long()
+    large = large.clamp(max=half - 1)
+    return ret + torch.where(n < max_exact, n, large)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/o projections (BERT's layout, so weights map 1:1)."""
 
@@ -65,15 +90,20 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """x [B,Nq,D] attends to context [B,Nk,D] where key_mask [B,Nk] is True."""
-        out = F.scaled_dot_product_attention(
-            self._split(self.q(x)),
-            self._split(self.k(context)),
-            self._split(self.v(context)),
-            attn_mask=key_mask[:, None, None, :],
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,Nq,D] attends to context [B,Nk,D] where key_mask [B,Nk] is True; `bias`
+        [B or 1,H,Nq,Nk] (float, -inf at masked keys) replaces the mask when given."""
+        q, k, v = self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context))
+        if bias is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # Written out (MPNet's own order: scale, add the bias, softmax): the ONNX exporter's
+            # decomposition of SDPA with a float mask fails on symbolic lengths.
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias.to(q.dtype)
+            probs = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+            out = probs @ v
         b, h, n, d = out.shape
         return self.o(out.transpose(1, 2).reshape(b, n, h * d))
 
@@ -111,8 +141,9 @@ class FormerLayer(nn.Module):
         num_queries: int,
         audio: torch.Tensor,
         audio_mask: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.self_norm(h + self.drop(self.self_attn(h, h, key_mask)))
+        h = self.self_norm(h + self.drop(self.self_attn(h, h, key_mask, bias)))
         if num_queries:
             q, t = h[:, :num_queries], h[:, num_queries:]
             q = self.cross_norm(q + self.drop(self.cross_attn(q, audio, audio_mask)))
@@ -136,6 +167,11 @@ class EmoQFormer(nn.Module):
         self.audio_proj = nn.Linear(audio_dim, d)
         self.null_frame = nn.Parameter(torch.empty(d))
         self.layers = nn.ModuleList(FormerLayer(cfg) for _ in range(cfg.num_layers))
+        if cfg.relative_attention_buckets:
+            # MPNet's table, shared by all layers; the buckets of every text-text pair up front.
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_buckets, cfg.num_heads)
+            self.register_buffer("rel_buckets", relative_position_buckets(
+                cfg.max_text_tokens, cfg.relative_attention_buckets), persistent=False)
         self.pool_u = nn.Parameter(torch.empty(cfg.pool_heads, d // cfg.pool_heads))
         self._init_weights()
 
@@ -178,9 +214,19 @@ class EmoQFormer(nn.Module):
         h = self.embed_drop(self.embed_norm(h))
         query_valid = torch.ones(b, nq, dtype=torch.bool, device=text_mask.device)
         key_mask = torch.cat([query_valid, text_mask.to(torch.bool)], dim=1)
+        bias = self._position_bias(nq, input_ids.shape[1], key_mask)
         for layer in self.layers:
-            h = layer(h, key_mask, nq, audio, audio_mask)
+            h = layer(h, key_mask, nq, audio, audio_mask, bias)
         return h
+
+    def _position_bias(self, nq: int, t: int, key_mask: torch.Tensor) -> torch.Tensor | None:
+        """MPNet's relative bias between text tokens, zero to and from queries, -inf at masked
+        keys -> [B,H,Nq+T,Nq+T]; None without the bias (the boolean key mask is used)."""
+        if not self.cfg.relative_attention_buckets:
+            return None
+        text = self.relative_attention_bias(self.rel_buckets[:t, :t]).permute(2, 0, 1)  # [H,T,T]
+        bias = F.pad(text, (nq, 0, nq, 0))  # zeros for every pair with a query
+        return bias[None].masked_fill(~key_mask[:, None, None, :], float("-inf"))
 
     def forward(
         self,

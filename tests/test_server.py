@@ -159,6 +159,39 @@ def gated():
         srv.call_soon(rec.gate.set)
 
 
+@pytest.mark.parametrize("tokens", [False, True])
+def test_unary_calls_past_the_cap_are_refused_at_once_per_token_when_tokens_are_on(tokens, tmp_path):
+    """On main 9b76bb9 unary Recognize had no concurrency cap (only streams were counted). Now the
+    cap counts server-wide, or per bearer token when tokens are on (another token still gets in)."""
+    changes = {}
+    if tokens:
+        (tmp_path / "tokens").write_text("alpha\nbeta\n")
+        changes["auth_tokens_file"] = str(tmp_path / "tokens")
+    holder = {}
+
+    def make():
+        holder["rec"] = GatedRecognizer(StandInRecognizer())
+        return holder["rec"]
+
+    with RunningServer(make, config(max_unary_calls=2, **changes)) as srv:
+        rec = holder["rec"]
+        srv.call_soon(rec.gate.clear)
+        req = recognize_request(tone(0.3), 16_000)
+        alpha = (("authorization", "Bearer alpha"),) if tokens else None
+        held = [srv.stub.Recognize.future(req, timeout=10, metadata=alpha) for _ in range(2)]
+        wait_until(lambda: sum(srv.server.service.limits.unary_calls.values()) == 2)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Recognize(req, timeout=10, metadata=alpha)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-unary-calls" in err.value.details()
+        assert ("for this token" if tokens else "on this server") in err.value.details()
+        assert time.monotonic() - t0 < 0.5
+        others = [srv.stub.Recognize.future(req, timeout=10, metadata=(("authorization", "Bearer beta"),))] if tokens else []
+        srv.call_soon(rec.gate.set)
+        assert all(f.result().result.is_final for f in [*held, *others])
+        assert not srv.server.service.limits.unary_calls  # every call gave its slot back
+
+
 def test_full_queue_is_refused_at_once_and_accepted_calls_finish(gated):
     server, rec = gated
     req = recognize_request(tone(0.3), 16_000)

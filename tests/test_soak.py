@@ -139,3 +139,56 @@ def test_overload_is_refused_quickly_and_accepted_calls_complete():
     # last served call, which waited for the queue. Client-side times include sending 96 calls
     # from one Python event loop (0.25-0.4 s on a 2-core box), so no absolute bound is asserted.
     assert rejected[-1] + 0.5 < accepted[-1]
+
+
+@pytest.mark.slow
+def test_held_open_high_rate_streams_cost_their_audio_not_their_wire_bytes():
+    """16 UTTERANCE streams of 25 s at 192 kHz float32 (19 MB each on the wire), sent at once and
+    held open. On main 9b76bb9 the server's RSS grew 213-293 MB here (gRPC's BDP probing widened
+    each stream's flow-control window to megabytes, parking undecoded audio in the transport);
+    with a fixed window it grows by 76-85 MB (the held 16 kHz audio is 26 MB). ~15 s."""
+    import grpc
+
+    from emoq_serve._proto import emoq_pb2 as pb
+    from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
+
+    proc, port = spawn_server(stream_idle_timeout_s=30.0, max_audio_seconds=30.0)
+    sr, n = 192_000, 16
+    audio = (0.1 * np.sin(np.arange(25 * sr) * 0.01)).astype("<f4").tobytes()
+    chunk = len(audio) // 25
+    sent, release = threading.Semaphore(0), threading.Event()
+    try:
+        rss = RssSampler(proc.pid, period=0.1)
+        before = psutil.Process(proc.pid).memory_info().rss / 2**20
+
+        def messages():
+            yield pb.StreamingRecognizeRequest(config=pb.RecognitionConfig(encoding=pb.FLOAT32, sample_rate_hz=sr))
+            for i in range(0, len(audio), chunk):
+                yield pb.StreamingRecognizeRequest(audio_content=audio[i:i + chunk])
+            sent.release()
+            release.wait(60)
+
+        def stream(stub) -> None:
+            with pytest.raises(grpc.RpcError):  # cancelled by the test once measured
+                list(stub.StreamingRecognize(messages(), timeout=60))
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}",
+                                   options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = pb_grpc.EmotionRecognizerStub(channel)
+            threads = [threading.Thread(target=stream, args=(stub,)) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for _ in range(n):
+                assert sent.acquire(timeout=60)
+            time.sleep(2.0)  # what the server buffered is decoded (or parked) by now
+            rss.stop()
+            channel.close()  # ends the held streams
+            release.set()
+            for t in threads:
+                t.join(30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    growth = max(mib for _, mib in rss.samples) - before
+    print(f"\n{n} held 192 kHz streams of 25 s: server RSS +{growth:.0f} MiB")
+    assert growth < 150, growth

@@ -104,18 +104,38 @@ class EmotionServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
+        self._engine_serving = True
+        self._speech_healthy = True
+        self._speech_watch: asyncio.Task[None] | None = None
         if isinstance(recognizer, SupportsServingState):
             recognizer.on_state = self._engine_state
         if isinstance(recognizer, SupportsMetrics):
             recognizer.bind_metrics(self.metrics.registry)
 
     async def _engine_state(self, serving: bool) -> None:
-        """Mirror the engine's state in health (a draining server stays NOT_SERVING)."""
+        self._engine_serving = serving
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        """Health is SERVING while the engine serves and the ASR and VAD workers are not hung (a
+        draining server stays NOT_SERVING)."""
         if self._server is None or self.service.draining:
             return
+        serving = self._engine_serving and self._speech_healthy
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.HEALTH_NAMES:
             await self.health.set(name, status)
+
+    async def _watch_speech(self, period_s: float = 0.5) -> None:
+        """A hung ASR or VAD call cannot report itself: poll their workers' health."""
+        while True:
+            healthy = self.service.speech_healthy()
+            if healthy != self._speech_healthy:
+                log.log(logging.INFO if healthy else logging.ERROR, "speech workers %s",
+                        "recovered" if healthy else "hung: health is NOT_SERVING until they recover")
+                self._speech_healthy = healthy
+                await self._publish_health()
+            await asyncio.sleep(period_s)
 
     def _observe_batch(self, size: int) -> None:
         self.metrics.batch_size.observe(size)
@@ -128,6 +148,9 @@ class EmotionServer:
                 ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
                 ("grpc.max_send_message_length", self.cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # A fixed flow-control window per stream: with BDP probing gRPC grows it to megabytes,
+                # and a client sending faster than the server decodes parks that much in the transport.
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         add_service(self.service, server)
@@ -143,8 +166,10 @@ class EmotionServer:
         else:
             self.port = server.add_secure_port(address, credentials)
         self.batcher.start()
+        self.service.per_token = bool(tokens)
         await server.start()
         self._server = server
+        self._speech_watch = asyncio.create_task(self._watch_speech(), name="emoq-speech-health")
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
         await self._engine_state(not isinstance(self.recognizer, SupportsServingState) or self.recognizer.serving)
@@ -159,6 +184,8 @@ class EmotionServer:
         if self._server is None:
             return
         server, self._server = self._server, None
+        if self._speech_watch is not None:
+            self._speech_watch.cancel()
         await self.health.enter_graceful_shutdown()
         left = await self.service.drain(self.cfg.drain_timeout_s)
         if left:

@@ -62,6 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="concurrent StreamingRecognize calls; more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-buffered-audio-s", type=float, default=d.max_buffered_audio_s,
                    help="seconds of audio all open streams may hold together; a stream past it gets RESOURCE_EXHAUSTED")
+    p.add_argument("--max-stream-audio-s", type=float, default=d.max_stream_audio_s,
+                   help="seconds of audio one stream may hold (its share of --max-buffered-audio-s)")
+    p.add_argument("--max-unary-calls", type=int, default=d.max_unary_calls,
+                   help="Recognize calls in progress at once (per bearer token when tokens are on); "
+                        "more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-stream-pending-segments", type=int, default=d.max_stream_pending_segments,
+                   help="VOICE_ACTIVITY: closed segments of one stream in work at once; one more gets a segment "
+                        "error result (RESOURCE_EXHAUSTED) and the stream goes on")
     p.add_argument("--max-segment-s", type=float, default=d.max_segment_s,
                    help="VOICE_ACTIVITY: longest segment before a forced cut (clients may ask for less)")
     p.add_argument("--max-segment-transcript-wait-ms", type=int, default=d.max_segment_transcript_wait_ms,
@@ -81,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asr-model", default=None, metavar="DIR",
                    help="CTranslate2 Whisper folder (default: the bundled Whisper tiny.en)")
     p.add_argument("--asr-threads", type=int, default=d.asr_engine.threads, help="ASR (CTranslate2) threads")
+    p.add_argument("--asr-queue-size", type=int, default=d.asr_engine.queue_size,
+                   help="clips waiting for ASR; one more is refused at once (RESOURCE_EXHAUSTED)")
     p.add_argument("--asr-compute-type", default=d.asr_engine.compute_type,
                    help="CTranslate2 compute type: auto (int8 on CPU, float16 on CUDA), int8, float16, float32, ...")
     cluster = p.add_argument_group("cluster mode: the engine as Ray Serve replicas (this process stays the front door)")
@@ -127,7 +137,8 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
                               queue_size=args.queue_size, max_inflight_batches=args.max_inflight_batches),
         supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
                                     max_consecutive_failures=args.max_consecutive_failures),
-        asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type),
+        asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,
+                             queue_size=args.asr_queue_size),
     )
     if server.metrics_port is not None and server.metrics_port < 0:
         server = server.replace(metrics_port=None)

@@ -59,9 +59,15 @@ class ServerConfig:
     max_segment_s: float = 15.0  # longest segment: client values are clamped to it (bounds memory per stream)
     max_segment_transcript_wait_ms: int = 2_000  # cap on the client's segment_transcript_wait_ms
     max_pending_segment_transcripts: int = 64  # transcripts sent ahead of their segment, per stream
-    # Server-wide stream limits (RESOURCE_EXHAUSTED beyond them; see emoq_serve.server.limits).
+    # Call limits (RESOURCE_EXHAUSTED beyond them, before any work; see emoq_serve.server.limits).
     max_streams: int = 256  # concurrent StreamingRecognize calls
-    max_buffered_audio_s: float = 1_800.0  # 16 kHz audio held over all streams (115 MB of float32)
+    max_buffered_audio_s: float = 1_800.0  # 16 kHz float32 audio held over all streams (64 kB per second)
+    max_stream_audio_s: float = 120.0  # one stream's share of it
+    max_unary_calls: int = 128  # Recognize calls in progress, server-wide (per bearer token when tokens are on)
+    #: VOICE_ACTIVITY: closed segments of one stream being transcribed, scored or sent; one more
+    #: is answered with a segment error (the stream goes on), so a stream faster than real time
+    #: cannot fill the ASR queue and the batcher for everyone.
+    max_stream_pending_segments: int = 4
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
     #: Engine supervision: hung-batch timeout, failures in a row, rebuild backoff (emoq_serve.engine.supervisor).

@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -41,18 +42,22 @@ import numpy as np
 
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.config import SAMPLE_RATE
-from emoq_serve.engine.batcher import QueueFull
 from emoq_serve.executors.types import Turn, Utterance
 from emoq_serve.speech.vad import VadBatcher, VadParams
 from emoq_serve.server.config import ServerConfig
-from emoq_serve.server.limits import StreamTicket
-from emoq_serve.server.scoring import Scorer, next_interim
+from emoq_serve.server.limits import ServerBusy, StreamTicket
+from emoq_serve.server.scoring import Scorer, deadline_of, next_interim
+from emoq_serve.server.status import status_for
 from emoq_serve.speech.segmenter import Segment, Segmenter
 from emoq_serve.server.streams import StreamAssembler
 from emoq_serve.server.validation import InvalidRequest, config_context
 
 
 log = logging.getLogger(__name__)
+
+
+#: Segment refusals a stream may have waiting for its client before the stream ends.
+UNSENT_REFUSALS = 64
 
 
 def vad_params(cfg: ServerConfig, va: pb.VoiceActivityConfig) -> VadParams:
@@ -153,6 +158,8 @@ class ConversationStream:
         self._next_index = 0  # segments closed so far
         self._closed_end_s = 0.0
         self._closed_samples = 0  # audio of closed segments whose result is not sent yet
+        self._in_work = 0  # closed segments being transcribed, scored or waiting to be sent
+        self._unsent = 0  # results (and refusals) queued for the client
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
         # in segment order; each segment's future is set once its turn is in (or skipped).
         self._history: collections.deque[Turn] = collections.deque(
@@ -173,6 +180,11 @@ class ConversationStream:
                 result = await item
                 if result is not None:
                     yield pb.StreamingRecognizeResponse(result=result)
+                self._unsent -= 1
+                if item is self._interim:
+                    self._interim = None
+                elif result is not None and result.is_final and not result.HasField("error"):
+                    self._in_work -= 1
         finally:  # an error, a cancelled call or a finished one: nothing of this stream keeps running
             reader.cancel()
             for task in self._tasks:
@@ -185,6 +197,7 @@ class ConversationStream:
             span = self.cfg.interim_span_s
             next_point = span
             while (request := await next_message()) is not None:
+                self.ticket.fits(self.stream.incoming_bytes(request))  # before any decoding
                 fed = await self.scorer.off_loop(self.stream.feed, request)
                 if fed.audio is not None:
                     self._close(await self._segment(fed.audio))
@@ -216,13 +229,21 @@ class ConversationStream:
         return self.segmenter.advance(windows, await self.vad.score(self.segmenter.vad_state, windows))
 
     def _hold(self) -> None:
-        self.ticket.hold(self.segmenter.buffered_samples + self._closed_samples)
+        self.ticket.hold_samples(self.segmenter.buffered_samples + self._closed_samples)
 
     def _close(self, segments: list[Segment]) -> None:
-        """Each closed segment is scored at once (its task joins the ordered output)."""
+        """Each closed segment is scored at once (its task joins the ordered output), unless this
+        stream already has its share of segments in work: then it is answered with a segment
+        error before any work, its audio dropped, and the stream goes on."""
         for seg in segments:
             self._next_index = seg.index + 1
             self._closed_end_s = seg.end_s
+            if self._in_work >= self.cfg.max_stream_pending_segments:
+                busy = ServerBusy(f"this stream already has {self._in_work} segments in work "
+                                  "(--max-stream-pending-segments): segment skipped; send audio no faster than real time")
+                self._spawn(self._refused(seg, busy))
+                continue
+            self._in_work += 1
             self._closed_samples += len(seg.audio)
             self._undecided += 1
             before, self._last_turn = self._last_turn, asyncio.get_running_loop().create_future()
@@ -230,16 +251,47 @@ class ConversationStream:
         self._hold()
 
     def _spawn(self, coro: Awaitable[pb.EmotionResult | None]) -> asyncio.Task[pb.EmotionResult | None]:
+        # What waits for a client that does not read is bounded: segments in work by their share,
+        # one interim, and refusals on top (they hold no audio, so a few dozen cost nothing);
+        # past that the stream ends.
+        if self._unsent >= self.cfg.max_stream_pending_segments + 1 + UNSENT_REFUSALS:
+            raise ServerBusy(f"{self._unsent} results of this stream are waiting to be read: read the responses "
+                             "as they come (the server stops holding them)")
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._unsent += 1
         self._out.put_nowait(task)
         return task
+
+    async def _refused(self, seg: Segment, exc: Exception) -> pb.EmotionResult:
+        return self._failed(seg, exc)
+
+    def _failed(self, seg: Segment, exc: Exception) -> pb.EmotionResult:
+        """A final result that says this one segment failed, with the status the call would have
+        ended with; an INTERNAL failure's detail goes to the log under the request id it names."""
+        request_id = uuid.uuid4().hex[:16]
+        code, message = status_for(exc, request_id)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("segment %d failed (request id %s): %s: %s", seg.index, request_id, type(exc).__name__, exc,
+                      exc_info=exc)
+        result = pb.EmotionResult(is_final=True, error=pb.SegmentError(code=code.value[0], message=message))
+        return self._place(result, seg)
 
     # -- scoring -----------------------------------------------------------------------------------------
 
     async def _final(self, seg: Segment, closed_at: float, before: asyncio.Future[None],
                      turn: asyncio.Future[None]) -> pb.EmotionResult:
+        try:
+            return await self._final_result(seg, closed_at, before, turn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # this segment's failure, not the conversation's
+            self._in_work -= 1  # an error result does not wait in the segment's share
+            return self._failed(seg, exc)
+
+    async def _final_result(self, seg: Segment, closed_at: float, before: asyncio.Future[None],
+                            turn: asyncio.Future[None]) -> pb.EmotionResult:
         try:
             try:
                 st = await self._client_transcript(seg)
@@ -253,7 +305,7 @@ class ConversationStream:
             # The model reads the earlier turns: decide this one's transcript (client's or ASR's),
             # wait for the turns before it to be decided, read them, then add this one.
             utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
-            said = await self.scorer.transcripts.transcript_for(utterance, self.config.asr)
+            said = await self.scorer.transcripts.transcript_for(utterance, self.config.asr, deadline_of(self.context))
             await asyncio.shield(before)  # cancelling this segment must not cancel the one before
             utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
             if said.text.strip():
@@ -286,8 +338,8 @@ class ConversationStream:
         return (st.transcript if st is not None else ""), speaker
 
     def _start_interim(self) -> None:
-        """An interim result on the open segment so far, unless one is still in flight."""
-        if self._interim is not None and not self._interim.done():
+        """An interim result on the open segment so far, unless one is still in flight or unsent."""
+        if self._interim is not None:
             return
         seg = self.segmenter.open_segment()
         if seg is None or len(seg.audio) < self.cfg.min_audio_seconds * SAMPLE_RATE:
@@ -297,10 +349,15 @@ class ConversationStream:
         self._interim = self._spawn(self._interim_result(seg, transcript, speaker))
 
     async def _interim_result(self, seg: Segment, transcript: str, speaker: str) -> pb.EmotionResult | None:
-        """Best effort: a full queue skips this interim point instead of failing the stream."""
+        """Best effort: a failure (a full queue, a busy ASR) skips this interim point."""
         try:
             return await self._score(seg, transcript, speaker, final=False, started=time.monotonic())
-        except QueueFull:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            request_id = uuid.uuid4().hex[:16]
+            if status_for(exc, request_id)[0] == grpc.StatusCode.INTERNAL:
+                log.error("interim of segment %d failed (request id %s)", seg.index, request_id, exc_info=exc)
             return None
 
     async def _score(self, seg: Segment, transcript: str, speaker: str, final: bool,

@@ -70,8 +70,13 @@ class Scorer:
         self, utterance: Utterance, context: grpc.aio.ServicerContext, final: bool, started: float,
         asr_mode: int = pb.ASR_SERVER_DEFAULT,
     ) -> pb.EmotionResult:
-        """One utterance (or segment): its transcript (client's, ASR's or none), then `score`."""
-        transcript = await self.transcripts.transcript_for(utterance, asr_mode, deadline_of(context))
+        """One utterance (or segment): its transcript (client's, ASR's or none), then `score`.
+
+        An interim result (`final` False) never runs ASR: it looks at audio still arriving, and
+        transcribing each one would re-run Whisper over a growing prefix. It reads the client's
+        transcript or none; the final result gets the ASR transcript."""
+        mode = asr_mode if final else pb.ASR_OFF
+        transcript = await self.transcripts.transcript_for(utterance, mode, deadline_of(context))
         return await self.score(dataclasses.replace(utterance, transcript=transcript.text), transcript, context,
                                 final, started)
 

@@ -26,7 +26,7 @@ from emoq_serve.executors.types import Recognizer
 from emoq_serve.speech.vad import SileroVad, VadBatcher
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
-from emoq_serve.server.limits import StreamLimits, StreamTicket
+from emoq_serve.server.limits import CallLimits, StreamTicket
 from emoq_serve.server.scoring import Scorer, next_interim
 from emoq_serve.server.status import REQUEST_ID_KEY, ShuttingDown, StreamIdle, status_for
 from emoq_serve.server.telemetry import ServerMetrics
@@ -63,11 +63,19 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self.off_loop = self.scorer.off_loop
-        self.limits = StreamLimits(cfg.max_streams, cfg.max_buffered_audio_s)
+        self.limits = CallLimits(cfg.max_streams, cfg.max_buffered_audio_s, cfg.max_stream_audio_s, cfg.max_unary_calls)
+        #: Count unary calls per bearer token (the app sets it when tokens are on; a client could
+        #: otherwise dodge the server-wide cap with made-up tokens).
+        self.per_token = False
         metrics.open_streams.set_function(lambda: self.limits.open_streams)
         metrics.buffered_audio.set_function(lambda: self.limits.buffered_seconds)
         self._vad: VadBatcher | None = None
         self._vad_lock = asyncio.Lock()
+
+    def speech_healthy(self) -> bool:
+        """Neither the ASR worker nor the shared VAD thread is hung or gone."""
+        asr = self.transcripts.asr
+        return (asr is None or asr.healthy) and (self._vad is None or self._vad.healthy())
 
     async def vad(self) -> VadBatcher:
         """The Silero VAD all VOICE_ACTIVITY streams share (their steps batched), loaded on first use
@@ -142,9 +150,15 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         started = time.monotonic()
         async with self._outcome("Recognize", context):
-            utterance = await self.off_loop(self.validator.unary, request)
-            result = await self.scorer.recognize_utterance(utterance, context, True, started, request.config.asr)
-            return pb.RecognizeResponse(result=result)
+            with self.limits.unary(self._token(context)):
+                utterance = await self.off_loop(self.validator.unary, request)
+                result = await self.scorer.recognize_utterance(utterance, context, True, started, request.config.asr)
+                return pb.RecognizeResponse(result=result)
+
+    def _token(self, context: grpc.aio.ServicerContext) -> str:
+        if not self.per_token:
+            return ""
+        return next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
 
     async def _next_message(
         self, requests: AsyncIterator[pb.StreamingRecognizeRequest]
@@ -190,8 +204,9 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         span = self.cfg.interim_span_s
         next_point = span
         while not ended and (request := await self._next_message(requests)) is not None:
+            ticket.fits(stream.incoming_bytes(request))  # before any decoding
             await self.off_loop(stream.feed, request)
-            ticket.hold(stream.held_samples)
+            ticket.hold_samples(stream.held_samples)
             if stream.config.interim_results and stream.audio_seconds >= next_point:
                 # Computed inline: grpc buffers the chunks that arrive meanwhile (see next_interim).
                 started = time.monotonic()

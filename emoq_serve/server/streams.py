@@ -92,6 +92,14 @@ class StreamAssembler:
         self._audio: list[np.ndarray] = []
         self.held_samples = 0  # 16 kHz samples kept (UTTERANCE mode)
 
+    def incoming_bytes(self, request: pb.StreamingRecognizeRequest) -> int:
+        """Bytes of 16 kHz float32 audio `request`'s chunk will add once decoded (0 for any other
+        message): what the stream's budget is asked for before the chunk is decoded."""
+        if self.config is None or not request.audio_content or self.config.sample_rate_hz <= 0:
+            return 0
+        width = 2 if self.config.encoding == pb.LINEAR16 else 4
+        return int(len(request.audio_content) / width * SAMPLE_RATE / self.config.sample_rate_hz) * 4
+
     @property
     def voice_activity(self) -> bool:
         return self.config is not None and self.config.segmentation == pb.VOICE_ACTIVITY
@@ -136,6 +144,7 @@ class StreamAssembler:
             return Fed(segment_transcript=request.segment_transcript)
         assert self._decoder is not None
         if self.voice_activity:  # no stream length limit: the segmenter bounds what is held
+            self.validator.check_chunk_length(self.config, len(request.audio_content))
             return Fed(audio=self._decoder.decode(request.audio_content))
         self.validator.check_length(self.config, self.num_bytes + len(request.audio_content))
         audio = self._decoder.decode(request.audio_content)

@@ -160,6 +160,14 @@ class RequestValidator:
                 f"({seconds:.1f} s received): split it into shorter requests"
             )
 
+    def check_chunk_length(self, config: pb.RecognitionConfig, num_bytes: int) -> None:
+        """VOICE_ACTIVITY: one chunk is at most one model input long, judged from its size alone
+        (16 MB of 8 kHz LINEAR16 would otherwise decode to over 1,000 s of audio at once)."""
+        seconds = num_bytes / SAMPLE_BYTES[config.encoding] / config.sample_rate_hz
+        if seconds > self.cfg.max_audio_seconds:
+            raise InvalidRequest(f"an audio chunk of {seconds:.1f} s is longer than the {self.cfg.max_audio_seconds:g} s "
+                                 "limit: send the stream in shorter chunks (e.g. 100 ms each)")
+
     def decode_samples(self, config: pb.RecognitionConfig, data: bytes) -> np.ndarray:
         """Whole samples of wire bytes -> float32 at the client's rate, refusing NaN/Inf and
         out-of-range values. Runs on a worker thread, never on the event loop."""

@@ -295,3 +295,28 @@ def test_default_buckets_bound_padding_to_half_a_clip():
         return rec
 
     assert sorted(sorted(x) for x in run(main()).batches) == [[0, 2], [1, 3]]
+
+
+def test_batch_trace_records_each_computed_batch(tmp_path, monkeypatch):
+    """With EMOQ_BATCH_TRACE set, every batch appends its start, end and clip lengths (what
+    `emoq bench` reads for mean batch and padding); without it nothing is written."""
+    import json
+
+    from emoq_serve.engine.batcher import BATCH_TRACE_ENV
+
+    trace = tmp_path / "batches.jsonl"
+    monkeypatch.setenv(BATCH_TRACE_ENV, str(trace))
+
+    async def main():
+        async with DynamicBatcher(RecordingRecognizer(), BatcherConfig(max_batch=2, max_queue_delay_ms=1000)) as b:
+            await asyncio.gather(*(b.submit(utt(i, seconds=0.5 + 0.1 * i)) for i in range(4)))
+
+    run(main())
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sorted(len(line["samples"]) for line in lines) == [2, 2]
+    assert sorted(n for line in lines for n in line["samples"]) == [int((0.5 + 0.1 * i) * SR) for i in range(4)]
+    assert all(line["start"] <= line["end"] for line in lines)
+    monkeypatch.delenv(BATCH_TRACE_ENV)
+    trace.unlink()
+    run(main())
+    assert not trace.exists()

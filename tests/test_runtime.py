@@ -548,3 +548,70 @@ def test_onnx_pipeline_vllm_matches_model_with_overlapping_batches(tiny_bundle, 
     info, rows = asyncio.run(run())
     assert info["llm_backend"] == "vllm"
     assert np.abs(np.stack(rows) - reference).max() < TOL
+
+
+def test_length_grid_bounds_padding_and_makes_shapes_recur():
+    from emoq_serve.executors.pipeline import GRID_QUANTUM, grid_length
+
+    lengths = range(16_000, 160_000, 97)  # 1-10 s
+    points = {grid_length(n, 1.08) for n in lengths}
+    assert all(n <= grid_length(n, 1.08) <= 1.09 * n + GRID_QUANTUM for n in lengths)
+    assert all(p % GRID_QUANTUM == 0 for p in points) and len(points) < 40  # ~1500 lengths, a few dozen shapes
+    assert grid_length(48_001, 1.0) == 48_001 and grid_length(1, 1.08) == GRID_QUANTUM
+
+
+def test_onnx_pipeline_on_the_length_grid_matches_model(tiny_bundle, reference):
+    """Clips padded up to the length grid and transcripts to a token multiple give the exact
+    lengths' posteriors, with one graph worker per core sharing the compute slots with the LLM."""
+    cfg = runtime_preset("test").replace(llm_backend="transformers", audio_per_utterance=True, audio_length_ratio=1.1,
+                                         text_length_multiple=16, graph_workers=2, compute_slots=1)
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    audio_shapes, text_widths, running, most = [], [], [0], [0]
+    run_audio, run_former, encode = pipeline.audio.run, pipeline.former.run, pipeline.encode
+
+    def counted_encode(batch):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            return encode(batch)
+        finally:
+            running[0] -= 1
+
+    pipeline.audio.run = lambda **kw: audio_shapes.append(kw["waveforms"].shape[1]) or run_audio(**kw)
+    pipeline.former.run = lambda **kw: text_widths.append(kw["input_ids"].shape[1]) or run_former(**kw)
+    pipeline.encode = counted_encode
+
+    async def both():
+        batch = utterances()
+        return await asyncio.gather(pipeline.recognize(batch[:2]), pipeline.recognize(batch[2:]))
+
+    first, second = asyncio.run(both())
+    asyncio.run(pipeline.close())
+    assert np.abs(np.stack([p.probabilities for p in first + second]) - reference).max() < TOL
+    from emoq_serve.executors.pipeline import grid_length
+
+    assert audio_shapes and all(w == grid_length(w, 1.1) for w in audio_shapes)  # every width a grid point
+    assert text_widths and all(w % 16 == 0 for w in text_widths)
+    assert most[0] == 1  # one compute slot: the two workers never encoded at once
+
+
+def test_cpu_preset_follows_the_plan_of_this_cpu_class(monkeypatch):
+    from emoq_serve.executors.config import CPU_PLAN_ENV, CPU_PLANS_FILE, cpu_plan
+
+    table = json.loads(CPU_PLANS_FILE.read_text())
+    cores = __import__("os").cpu_count()
+    for klass, entry in table["classes"].items():
+        name, fields = cpu_plan(klass)
+        assert name == entry["plan"] and name in table["plans"]
+        assert all(isinstance(v, int | float | bool) for v in fields.values())  # "cores" resolved
+    name, fields = cpu_plan("a-class-nobody-measured")
+    assert name == table["default"]
+    monkeypatch.setenv(CPU_PLAN_ENV, "worker-per-core")
+    assert cpu_plan("amx") == ("worker-per-core", {"graph_workers": cores, "compute_slots": cores,
+                                                   "inflight_batches": 3,
+                                                   **{k: v for k, v in table["plans"]["worker-per-core"].items()
+                                                      if k not in ("about", "graph_workers", "compute_slots",
+                                                                   "inflight_batches")}})
+    monkeypatch.setenv(CPU_PLAN_ENV, "nope")
+    with pytest.raises(ValueError, match="unknown CPU plan"):
+        cpu_plan("amx")

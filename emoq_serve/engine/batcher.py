@@ -15,7 +15,9 @@ import asyncio
 import bisect
 import collections
 import contextvars
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +44,11 @@ class DeadlineExpired(Exception):
 
 class BatcherClosed(Exception):
     """The batcher is shutting down and takes no new work (UNAVAILABLE)."""
+
+
+#: When set, every computed batch appends one JSON line to this file (monotonic start and end,
+#: the clips' lengths in samples): `emoq bench` reads it for mean batch and padding per load point.
+BATCH_TRACE_ENV = "EMOQ_BATCH_TRACE"
 
 
 #: Audio-length bucket edges (s). About 1.5x apart, so a batch pads its clips by at most ~50 %
@@ -119,6 +126,7 @@ class DynamicBatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._trace = os.environ.get(BATCH_TRACE_ENV) or None
 
     @property
     def queue_depth(self) -> int:
@@ -260,6 +268,16 @@ class DynamicBatcher:
             self._fail(batch, exc)
         finally:
             self._slots.release()
+            if self._trace:
+                self._write_trace(batch, started)
+
+    def _write_trace(self, batch: list[_Item], started: float) -> None:
+        line = {"start": started, "end": time.monotonic(), "samples": [len(i.utterance.audio) for i in batch]}
+        try:
+            with open(self._trace, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError:  # a diagnostic must never fail a batch
+            log.warning("cannot write the batch trace %s", self._trace, exc_info=True)
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking work, compute everything queued, wait up to `timeout` s for it.

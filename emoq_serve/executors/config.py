@@ -9,9 +9,14 @@ own pool oversubscribes the cores and makes small ops many times slower (ARCHITE
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import json
 import logging
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from emoq_serve.hostinfo import cpu_has_native_bf16
@@ -54,9 +59,25 @@ class RuntimeConfig:
     #: Run the audio encoder on each clip alone instead of on the zero-padded batch: on a CPU a
     #: batch buys little and the padding is pure waste; on a GPU batching pays.
     audio_per_utterance: bool = False
+    #: Pad each clip (with `audio_per_utterance`) or batch up to the next length on a geometric
+    #: grid this ratio apart (1: exact lengths). OpenVINO compiles its kernels again for every new
+    #: input shape, which costs more than the small encoder's compute; on a grid the shapes recur,
+    #: for at most this ratio of padding (the encoder is padding-invariant: same frames).
+    audio_length_ratio: float = 1.0
+    #: Pad the transcript tokens to a multiple of this (1: the batch's longest), for the same reason.
+    text_length_multiple: int = 1
     #: Worker threads running the ONNX stages of different batches at once (each stage with its
-    #: own thread budget), so two batches' audio encoders can use two cores while the LLM waits.
+    #: own thread budget; OpenVINO compiles a stream per worker), so two batches' audio encoders
+    #: can use two cores while the LLM waits.
     graph_workers: int = 1
+    #: Batches the server should keep in the engine at once (its batcher's in-flight slots): a
+    #: graph worker's batch each, plus one in the LLM. Read by `emoq serve` unless
+    #: --max-inflight-batches is given; it also sizes vLLM's max_num_seqs.
+    inflight_batches: int = 2
+    #: Compute threads allowed at once: each graph worker's stages and each vLLM engine step hold
+    #: one of these slots while they run (0: no limit). Set to the cores, graph workers and the
+    #: LLM share them without ever time-slicing one core between two compute threads.
+    compute_slots: int = 0
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).
@@ -140,20 +161,78 @@ class RuntimeConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: How the `cpu` preset lays the engine on the cores, per CPU class (`hostinfo.cpu_class()`):
+#: measured plans, re-measured and rewritten by `python -m benchmarks.tune_cpu` (see there).
+CPU_PLANS_FILE = Path(__file__).with_name("cpu_plans.json")
+#: Names a plan of CPU_PLANS_FILE to use whatever this CPU's class is (how tune_cpu tries each).
+CPU_PLAN_ENV = "EMOQ_CPU_PLAN"
+#: The RuntimeConfig fields a plan may set.
+PLAN_FIELDS = ("graph_workers", "compute_slots", "inflight_batches", "audio_per_utterance", "audio_length_ratio",
+               "text_length_multiple", "max_batch")
+
+
+def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:
+    """(plan name, RuntimeConfig fields) for this CPU: $EMOQ_CPU_PLAN, else the table's choice
+    for the class, else its default plan. "cores" as a value means os.cpu_count()."""
+    try:
+        table = json.loads(CPU_PLANS_FILE.read_text())
+    except OSError:  # an install without the package data: the plan every class can run
+        log.warning("%s is missing: the cpu preset uses the stage-per-thread plan", CPU_PLANS_FILE)
+        return "stage-per-thread", {"graph_workers": 1, "compute_slots": 0, "inflight_batches": 2}
+    name = os.environ.get(CPU_PLAN_ENV) or table["classes"].get(cpu_class or _cpu_class(), {}).get(
+        "plan", table["default"])
+    if name not in table["plans"]:
+        raise ValueError(f"unknown CPU plan {name!r}; {CPU_PLANS_FILE.name} has {', '.join(table['plans'])}")
+    cores = os.cpu_count() or 1
+    fields = {k: cores if v == "cores" else v for k, v in table["plans"][name].items() if k in PLAN_FIELDS}
+    return name, fields
+
+
+def _cpu_class() -> str:
+    from emoq_serve.hostinfo import cpu_class
+
+    return cpu_class()
+
+
+def _cpu_preset() -> RuntimeConfig:
+    """The CPU server: OpenVINO bf16 graphs and the LLM in bf16 where the CPU has native bf16, every
+    compute thread single-threaded (a 2-thread matmul next to other busy threads collapses), laid
+    on the cores by this CPU class's plan. max_batch 8: what `emoq serve` ran with when --max-batch
+    always overrode the preset."""
+    _, fields = cpu_plan()
+    return RuntimeConfig(device="cpu", dtype="auto", graph_runtime="auto", audio_threads=1, former_threads=1,
+                         torch_threads=1, **{"max_batch": 8, **fields})
+
+
 #: Named starting points; the CLI overrides single fields on top of one of these.
 RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # Parity runs and tests: exact fp32, one thread everywhere (deterministic, no contention).
     "test": RuntimeConfig(device="cpu", max_batch=8, verify_hashes=True),
-    # The 2-core CPU server: one thread per stage, meant for a server with two batches in flight
-    # (ServerConfig.max_inflight_batches=2: the ONNX stages of one overlap the LLM of the other,
-    # one core each), and because a 2-thread matmul on a shared box collapses (1-2 GFLOP/s
-    # against ~60 on one thread, measured under load). The LLM in bf16 where the CPU has it.
-    # max_batch 8: what `emoq serve` ran with when --max-batch always overrode the preset.
-    "cpu": RuntimeConfig(device="cpu", dtype="auto", graph_runtime="auto", audio_threads=1, former_threads=1,
-                         torch_threads=1, max_batch=8),
-    # max_batch 64 also sizes vLLM's max_num_seqs (2x: two batches in flight).
+    "cpu": _cpu_preset(),
+    # max_batch 64 also sizes vLLM's max_num_seqs (times the batches in flight).
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }
+
+
+def name_os_thread(name: str | None = None) -> None:
+    """Give the calling OS thread `name` (default: its Python name; Linux keeps 15 bytes), so a
+    per-thread CPU sample (`benchmarks/threads.py`) says which stage each thread serves; the
+    threads a library starts from it (OpenMP, oneTBB pools) inherit the name."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, (name or threading.current_thread().name).encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: names are a diagnostic only
+        pass
+
+
+def stage_worker(torch_threads: int) -> None:
+    """Initializer of a compute worker thread: named after its pool, torch's intra-op threads set
+    (torch's count is per OS thread: a new thread would otherwise use every core)."""
+    import torch
+
+    name_os_thread()
+    # The C setter: once vLLM-CPU has started it replaces `torch.set_num_threads` with a no-op.
+    torch._C.set_num_threads(torch_threads)
 
 
 def runtime_preset(name: str) -> RuntimeConfig:

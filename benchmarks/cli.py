@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--requests", type=int, default=None, help="measured requests per load point")
     budget.add_argument("--duration", type=float, default=None, help="seconds per load point (default 30)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every engine's load points this many times, engines taking turns; "
+                        "the report gives medians, the spread (min-max) and same-run ratios")
     p.add_argument("--utterances", type=int, default=64, help="workload size (cycled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help='extra `emoq serve` flags, e.g. --serve-args="--max-batch 16"')
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_ms=args.chunk_ms, realtime=args.realtime,
         budget=Budget(requests=args.requests, duration_s=None if args.requests else (args.duration or 30.0),
                       warmup=args.warmup),
+        repeats=args.repeats,
         seed=args.seed, workload=WorkloadConfig(num_utterances=args.utterances, seed=args.seed),
         out=Path(args.out), serve_args=args.serve_args, metrics_url=args.metrics_url,
         timeout_s=args.timeout, peak_seconds=args.peak_seconds,

@@ -40,6 +40,9 @@ class BenchConfig:
     chunk_ms: float = 100.0
     realtime: bool = False
     budget: Budget = field(default_factory=lambda: Budget(duration_s=30.0, warmup=4))
+    #: Times every engine's load points are measured (engines interleaved); the report gives
+    #: medians and the spread.
+    repeats: int = 1
     seed: int = 0
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     out: Path = Path("runs/bench")
@@ -70,6 +73,8 @@ class BenchConfig:
         unknown = set(self.engines) - set(ENGINES)
         if unknown:
             raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {ENGINES}")
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
         if self.mode == "closed" and (not self.concurrency or min(self.concurrency) < 1):
             raise ValueError("closed loop needs concurrencies >= 1")
         if self.api == "conversation" and (self.mode != "closed" or self.conversation_seconds < 5.0):

@@ -72,17 +72,34 @@ def pooling_flops(cfg: FormerConfig) -> float:
     return 2.0 * 2.0 * cfg.num_queries * cfg.hidden_size
 
 
-def llm_flops(cfg: LLMConfig, former_dim: int, prompt_tokens: int) -> float:
-    """Projector + Qwen2 prefill over the prompt (causal attention) + LM head at the last position."""
+def llm_flops(cfg: LLMConfig, former_dim: int, prompt_tokens: int, cached_tokens: int = 0) -> float:
+    """Projector + Qwen2 prefill over the prompt (causal attention) + LM head at the last position.
+
+    `cached_tokens`: a prefix whose keys and values the engine reuses (vLLM's prefix cache): only
+    the positions after it are computed, though they still attend to the cached ones."""
     h, p = cfg.hidden_size, prompt_tokens
+    c = min(cached_tokens, p - 1)  # the last position is always computed: its logits are the answer
     kv = h // cfg.num_heads * cfg.num_kv_heads
     projector = _linear(1, former_dim, cfg.projector_hidden) + _linear(1, cfg.projector_hidden, cfg.num_soft_tokens * h)
     per_layer = (
-        _linear(p, h, 2 * h + 2 * kv)  # q, o and the grouped k, v
-        + 2.0 * 2.0 * h * p * (p + 1) / 2  # causal scores + values
-        + 3 * _linear(p, h, cfg.intermediate_size)  # gate, up, down
+        _linear(p - c, h, 2 * h + 2 * kv)  # q, o and the grouped k, v
+        + 2.0 * 2.0 * h * (p * (p + 1) - c * (c + 1)) / 2  # causal scores + values of the new positions
+        + 3 * _linear(p - c, h, cfg.intermediate_size)  # gate, up, down
     )
     return projector + cfg.num_layers * per_layer + _linear(1, h, cfg.vocab_size)
+
+
+def cached_prefix_tokens(prompts: list[list[int]], block_size: int) -> int:
+    """Prompt tokens a prefix cache of `block_size`-token blocks serves to every request: the
+    whole blocks of the prefix all prompts share (the chat template before the transcript)."""
+    if not prompts or block_size < 1:
+        return 0
+    shared = 0
+    for column in zip(*prompts):
+        if any(t != column[0] for t in column):
+            break
+        shared += 1
+    return shared // block_size * block_size
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class RequestShape:
     samples: int
     text_tokens: int
     prompt_tokens: int | None  # None: an "aux" bundle, no LLM (its head's FLOPs are negligible)
+    cached_tokens: int = 0  # of the prompt, served by the LLM engine's prefix cache
 
 
 def request_flops(cfg: ModelConfig, shape: RequestShape) -> dict[str, float]:
@@ -103,7 +121,7 @@ def request_flops(cfg: ModelConfig, shape: RequestShape) -> dict[str, float]:
         "pooling": pooling_flops(cfg.former),
     }
     if shape.prompt_tokens is not None:
-        out["llm"] = llm_flops(cfg.llm, cfg.former.hidden_size, shape.prompt_tokens)
+        out["llm"] = llm_flops(cfg.llm, cfg.former.hidden_size, shape.prompt_tokens, shape.cached_tokens)
     return out
 
 

@@ -40,23 +40,38 @@ def library_versions() -> dict[str, str]:
     return {k: v for k, v in hostinfo.library_versions(*LIBRARIES).items() if v != "absent"}
 
 
-def ratios(points: list[dict[str, Any]], baseline: str = "eager", optimized: str = "onnx") -> dict[str, Any]:
+def ratios(points: list[dict[str, Any]], baseline: str = "eager", optimized: str = "onnx",
+           runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """optimized/baseline throughput at each shared concurrency, and p50/p99 at concurrency 1.
 
     Latency ratios are optimized/baseline too, so below 1 means the optimized engine is faster.
+    `points` are one per engine and load (the medians of `--repeats`); with `runs` (every
+    repeat's points) the ratio within each repeat is computed too and its (min, max) reported as
+    `spread`.
     """
-    def closed(engine: str) -> dict[int, dict[str, Any]]:
-        return {p["concurrency"]: p for p in points if p["engine"] == engine and p["mode"] == "closed"}
+    def closed(pts: list[dict[str, Any]], engine: str) -> dict[int, dict[str, Any]]:
+        return {p["concurrency"]: p for p in pts if p["engine"] == engine and p["mode"] == "closed"}
 
-    base, opt = closed(baseline), closed(optimized)
-    shared = sorted(set(base) & set(opt))
-    out: dict[str, Any] = {
-        "throughput": {str(c): opt[c]["throughput_utt_s"] / base[c]["throughput_utt_s"]
-                       for c in shared if base[c]["throughput_utt_s"] > 0},
-    }
-    if 1 in shared and base[1]["latency_ms"] and opt[1]["latency_ms"]:
-        for p in ("p50", "p99"):
-            out[f"{p}_at_c1"] = opt[1]["latency_ms"][p] / base[1]["latency_ms"][p]
+    def one(pts: list[dict[str, Any]]) -> dict[str, Any]:
+        base, opt = closed(pts, baseline), closed(pts, optimized)
+        shared = sorted(set(base) & set(opt))
+        out: dict[str, Any] = {
+            "throughput": {str(c): opt[c]["throughput_utt_s"] / base[c]["throughput_utt_s"]
+                           for c in shared if base[c]["throughput_utt_s"] > 0},
+        }
+        if 1 in shared and base[1]["latency_ms"] and opt[1]["latency_ms"]:
+            for p in ("p50", "p99"):
+                out[f"{p}_at_c1"] = opt[1]["latency_ms"][p] / base[1]["latency_ms"][p]
+        return out
+
+    out = one(points)
+    repeats = sorted({p.get("repeat", 0) for p in runs or []})
+    if len(repeats) > 1:
+        each = [one([p for p in runs if p.get("repeat", 0) == r]) for r in repeats]
+        out["spread"] = {f"throughput_c{c}": [min(e["throughput"][c] for e in each), max(e["throughput"][c] for e in each)]
+                         for c in out["throughput"] if all(c in e["throughput"] for e in each)}
+        if all("p50_at_c1" in e for e in each):
+            out["spread"]["p50_at_c1"] = [min(e["p50_at_c1"] for e in each), max(e["p50_at_c1"] for e in each)]
     return out
 
 
@@ -114,27 +129,53 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("- matmul peak (torch, best of repeats): " + ", ".join(
         f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in report["peak_gflops"].items()))
     lines.append("")
-    lines.append("| engine | conc. | rate | ok/sent | utt/s | audio-s/s | p50 ms | p90 ms | p95 ms | p99 ms | batch | errors |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for p in report["points"]:
-        lat = p["latency_ms"]
+    points = report.get("summary") or report["points"]
+    repeats = report.get("repeats", 1)
+    if repeats > 1:
+        lines.append(f"Medians of {repeats} repeats (engines taking turns within each); [min–max] over the repeats.\n")
+    lines.append("| engine | conc. | rate | ok/sent | utt/s | audio-s/s | p50 ms | p90 ms | p95 ms | p99 ms | batch "
+                 "| padding | cores busy | threads running | errors |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in points:
+        lat, spread = p["latency_ms"], p.get("spread") if repeats > 1 else None
+        cpu, batches = p["extra"].get("server_cpu") or {}, p["extra"].get("batches") or {}
+        utt = f"{p['throughput_utt_s']:.2f}" + (f" [{spread['throughput_utt_s'][0]:.2f}–{spread['throughput_utt_s'][1]:.2f}]"
+                                                 if spread else "")
+        p50 = _fmt(lat.get("p50")) + (f" [{spread['p50_ms'][0]:.0f}–{spread['p50_ms'][1]:.0f}]"
+                                      if spread and spread["p50_ms"] else "")
         lines.append(
             f"| {p['engine']} | {p['concurrency'] or '–'} | {_fmt(p['rate'])} | {p['ok']}/{p['requests']} | "
-            f"{p['throughput_utt_s']:.2f} | {p['throughput_audio_s_s']:.2f} | {_fmt(lat.get('p50'))} | "
+            f"{utt} | {p['throughput_audio_s_s']:.2f} | {p50} | "
             f"{_fmt(lat.get('p90'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | "
-            f"{_fmt(p['mean_batch_size'], 2)} | {', '.join(f'{k}: {v}' for k, v in p['errors'].items()) or '–'} |"
+            f"{_fmt(p['mean_batch_size'], 2)} | {_fmt(batches.get('padding_fraction'), 2)} | "
+            f"{_fmt(cpu.get('cores_busy'), 2)} | {cpu.get('threads_running', '–')} | "
+            f"{', '.join(f'{k}: {v}' for k, v in p['errors'].items()) or '–'} |"
         )
+    if any(p["extra"].get("server_cpu") for p in points):
+        lines.append("\n## Server CPU per thread group (cores busy, threads running / existing)\n")
+        lines.append("Threads are named by stage (a library's pool inherits its starter's name); padding is the "
+                     "share of a zero-padded batch's audio that is padding.\n")
+        for p in points:
+            cpu = p["extra"].get("server_cpu")
+            if cpu:
+                groups = ", ".join(f"{g} {v['cores']:.2f} ({v['running']}/{v['threads']})"
+                                   for g, v in cpu["groups"].items() if v["cores"] >= 0.01)
+                lines.append(f"- {p['engine']} {p['concurrency'] or p['rate']}: {cpu['cores_busy']:.2f} cores "
+                             f"({100 * cpu['cpu_util']:.0f} % of the machine): {groups}")
     stages, per_request = report["stages"], report["flops_per_request"]
     lines.append("\n## Server-side breakdown (mean ms per request)" + (" and efficiency\n" if per_request else "\n"))
     if per_request:
         lines.append("FLOPs per request (mean over the workload): " + ", ".join(
-            f"{s} {per_request[s] / 1e9:.2f} GFLOP" for s in per_request) + ". Efficiency = FLOPs × mean batch "
-            "/ stage time, against the matmul peak of the engine's precision and threads per stage "
-            "(column `peak`, measured in the same run).\n")
+            f"{s} {per_request[s] / 1e9:.2f} GFLOP" for s in per_request) + ". Efficiency = the FLOPs the engine "
+            "computes (the LLM's less the template blocks a prefix cache serves: "
+            + ", ".join(f"{e} {f['llm'] / 1e9:.2f}" for e, f in report.get("flops_per_request_computed", {}).items()
+                        if "llm" in f)
+            + " GFLOP) × mean batch / stage time, against the matmul peak of the engine's precision and threads "
+            "per stage (column `peak`, measured in the same run).\n")
     header = ["engine", "load", *stages, "total", "peak", *(f"{s} GFLOP/s (% peak)" for s in per_request)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    for p in report["points"]:
+    for p in points:
         eff = p["extra"].get("efficiency", {})
         cells = [p["engine"], str(p["concurrency"] or f"{p['rate']:g}/s"),
                  *(_fmt(p["server_ms"].get(s)) for s in [*stages, "total"]), p["extra"].get("efficiency_peak", "–"),
@@ -144,11 +185,16 @@ def markdown(report: dict[str, Any]) -> str:
     for baseline, r in report.get("ratios", {}).items():
         lines.append(f"\n## Optimized (onnx) / {baseline}\n")
         lines.append("| concurrency | throughput ratio |\n|---|---|")
-        lines.extend(f"| {c} | {v:.2f}× |" for c, v in r["throughput"].items())
+        spread = r.get("spread", {})
+        lines.extend(f"| {c} | {v:.2f}×" + (f" [{spread[f'throughput_c{c}'][0]:.2f}–{spread[f'throughput_c{c}'][1]:.2f}]"
+                                             if f"throughput_c{c}" in spread else "") + " |"
+                     for c, v in r["throughput"].items())
         for p in ("p50", "p99"):
             if f"{p}_at_c1" in r:
-                lines.append(f"\n{p} latency at concurrency 1: onnx/{baseline} = {r[f'{p}_at_c1']:.2f} "
-                             "(below 1 = onnx faster)")
+                within = spread.get(f"{p}_at_c1")
+                lines.append(f"\n{p} latency at concurrency 1: onnx/{baseline} = {r[f'{p}_at_c1']:.2f}"
+                             + (f" [{within[0]:.2f}–{within[1]:.2f} within each repeat]" if within else "")
+                             + " (below 1 = onnx faster)")
     for note in report.get("notes", []):
         lines.append(f"\n> {note}")
     return "\n".join(lines) + "\n"
@@ -181,8 +227,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
-    for engine in dict.fromkeys(p["engine"] for p in report["points"]):
-        pts = sorted((p for p in report["points"] if p["engine"] == engine and p["latency_ms"]),
+    points = report.get("summary") or report["points"]
+    for engine in dict.fromkeys(p["engine"] for p in points):
+        pts = sorted((p for p in points if p["engine"] == engine and p["latency_ms"]),
                      key=lambda p: p["concurrency"] or p["rate"])  # in load order, like perf_analyzer
         x = [p["throughput_utt_s"] for p in pts]
         line, = ax.plot(x, [p["latency_ms"]["p50"] for p in pts], "o-", label=f"{engine} p50")

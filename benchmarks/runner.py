@@ -12,17 +12,19 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks import conversation, flops, report, stats
+from benchmarks import conversation, flops, report, stats, threads
 from benchmarks.config import BASELINES, ENGINE_FLAGS, BenchConfig
 from benchmarks.loadgen import run_closed, run_open
 from benchmarks.server_proc import ServerProcess
+from emoq_serve.engine.batcher import BATCH_TRACE_ENV
 from benchmarks.target import make_call
 from benchmarks.workload import BenchRequest, make_workload
 from emoq_serve.executors.types import STAGES
@@ -55,9 +57,11 @@ def efficiency_peak(peaks: dict[str, dict[str, Any]], engine: str, info: dict[st
     return name if name in peaks else max((k for k in peaks if k.startswith("fp32")), key=lambda k: peaks[k]["gflops"])
 
 
-def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str, float]:
+def workload_flops(bundle_path: Path, workload: list[BenchRequest], prefix_block: int = 0) -> dict[str, float]:
     """Mean FLOPs per request per stage over the workload, with the bundle's own tokenizers
-    (transcript tokens for the former, the full chat prompt for the LLM)."""
+    (transcript tokens for the former, the full chat prompt for the LLM). `prefix_block`: the
+    KV-block size of an LLM engine with a prefix cache (0: none), whose cached template blocks
+    are not computed again."""
     from transformers import AutoTokenizer
 
     from emoq_serve.bundle import FORMER_TOKENIZER_DIR, Bundle
@@ -67,16 +71,27 @@ def workload_flops(bundle_path: Path, workload: list[BenchRequest]) -> dict[str,
     cfg = bundle.model_config
     text_tokenizer = AutoTokenizer.from_pretrained(str(bundle.file(FORMER_TOKENIZER_DIR)))
     builder = prompt_builder(bundle) if bundle.head == "llm" else None
+    prompts = [builder.encode(req.transcript, req.speaker)[0] for req in workload] if builder is not None else []
+    cached = flops.cached_prefix_tokens(prompts, prefix_block)
     per_request = []
-    for req in workload:
+    for i, req in enumerate(workload):
         shape = flops.RequestShape(
             samples=len(req.audio),
             text_tokens=len(text_tokenizer(req.transcript, truncation=True,
                                            max_length=cfg.former.max_text_tokens)["input_ids"]),
-            prompt_tokens=len(builder.encode(req.transcript, req.speaker)[0]) if builder is not None else None,
+            prompt_tokens=len(prompts[i]) if prompts else None,
+            cached_tokens=cached,
         )
         per_request.append(flops.request_flops(cfg, shape))
     return {stage: float(np.mean([f[stage] for f in per_request])) for stage in per_request[0]}
+
+
+def prefix_block(runtime: dict[str, Any] | None, engine: str) -> int:
+    """The KV-block size of the engine's prefix cache: the onnx engine's vLLM backend caches
+    the template's whole blocks; the eager baseline's transformers forward caches nothing."""
+    if engine != "onnx" or runtime is None or runtime["runtime"]["llm_backend"] != "vllm":
+        return 0
+    return int(runtime["runtime"]["vllm_block_size"])
 
 
 def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
@@ -93,31 +108,46 @@ def server_runtime(cfg: BenchConfig, engine: str) -> dict[str, Any]:
     return {"runtime": asdict(runtime), "batching": asdict(server.batcher)}
 
 
+@dataclass
+class Endpoint:
+    """The server one engine's sweep measures: where to call it, scrape it, sample its threads,
+    and the batch trace its batcher writes (None for a server the harness did not start)."""
+
+    address: str
+    metrics_url: str | None
+    pid: int | None
+    batch_trace: Path | None = None
+
+
 @contextlib.contextmanager
-def endpoint(cfg: BenchConfig, engine: str) -> Iterator[tuple[str, str | None, int | None]]:
-    """(gRPC address, metrics URL, pid) of the server to measure; starts and stops it if needed."""
+def endpoint(cfg: BenchConfig, engine: str, repeat: int = 0) -> Iterator[Endpoint]:
+    """The server to measure; started (and stopped) here unless `cfg.server` names one."""
     if cfg.server is not None:
-        yield cfg.server, cfg.metrics_url, cfg.server_pid
+        yield Endpoint(cfg.server, cfg.metrics_url, cfg.server_pid)
         return
-    with ServerProcess(bundle=cfg.bundle, engine=engine, log_path=cfg.out / f"server-{engine}.log",
-                       extra_args=cfg.serve_args) as server:
-        yield server.address, server.metrics_url, server.pid
+    suffix = f"-r{repeat}" if cfg.repeats > 1 else ""
+    trace = cfg.out / f"batches-{engine}{suffix}.jsonl"
+    trace.unlink(missing_ok=True)
+    with ServerProcess(bundle=cfg.bundle, engine=engine, log_path=cfg.out / f"server-{engine}{suffix}.log",
+                       extra_args=cfg.serve_args, env={BATCH_TRACE_ENV: str(trace)}) as server:
+        yield Endpoint(server.address, server.metrics_url, server.pid, trace)
 
 
 def _scrape(url: str | None) -> dict[str, float]:
     return stats.scrape_metrics(url) if url else {}
 
 
-async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | None,
-                workload: list[BenchRequest]) -> tuple[dict[str, Any], list[stats.LoadPoint]]:
-    """All load points of one engine; returns (GetModelInfo as a dict, the points)."""
+async def sweep(cfg: BenchConfig, engine: str, server: Endpoint, workload: list[BenchRequest],
+                repeat: int = 0) -> tuple[dict[str, Any], list[stats.LoadPoint]]:
+    """All load points of one engine; returns (GetModelInfo as a dict, the points). Each point
+    also records the server's CPU use per thread group and, from its batch trace, the batches."""
     from tqdm import tqdm
 
     from emoq_serve.client.api import EmotionClient
 
     # No client retries: a refused or failed call is counted as the server answered it, not
     # hidden behind a retry's backoff in the latency figures.
-    async with EmotionClient(address, timeout=cfg.timeout_s, retries=0) as client:
+    async with EmotionClient(server.address, timeout=cfg.timeout_s, retries=0) as client:
         info = await client.model_info()
         call = make_call(client, cfg.api, cfg.timeout_s, cfg.chunk_ms, cfg.realtime)
         loads = cfg.concurrency if cfg.mode == "closed" else cfg.rates
@@ -125,9 +155,11 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
         for load in loads:
             label = f"{engine} {'c=' if cfg.mode == 'closed' else 'rate='}{load}"
             before: dict[str, float] = {}
+            mark: dict[str, Any] = {}
 
-            def scrape_before() -> None:  # after warm-up, so its batches do not count
-                before.update(_scrape(metrics_url))
+            def scrape_before() -> None:  # after warm-up, so its batches and CPU time do not count
+                before.update(_scrape(server.metrics_url))
+                mark.update(t=time.monotonic(), threads=threads.sample(server.pid) if server.pid else {})
 
             with tqdm(total=cfg.budget.requests, desc=label, unit="req", file=sys.stderr) as bar:
                 if cfg.mode == "closed":
@@ -136,13 +168,20 @@ async def sweep(cfg: BenchConfig, engine: str, address: str, metrics_url: str | 
                 else:
                     run = await run_open(call, workload, float(load), cfg.budget, cfg.seed, lambda r: bar.update(1),
                                          scrape_before)
-                after = _scrape(metrics_url)
-            points.append(stats.summarize(
+                end = time.monotonic()
+                after = _scrape(server.metrics_url)
+                cpu = threads.busy(mark["threads"], threads.sample(server.pid), end - mark["t"]) if server.pid else None
+            point = stats.summarize(
                 run, engine=engine, mode=cfg.mode, api=cfg.api,
                 concurrency=int(load) if cfg.mode == "closed" else None,
                 rate=float(load) if cfg.mode == "open" else None,
                 mean_batch_size=stats.mean_batch_size(before, after),
-            ))
+            )
+            point.repeat = repeat
+            point.extra["server_cpu"] = cpu
+            point.extra["batches"] = stats.batch_trace(server.batch_trace, mark["t"], end) \
+                if server.batch_trace else None
+            points.append(point)
     return info_dict(info), points
 
 
@@ -181,8 +220,9 @@ def run_conversation_bench(cfg: BenchConfig) -> dict[str, Any]:
     for engine in cfg.engines:
         if cfg.server is None:
             threads[engine] = server_runtime(cfg, engine)
-        with endpoint(cfg, engine) as (address, _, pid):
-            infos[engine], engine_points = asyncio.run(conversation_sweep(cfg, engine, address, pid, conversations))
+        with endpoint(cfg, engine) as server:
+            infos[engine], engine_points = asyncio.run(
+                conversation_sweep(cfg, engine, server.address, server.pid, conversations))
         points += engine_points
     first = next(iter(infos.values()))
     result = {
@@ -218,24 +258,34 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     machine = report.machine_description()
     workload = make_workload(cfg.workload)
     peaks = measure_peaks(cfg.peak_seconds)
-    per_request = workload_flops(cfg.bundle, workload) if cfg.bundle else {}
     # The best fp32 rate measured: under contention two threads can lose to one (ARCHITECTURE.md).
     peak_fp32 = max(p["gflops"] for p in peaks.values() if p["dtype"] == "float32")
-    points, infos, threads = [], {}, {"env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
-                                      "bench_torch_threads_for_peaks": [1, os.cpu_count()]}
-    for engine in cfg.engines:
-        if cfg.server is None:
-            threads[engine] = server_runtime(cfg, engine)
-        with endpoint(cfg, engine) as (address, metrics_url, _):
-            infos[engine], engine_points = asyncio.run(sweep(cfg, engine, address, metrics_url, workload))
-        peak = efficiency_peak(peaks, engine, infos[engine], threads.get(engine))
-        for point in engine_points:
-            if per_request:
-                point.extra["efficiency_peak"] = peak
-                point.extra["efficiency"] = flops.stage_efficiency(
-                    per_request, point.server_ms,
-                    (point.mean_batch_size or 1.0) if TIMINGS_COVER_BATCH[engine] else 1.0, peaks[peak]["gflops"])
-            points.append(point.to_dict())
+    points, infos = [], {}
+    settings: dict[str, Any] = {"env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+                                "bench_torch_threads_for_peaks": [1, os.cpu_count()]}
+    if cfg.server is None:
+        settings.update({engine: server_runtime(cfg, engine) for engine in cfg.engines})
+    per_request = workload_flops(cfg.bundle, workload) if cfg.bundle else {}
+    # What each engine computes: the model's FLOPs less the LLM prefix its cache serves.
+    per_engine = {engine: workload_flops(cfg.bundle, workload, prefix_block(settings.get(engine), engine))
+                  for engine in cfg.engines} if cfg.bundle else {}
+    for repeat in range(cfg.repeats):
+        # Engines take turns within each repeat, starting one later each time, so a slow drift of
+        # the machine (another job, heat) lands on every engine alike.
+        order = cfg.engines[repeat % len(cfg.engines):] + cfg.engines[:repeat % len(cfg.engines)]
+        for engine in order:
+            with endpoint(cfg, engine, repeat) as server:
+                infos[engine], engine_points = asyncio.run(sweep(cfg, engine, server, workload, repeat))
+            peak = efficiency_peak(peaks, engine, infos[engine], settings.get(engine))
+            for point in engine_points:
+                if per_request:
+                    point.extra["efficiency_peak"] = peak
+                    point.extra["efficiency"] = flops.stage_efficiency(
+                        per_engine[engine], point.server_ms,
+                        (point.mean_batch_size or 1.0) if TIMINGS_COVER_BATCH[engine] else 1.0,
+                        peaks[peak]["gflops"])
+                points.append(point.to_dict())
+    summary = stats.median_points(points)
     first = next(iter(infos.values()))
     result = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -244,9 +294,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "preset": first["preset"],
         "machine": machine,
         "load_average_end": list(os.getloadavg()),
-        "threads": threads,
+        "threads": settings,
         "versions": {"bench": report.library_versions(), **{f"server_{e}": i["versions"] for e, i in infos.items()}},
         "model_info": infos,
+        "repeats": cfg.repeats,
         "mode": cfg.mode,
         "api": cfg.api,
         "stream": {"chunk_ms": cfg.chunk_ms, "realtime": cfg.realtime} if cfg.api == "stream" else None,
@@ -255,9 +306,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "peak_gflops": peaks,
         "peak_fp32_gflops": peak_fp32,
         "flops_per_request": per_request,
+        "flops_per_request_computed": per_engine,
         "stages": list(STAGES),
         "points": points,
-        "ratios": {b: report.ratios(points, baseline=b) for b in BASELINES if {b, "onnx"} <= set(cfg.engines)},
+        "summary": summary,
+        "ratios": {b: report.ratios(summary, baseline=b, runs=points)
+                   for b in BASELINES if {b, "onnx"} <= set(cfg.engines)},
         "notes": [],
     }
     if machine["load_average"][0] > 0.5 * (machine["logical_cores"] or 1):

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.config import ENGINE_FLAGS
@@ -62,6 +62,8 @@ class ServerProcess:
     extra_args: str = ""
     startup_timeout_s: float = 900.0
     host: str = "127.0.0.1"
+    #: Environment variables set for the server on top of this process's own.
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.port = free_port(self.host)
@@ -94,7 +96,7 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         cmd = self.command()
         log.info("starting %s", shlex.join(cmd))
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         try:
             wait_serving(self.address, self.startup_timeout_s, self._proc)
         except BaseException as e:

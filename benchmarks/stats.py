@@ -10,7 +10,9 @@ server time (network, serialisation, client overhead) is visible too.
 from __future__ import annotations
 
 import collections
+import json
 import urllib.request
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +46,8 @@ class LoadPoint:
     mean_batch_size: float | None
     max_send_lag_ms: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Which run of `emoq bench --repeats` measured it (0-based).
+    repeat: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,3 +122,50 @@ def mean_batch_size(before: dict[str, float], after: dict[str, float], metric: s
     if batches <= 0:
         return None
     return (after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)) / batches
+
+
+def batch_trace(path: Path, start: float, end: float) -> dict[str, float] | None:
+    """Batches the server's batcher traced (`EMOQ_BATCH_TRACE`) that started in [start, end]
+    (`time.monotonic()`, one clock for every process): how many, their mean size, and the padding
+    fraction a zero-padded batch computes (padded samples / all samples, both over the batches'
+    longest clip times their size). None when no batch was traced there."""
+    if not path.exists():
+        return None
+    batches = [b for b in map(json.loads, path.read_text().splitlines()) if start <= b["start"] <= end]
+    if not batches:
+        return None
+    sizes = [len(b["samples"]) for b in batches]
+    padded = sum(max(b["samples"]) * len(b["samples"]) for b in batches)
+    real = sum(sum(b["samples"]) for b in batches)
+    return {"batches": len(batches), "mean_batch": sum(sizes) / len(sizes),
+            "padding_fraction": 1.0 - real / padded if padded else 0.0}
+
+
+def median_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (engine, load) over the repeats: medians of throughput, latency percentiles,
+    stage times and mean batch, with `spread` (min, max) of throughput and p50. The rest (CPU per
+    thread group, batches, efficiency) is the run whose throughput is the median's."""
+    groups: dict[tuple, list[dict[str, Any]]] = collections.defaultdict(list)
+    for p in points:
+        groups[(p["engine"], p["mode"], p["concurrency"], p["rate"])].append(p)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda p: p["throughput_utt_s"])
+        point = {**runs[(len(runs) - 1) // 2], "repeats": len(runs)}
+        point.pop("repeat", None)
+        med = lambda values: float(np.median(values)) if values else None  # noqa: E731
+        point["throughput_utt_s"] = med([p["throughput_utt_s"] for p in runs])
+        point["throughput_audio_s_s"] = med([p["throughput_audio_s_s"] for p in runs])
+        keys = set.intersection(*(set(p["latency_ms"]) for p in runs))
+        point["latency_ms"] = {k: med([p["latency_ms"][k] for p in runs]) for k in sorted(keys)}
+        stages = set.intersection(*(set(p["server_ms"]) for p in runs))
+        point["server_ms"] = {k: med([p["server_ms"][k] for p in runs]) for k in sorted(stages)}
+        batches = [p["mean_batch_size"] for p in runs if p["mean_batch_size"] is not None]
+        point["mean_batch_size"] = med(batches)
+        point["ok"], point["requests"] = sum(p["ok"] for p in runs), sum(p["requests"] for p in runs)
+        point["errors"] = dict(sum((collections.Counter(p["errors"]) for p in runs), collections.Counter()))
+        p50 = [p["latency_ms"]["p50"] for p in runs if "p50" in p["latency_ms"]]
+        point["spread"] = {"throughput_utt_s": [runs[0]["throughput_utt_s"], runs[-1]["throughput_utt_s"]],
+                           "p50_ms": [min(p50), max(p50)] if p50 else None}
+        out.append(point)
+    return out

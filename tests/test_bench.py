@@ -157,6 +157,9 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     for p in report["points"]:
         check_point(p)
         assert set(p["extra"]["efficiency"]) == {"audio_encoder", "former", "pooling", "llm"}
+        cpu, batches = p["extra"]["server_cpu"], p["extra"]["batches"]
+        assert cpu["cores_busy"] > 0 and cpu["threads_running"] >= 1 and cpu["groups"]
+        assert batches["batches"] >= 1 and batches["mean_batch"] >= 1 and 0 <= batches["padding_fraction"] < 1
         want = "bf16_1t" if p["engine"] == "eager-bf16" else "fp32_1t"  # the test preset's graphs: ORT fp32
         assert p["extra"]["efficiency_peak"] == want
     assert set(report["ratios"]) == {"eager", "eager-bf16"}
@@ -167,6 +170,10 @@ def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
     assert {e: i["versions"]["dtype"] for e, i in report["model_info"].items()} == \
         {"eager": "float32", "eager-bf16": "bfloat16", "onnx": report["model_info"]["onnx"]["versions"]["dtype"]}
     assert all(report["flops_per_request"][s] > 0 for s in ("audio_encoder", "former", "pooling", "llm"))
+    computed = report["flops_per_request_computed"]  # vLLM's prefix cache serves template blocks
+    assert computed["eager"] == report["flops_per_request"] and computed["onnx"]["llm"] <= computed["eager"]["llm"]
+    assert len(report["summary"]) == 6 and report["repeats"] == 1
+    assert any(g.startswith("emoq-eager") for g in report["points"][0]["extra"]["server_cpu"]["groups"])
     assert report["machine"]["logical_cores"] >= 1 and report["machine"]["cpu_model"]
     assert report["threads"]["onnx"]["runtime"]["audio_threads"] >= 1
     assert "torch" in report["versions"]["bench"] and report["peak_fp32_gflops"] > 0
@@ -235,3 +242,123 @@ def test_conversation_latency_that_grows_over_the_stream_is_not_sustained():
     assert point(1, [0.5] * 4, turns=5)["why_not"] == ["1 turn(s) without a result"]
     assert point(1, [0.5] * 4, code="DEADLINE_EXCEEDED")["why_not"] == ["failed streams {'DEADLINE_EXCEEDED': 1}"]
     assert sustained_streams([flat, growing, {**flat, "streams": 4}]) == {"onnx": 1}
+
+
+def test_llm_flops_after_prefix_caching_skip_the_shared_template_blocks():
+    cfg = preset("base").llm
+    prompts = [[1, 2, 3, 4, 5, 9, 9], [1, 2, 3, 4, 6, 9], [1, 2, 3, 4, 5, 8, 8, 8]]
+    assert flops.cached_prefix_tokens(prompts, 2) == 4 and flops.cached_prefix_tokens(prompts, 3) == 3
+    assert flops.cached_prefix_tokens(prompts, 8) == 0 and flops.cached_prefix_tokens([], 2) == 0
+    full = flops.llm_flops(cfg, 384, 70)
+    assert flops.llm_flops(cfg, 384, 70, cached_tokens=0) == full
+    cached = flops.llm_flops(cfg, 384, 70, cached_tokens=32)
+    assert 0.4 * full < cached < 0.6 * full  # 38 of 70 positions computed; they attend to all 70
+    # the last position is computed even when the whole prompt is cached (its logits are the answer)
+    assert flops.llm_flops(cfg, 384, 70, cached_tokens=70) == flops.llm_flops(cfg, 384, 70, cached_tokens=69) > 0
+
+
+def test_thread_cpu_groups_count_cores_and_running_threads():
+    from benchmarks.threads import ThreadSample, busy, group_of
+
+    assert group_of("emoq-graph_1") == "emoq-graph" and group_of("vllm-engine") == "vllm-engine"
+    before = {1: ThreadSample("emoq-graph_0", 1.0), 2: ThreadSample("emoq-graph_1", 1.0),
+              3: ThreadSample("vllm-engine", 0.0), 4: ThreadSample("python", 5.0)}
+    after = {1: ThreadSample("emoq-graph_0", 3.0), 2: ThreadSample("emoq-graph_1", 1.01),
+             3: ThreadSample("vllm-engine", 1.5), 4: ThreadSample("python", 5.2), 5: ThreadSample("vllm-engine", 0.5)}
+    out = busy(before, after, wall_s=2.0)
+    assert out["cores_busy"] == pytest.approx((2.0 + 0.01 + 1.5 + 0.2 + 0.5) / 2)
+    assert out["threads"] == 5 and out["threads_running"] == 4  # emoq-graph_1 used 0.5 % of a core
+    assert out["groups"]["emoq-graph"] == {"cores": 1.005, "threads": 2, "running": 1}
+    assert out["groups"]["vllm-engine"] == {"cores": 1.0, "threads": 2, "running": 2}
+    assert list(out["groups"])[0] in ("emoq-graph", "vllm-engine")  # busiest first
+
+
+def test_thread_sample_names_a_busy_thread_of_this_process():
+    import os
+    import threading
+    import time
+
+    from benchmarks.threads import busy, sample
+    from emoq_serve.executors.config import name_os_thread
+
+    stop = threading.Event()
+
+    def spin():
+        name_os_thread("emoq-spin")
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=spin)
+    first = sample(os.getpid())
+    t.start()
+    time.sleep(0.5)
+    out = busy(first, sample(os.getpid()), 0.5)
+    stop.set()
+    t.join()
+    assert out["groups"]["emoq-spin"]["running"] == 1 and out["groups"]["emoq-spin"]["cores"] > 0.2
+    assert sample(-1) == {}
+
+
+def test_batch_trace_gives_mean_batch_and_padding_inside_the_window(tmp_path):
+    from benchmarks.stats import batch_trace
+
+    path = tmp_path / "batches.jsonl"
+    lines = [{"start": 1.0, "end": 1.5, "samples": [100]},  # warm-up: before the window
+             {"start": 10.0, "end": 10.5, "samples": [100, 50]},
+             {"start": 11.0, "end": 11.2, "samples": [40, 40, 40, 40]}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = batch_trace(path, 5.0, 20.0)
+    assert out["batches"] == 2 and out["mean_batch"] == 3.0
+    assert out["padding_fraction"] == pytest.approx(50 / (200 + 160))
+    assert batch_trace(path, 30.0, 40.0) is None and batch_trace(tmp_path / "none.jsonl", 0, 1) is None
+
+
+def _point(engine, concurrency, utt_s, p50, repeat, batch=2.0):
+    return {"engine": engine, "mode": "closed", "api": "unary", "concurrency": concurrency, "rate": None,
+            "requests": 4, "ok": 4, "errors": {}, "throughput_utt_s": utt_s, "throughput_audio_s_s": 3 * utt_s,
+            "latency_ms": {"p50": p50, "p99": 2 * p50}, "server_ms": {"total": p50 / 2},
+            "mean_batch_size": batch, "repeat": repeat,
+            "extra": {"server_cpu": {"cores_busy": utt_s, "cpu_util": utt_s / 2, "threads": 3, "threads_running": 1,
+                                     "groups": {"emoq-graph": {"cores": utt_s, "threads": 1, "running": 1}}}}}
+
+
+def test_repeats_report_medians_spread_and_same_run_ratios():
+    from benchmarks.report import markdown, ratios
+    from benchmarks.stats import median_points
+
+    runs = [_point("eager", 16, t, 100.0 * (r + 1), r) for r, t in enumerate((1.0, 3.0, 2.0))]
+    runs += [_point("onnx", 16, t, 50.0, r) for r, t in enumerate((3.0, 3.0, 4.0))]
+    runs += [_point("onnx", 1, 1.0, 10.0 * (r + 1), r) for r in range(3)]
+    runs += [_point("eager", 1, 0.5, 40.0, r) for r in range(3)]
+    summary = median_points(runs)
+    eager16 = next(p for p in summary if p["engine"] == "eager" and p["concurrency"] == 16)
+    assert eager16["throughput_utt_s"] == 2.0 and eager16["repeats"] == 3
+    assert eager16["spread"] == {"throughput_utt_s": [1.0, 3.0], "p50_ms": [100.0, 300.0]}
+    assert eager16["latency_ms"] == {"p50": 200.0, "p99": 400.0} and eager16["ok"] == 12
+    assert eager16["extra"]["server_cpu"]["cores_busy"] == 2.0  # the median run's record
+    r = ratios(summary, baseline="eager", runs=runs)
+    assert r["throughput"]["16"] == 3.0 / 2.0 and r["p50_at_c1"] == 20.0 / 40.0
+    # within each repeat: 3/1, 3/3, 4/2
+    assert r["spread"]["throughput_c16"] == [1.0, 3.0] and r["spread"]["p50_at_c1"] == [0.25, 0.75]
+    report = {"machine": {"cpu_model": "x", "logical_cores": 2, "memory_gib": 1, "load_average": [0, 0, 0]},
+              "bundle_id": "b", "preset": "base", "command": "emoq bench", "repeats": 3, "api": "unary",
+              "mode": "closed", "workload": {"num_utterances": 1, "mean_seconds": 1.0, "seed": 0}, "threads": {},
+              "peak_gflops": {}, "stages": ["total"], "flops_per_request": {}, "points": runs, "summary": summary,
+              "ratios": {"eager": r}}
+    text = markdown(report)
+    assert "| eager | 16 | – | 12/12 | 2.00 [1.00–3.00] |" in text and "| 16 | 1.50× [1.00–3.00] |" in text
+    assert "- onnx 16: 3.00 cores (150 % of the machine): emoq-graph 3.00 (1/1)" in text
+
+
+def test_bench_cli_takes_repeats_and_refuses_none():
+    import argparse
+
+    from benchmarks.cli import register
+    from benchmarks.config import BenchConfig
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--bundle", "b", "--repeats", "3"])
+    assert args.repeats == 3 and "--repeats 3" in __import__("benchmarks.cli").cli.canonical_command(args)
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(bundle="b", repeats=0)

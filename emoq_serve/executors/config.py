@@ -227,7 +227,7 @@ def name_os_thread(name: str | None = None) -> None:
 
 def stage_worker(torch_threads: int) -> None:
     """Initializer of a compute worker thread: named after its pool, torch's intra-op threads set
-    (torch's count is per OS thread: a new thread would otherwise use every core)."""
+    (explicitly: a thread started before the process set its count would use every core)."""
     import torch
 
     name_os_thread()

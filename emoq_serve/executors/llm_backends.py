@@ -204,7 +204,7 @@ class _EngineThread:
     def _run(self, build: Callable[[], Any], ready: threading.Event) -> None:
         try:
             # vLLM-CPU in-process binds no OpenMP threads itself: this thread's count is what its
-            # forward passes use, and a new thread's default is every core.
+            # forward passes use, so it is set here rather than left to whoever set it first.
             stage_worker(self._torch_threads)
             self._engine = build()
         except BaseException as exc:  # reported to the constructor, which re-raises

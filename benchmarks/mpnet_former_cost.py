@@ -88,12 +88,31 @@ def forward_s(former: EmoQFormer, bf16: bool, repeats: int) -> float:
     return _median(run, repeats)
 
 
+def onnx_forward_ms(former: EmoQFormer, threads: int, repeats: int) -> float:
+    """The served path's former: `former.onnx` (as `emoq export` writes it) in onnxruntime's CPU EP,
+    fp32, all graph optimisations, one utterance."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from export.onnx_export import export_former
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_former(former.eval(), AUDIO_DIM, Path(tmp) / "former.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = dict(zip(("frames", "frame_mask", "input_ids", "text_mask"), (t.numpy() for t in _inputs(former, 1, 20))))
+        return 1000 * _median(lambda: session.run(None, feed), repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-repeats", type=int, default=3)
     p.add_argument("--forward-repeats", type=int, default=20)
     p.add_argument("--out", type=Path)
+    p.add_argument("--onnx-only", action="store_true", help="only time the exported former.onnx per utterance")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -104,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         former = _former(cfg)
         row = {"parameters": sum(p.numel() for p in former.parameters()),
                "layers": cfg.num_layers, "hidden": cfg.hidden_size, "queries": cfg.num_queries}
-        for precision, bf16 in (("fp32", False), ("bf16", True)):
+        for precision, bf16 in (("fp32", False), ("bf16", True)) if not args.onnx_only else ():
             row[f"train_step_s_{precision}"] = round(train_step_s(former, bf16, args.train_repeats), 4)
             row[f"forward_ms_{precision}"] = round(1000 * forward_s(former, bf16, args.forward_repeats), 2)
+        row["forward_ms_onnx_fp32"] = round(onnx_forward_ms(former, args.threads, args.forward_repeats), 2)
         results[name] = row
         print(name, json.dumps(row), flush=True)
     report = {

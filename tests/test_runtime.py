@@ -615,3 +615,21 @@ def test_cpu_preset_follows_the_plan_of_this_cpu_class(monkeypatch):
     monkeypatch.setenv(CPU_PLAN_ENV, "nope")
     with pytest.raises(ValueError, match="unknown CPU plan"):
         cpu_plan("amx")
+
+
+def test_warm_up_runs_every_grid_length_on_every_graph_worker(tiny_bundle, monkeypatch):
+    import threading
+
+    from emoq_serve.executors.pipeline import GRID_QUANTUM, grid_length
+
+    seen = []
+    run = OrtStage.run
+    monkeypatch.setattr(OrtStage, "run", lambda self, **kw: seen.append(
+        (threading.current_thread().name, kw["waveforms"].shape[1])) or run(self, **kw))
+    cfg = runtime_preset("test").replace(llm_backend="transformers", audio_per_utterance=True, audio_length_ratio=1.2,
+                                         warmup_audio_s=0.2, graph_workers=2)
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    asyncio.run(pipeline.close())
+    grid = sorted({grid_length(n, 1.2) for n in range(GRID_QUANTUM, 3200 + 1, GRID_QUANTUM)})
+    workers = {name for name, _ in seen}
+    assert len(workers) == 2 and all(sorted(w for n, w in seen if n == name) == grid for name in workers)

@@ -64,6 +64,10 @@ class RuntimeConfig:
     #: input shape, which costs more than the small encoder's compute; on a grid the shapes recur,
     #: for at most this ratio of padding (the encoder is padding-invariant: same frames).
     audio_length_ratio: float = 1.0
+    #: At load, run the audio encoder on every grid length up to this many seconds (0: none), on
+    #: each graph worker: the first request of each length then finds its kernels compiled. Meant
+    #: for the grid (`audio_per_utterance` with `audio_length_ratio` > 1, a few dozen shapes).
+    warmup_audio_s: float = 0.0
     #: Pad the transcript tokens to a multiple of this (1: the batch's longest), for the same reason.
     text_length_multiple: int = 1
     #: Worker threads running the ONNX stages of different batches at once (each stage with its
@@ -168,7 +172,7 @@ CPU_PLANS_FILE = Path(__file__).with_name("cpu_plans.json")
 CPU_PLAN_ENV = "EMOQ_CPU_PLAN"
 #: The RuntimeConfig fields a plan may set.
 PLAN_FIELDS = ("graph_workers", "compute_slots", "inflight_batches", "audio_per_utterance", "audio_length_ratio",
-               "text_length_multiple", "max_batch")
+               "warmup_audio_s", "text_length_multiple", "max_batch")
 
 
 def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:

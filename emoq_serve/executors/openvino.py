@@ -15,10 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoq_serve.executors.config import name_os_thread
 from emoq_serve.executors.ort import check_inputs
 
 #: RuntimeConfig precision -> OpenVINO's inference precision hint.
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def _os_thread_name() -> str:
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return threading.current_thread().name
 
 
 def openvino_available() -> bool:
@@ -45,16 +54,27 @@ class OvStage:
         # A stream per calling thread (`threads` each): the CPU plugin runs one inference at a time
         # per stream, so graph workers sharing one stream would take turns. No pinning: the other
         # stages and the LLM share these cores.
-        self.compiled = core.compile_model(model, "CPU", {
+        # The plugin starts its stream threads now, and they inherit this thread's name: name them
+        # after the graph, so per-thread CPU samples show which stage they compute.
+        previous = _os_thread_name()
+        name_os_thread(f"ov-{self.path.stem}")
+        try:
+            self.compiled = self._compile(core, model, threads, streams, precision)
+        finally:
+            name_os_thread(previous)
+        self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
+        self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
+        self._local = threading.local()  # an infer request per calling thread: requests are not shareable
+
+    @staticmethod
+    def _compile(core, model, threads: int, streams: int, precision: str):
+        return core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads * streams,
             "NUM_STREAMS": streams,
             "INFERENCE_PRECISION_HINT": _PRECISION[precision],
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,
         })
-        self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
-        self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
-        self._local = threading.local()  # an infer request per calling thread: requests are not shareable
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from emoq_serve import bundle as names
 from emoq_serve.bundle import Bundle
+from emoq_serve.config import SAMPLE_RATE
 from emoq_serve.kernels import attentive_pool
 from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
 from emoq_serve.executors.heads import PromptEmbedder, load_heads
@@ -87,6 +88,23 @@ class OnnxPipeline:
             self.prompts, self.llm = None, None
         self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-graph",
                                           initializer=stage_worker, initargs=(cfg.torch_threads,))
+        if cfg.warmup_audio_s > 0:
+            self._warm_up(cfg.warmup_audio_s)
+
+    def _warm_up(self, seconds: float) -> None:
+        """Run the audio encoder once per grid length up to `seconds` on every graph worker (each
+        has its own OpenVINO stream), so the first request of each length pays no compilation."""
+        widths = sorted({grid_length(n, self.cfg.audio_length_ratio)
+                         for n in range(GRID_QUANTUM, int(seconds * SAMPLE_RATE) + 1, GRID_QUANTUM)})
+        together = threading.Barrier(self.cfg.graph_workers)  # one task per worker thread
+
+        def warm() -> None:
+            together.wait()
+            for width in widths:
+                self.audio.run(waveforms=torch.zeros(1, width), lengths=torch.tensor([width]))
+
+        for job in [self._worker.submit(warm) for _ in range(self.cfg.graph_workers)]:
+            job.result()
 
     def _stage(self, graph: str, threads: int) -> OrtStage | OvStage:
         path = self.bundle.file(graph)

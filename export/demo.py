@@ -162,7 +162,6 @@ async def query_demo(bundle: Path, seed: int) -> tuple[list[tuple[Example, Emoti
     from emoq_serve.client.api import EmotionClient
     from emoq_serve.client.conversation import result_row, stream_conversation
     from emoq_serve.data.conversation import make_conversation
-    from emoq_serve.data.speech import PIPER_VOICE, piper_available
     from emoq_serve.data.synthetic import demo_utterances
     from emoq_serve.executors.config import runtime_preset
     from emoq_serve.server.app import bundle_server
@@ -177,8 +176,7 @@ async def query_demo(bundle: Path, seed: int) -> tuple[list[tuple[Example, Emoti
     async with bundle_server(bundle, runtime_preset("cpu"), ServerConfig(port=0, metrics_port=None)) as server:
         _step(f"streaming the demo utterances to 127.0.0.1:{server.port} (100 ms chunks)")
         async with EmotionClient(f"127.0.0.1:{server.port}") as client:
-            voices = [None, PIPER_VOICE] if piper_available() else [None]  # espeak-ng, then Piper
-            for example in [ex for voice in voices for ex in demo_utterances(seed, voice=voice)]:
+            for example in demo_utterances(seed):
                 t0 = time.perf_counter()
                 async for result in client.stream(example.audio, 16_000, example.transcript, chunk_ms=100):
                     if result.is_final:

@@ -68,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Recognize calls in progress at once (per bearer token when tokens are on); "
                         "more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-stream-pending-segments", type=int, default=d.max_stream_pending_segments,
-                   help="VOICE_ACTIVITY: closed segments of one stream in work at once; one more gets a segment "
-                        "error result (RESOURCE_EXHAUSTED) and the stream goes on")
+                   help="VOICE_ACTIVITY: closed segments of one stream in work at once; at the share the stream's "
+                        "next message waits (back-pressure on a client sending faster than real time)")
     p.add_argument("--max-segment-s", type=float, default=d.max_segment_s,
                    help="VOICE_ACTIVITY: longest segment before a forced cut (clients may ask for less)")
     p.add_argument("--max-segment-transcript-wait-ms", type=int, default=d.max_segment_transcript_wait_ms,

@@ -64,10 +64,10 @@ class ServerConfig:
     max_buffered_audio_s: float = 1_800.0  # 16 kHz float32 audio held over all streams (64 kB per second)
     max_stream_audio_s: float = 120.0  # one stream's share of it
     max_unary_calls: int = 128  # Recognize calls in progress, server-wide (per bearer token when tokens are on)
-    #: VOICE_ACTIVITY: closed segments of one stream being transcribed, scored or sent; one more
-    #: is answered with a segment error (the stream goes on), so a stream faster than real time
-    #: cannot fill the ASR queue and the batcher for everyone.
-    max_stream_pending_segments: int = 4
+    #: VOICE_ACTIVITY: closed segments of one stream being transcribed or scored at once; at the
+    #: share the stream's next message waits (back-pressure), so a stream faster than real time is
+    #: paced to its own results and cannot fill the ASR queue and the batcher for everyone.
+    max_stream_pending_segments: int = 2
     # Shutdown: how long in-flight calls may run after SIGTERM before they are cut off (UNAVAILABLE).
     drain_timeout_s: float = 30.0
     #: Engine supervision: hung-batch timeout, failures in a row, rebuild backoff (emoq_serve.engine.supervisor).

@@ -56,8 +56,9 @@ from emoq_serve.server.validation import InvalidRequest, config_context
 log = logging.getLogger(__name__)
 
 
-#: Segment refusals a stream may have waiting for its client before the stream ends.
-UNSENT_REFUSALS = 64
+#: Finished results a stream may have waiting for its client to read them before the stream ends
+#: (they hold no audio, so a few dozen cost nothing).
+MAX_UNSENT_RESULTS = 64
 
 
 def vad_params(cfg: ServerConfig, va: pb.VoiceActivityConfig) -> VadParams:
@@ -158,8 +159,9 @@ class ConversationStream:
         self._next_index = 0  # segments closed so far
         self._closed_end_s = 0.0
         self._closed_samples = 0  # audio of closed segments whose result is not sent yet
-        self._in_work = 0  # closed segments being transcribed, scored or waiting to be sent
-        self._unsent = 0  # results (and refusals) queued for the client
+        self._in_work = 0  # closed segments being transcribed or scored
+        self._slot_free = asyncio.Event()  # set whenever a segment's work ends
+        self._unsent = 0  # results queued for the client (in work or done)
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
         # in segment order; each segment's future is set once its turn is in (or skipped).
         self._history: collections.deque[Turn] = collections.deque(
@@ -183,8 +185,6 @@ class ConversationStream:
                 self._unsent -= 1
                 if item is self._interim:
                     self._interim = None
-                elif result is not None and result.is_final and not result.HasField("error"):
-                    self._in_work -= 1
         finally:  # an error, a cancelled call or a finished one: nothing of this stream keeps running
             reader.cancel()
             for task in self._tasks:
@@ -197,6 +197,7 @@ class ConversationStream:
             span = self.cfg.interim_span_s
             next_point = span
             while (request := await next_message()) is not None:
+                await self._share()
                 self.ticket.fits(self.stream.incoming_bytes(request))  # before any decoding
                 fed = await self.scorer.off_loop(self.stream.feed, request)
                 if fed.audio is not None:
@@ -231,18 +232,20 @@ class ConversationStream:
     def _hold(self) -> None:
         self.ticket.hold_samples(self.segmenter.buffered_samples + self._closed_samples)
 
+    async def _share(self) -> None:
+        """Back-pressure: while this stream has its share of segments in work, its next message is
+        not read (gRPC's fixed flow-control window then stops the client's sends), so a client
+        sending faster than real time is paced to what the server computes for it, and never
+        fills the ASR queue or the batcher for everyone."""
+        while self._in_work >= self.cfg.max_stream_pending_segments:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
     def _close(self, segments: list[Segment]) -> None:
-        """Each closed segment is scored at once (its task joins the ordered output), unless this
-        stream already has its share of segments in work: then it is answered with a segment
-        error before any work, its audio dropped, and the stream goes on."""
+        """Each closed segment is scored at once (its task joins the ordered output)."""
         for seg in segments:
             self._next_index = seg.index + 1
             self._closed_end_s = seg.end_s
-            if self._in_work >= self.cfg.max_stream_pending_segments:
-                busy = ServerBusy(f"this stream already has {self._in_work} segments in work "
-                                  "(--max-stream-pending-segments): segment skipped; send audio no faster than real time")
-                self._spawn(self._refused(seg, busy))
-                continue
             self._in_work += 1
             self._closed_samples += len(seg.audio)
             self._undecided += 1
@@ -251,10 +254,8 @@ class ConversationStream:
         self._hold()
 
     def _spawn(self, coro: Awaitable[pb.EmotionResult | None]) -> asyncio.Task[pb.EmotionResult | None]:
-        # What waits for a client that does not read is bounded: segments in work by their share,
-        # one interim, and refusals on top (they hold no audio, so a few dozen cost nothing);
-        # past that the stream ends.
-        if self._unsent >= self.cfg.max_stream_pending_segments + 1 + UNSENT_REFUSALS:
+        # What waits for a client that does not read is bounded: past it the stream ends.
+        if self._unsent >= MAX_UNSENT_RESULTS:
             raise ServerBusy(f"{self._unsent} results of this stream are waiting to be read: read the responses "
                              "as they come (the server stops holding them)")
         task = asyncio.ensure_future(coro)
@@ -263,9 +264,6 @@ class ConversationStream:
         self._unsent += 1
         self._out.put_nowait(task)
         return task
-
-    async def _refused(self, seg: Segment, exc: Exception) -> pb.EmotionResult:
-        return self._failed(seg, exc)
 
     def _failed(self, seg: Segment, exc: Exception) -> pb.EmotionResult:
         """A final result that says this one segment failed, with the status the call would have
@@ -287,8 +285,10 @@ class ConversationStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # this segment's failure, not the conversation's
-            self._in_work -= 1  # an error result does not wait in the segment's share
             return self._failed(seg, exc)
+        finally:
+            self._in_work -= 1
+            self._slot_free.set()
 
     async def _final_result(self, seg: Segment, closed_at: float, before: asyncio.Future[None],
                             turn: asyncio.Future[None]) -> pb.EmotionResult:

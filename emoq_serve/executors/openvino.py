@@ -18,6 +18,8 @@ import torch
 from emoq_serve.executors.config import name_os_thread
 from emoq_serve.executors.ort import check_inputs
 
+_FIRST_USE = threading.Lock()
+
 #: RuntimeConfig precision -> OpenVINO's inference precision hint.
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -79,8 +81,14 @@ class OvStage:
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""
         check_inputs(self.path, self.input_names, inputs)
+        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()}
         request = getattr(self._local, "request", None)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        request.infer({name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()})
+            # A thread's first inference, one thread at a time: two graph workers starting their
+            # first at once deadlocked in the bindings' one-time initialisation (seen at warm-up).
+            with _FIRST_USE:
+                request = self._local.request = self.compiled.create_infer_request()
+                request.infer(feed)
+        else:
+            request.infer(feed)
         return {name: torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.output_names}

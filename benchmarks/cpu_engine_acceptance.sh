@@ -29,8 +29,8 @@ if [[ $tune == --tune ]]; then
     --requests 32 --warmup 8 --utterances 64 --out "$out/tune" --write
 fi
 
-# The plan's in-flight batches as a flag until `emoq serve` reads RuntimeConfig.inflight_batches;
-# the eager baselines get the same slots (more queued work only keeps their two workers busier).
+# `emoq serve` takes the plan's in-flight batches by default; the eager baselines get the same
+# slots through the flag (more queued work only keeps their two workers busier).
 inflight=$($py -c 'from emoq_serve.executors.config import runtime_preset; print(runtime_preset("cpu").inflight_batches)')
 for name in base demo; do
   bundle=$base

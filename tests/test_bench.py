@@ -279,7 +279,7 @@ def test_thread_sample_names_a_busy_thread_of_this_process():
     import time
 
     from benchmarks.threads import busy, sample
-    from emoq_serve.executors.config import name_os_thread
+    from emoq_serve.executors.threads import name_os_thread
 
     stop = threading.Event()
 

@@ -295,8 +295,10 @@ def test_cluster_config_checks_its_bounds():
 def test_replica_resources_follow_the_runtime_preset_unless_given():
     assert replica_resources(ClusterConfig(), runtime_preset("cpu")) == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert replica_resources(ClusterConfig(), runtime_preset("cuda"))["num_gpus"] == 1.0
-    cpu2 = runtime_preset("cpu").replace(graph_workers=2, audio_threads=2)
+    # A plan without a shared core budget reserves its stages' threads; with one, the budget.
+    cpu2 = runtime_preset("cpu").replace(graph_workers=2, audio_threads=2, compute_slots=0)
     assert replica_resources(ClusterConfig(), cpu2)["num_cpus"] == 5.0
+    assert replica_resources(ClusterConfig(), cpu2.replace(compute_slots=3))["num_cpus"] == 3.0
     assert replica_resources(ClusterConfig(replica_cpus=1, replica_gpus=0.5), runtime_preset("cuda")) == \
         {"num_cpus": 1.0, "num_gpus": 0.5}
 

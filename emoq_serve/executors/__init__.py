@@ -8,7 +8,8 @@ Modules: `types` (Utterance, Prediction, Recognizer and its optional capabilitie
 (RuntimeConfig and its presets), `pipeline` (OnnxPipeline) over `ort` / `openvino` (the ONNX
 graphs) and `llm_backends` (vLLM, transformers), `eager` (the PyTorch baseline), and what both
 engines share: `inputs` (the model's input batch), `heads` (projector or auxiliary head, prompt
-embeddings), `common` (device, stage timing, model info, predictions).
+embeddings), `common` (device, stage timing, model info, predictions), `threads` (compute threads named and
+single-threaded), and `cpu_plans.json` (the `cpu` preset's layout per CPU class).
 """
 
 from __future__ import annotations

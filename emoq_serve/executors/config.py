@@ -9,12 +9,10 @@ own pool oversubscribes the cores and makes small ops many times slower (ARCHITE
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -216,27 +214,6 @@ RUNTIME_PRESETS: dict[str, RuntimeConfig] = {
     # max_batch 64 also sizes vLLM's max_num_seqs (times the batches in flight).
     "cuda": RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=64),
 }
-
-
-def name_os_thread(name: str | None = None) -> None:
-    """Give the calling OS thread `name` (default: its Python name; Linux keeps 15 bytes), so a
-    per-thread CPU sample (`benchmarks/threads.py`) says which stage each thread serves; the
-    threads a library starts from it (OpenMP, oneTBB pools) inherit the name."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, (name or threading.current_thread().name).encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):  # not Linux: names are a diagnostic only
-        pass
-
-
-def stage_worker(torch_threads: int) -> None:
-    """Initializer of a compute worker thread: named after its pool, torch's intra-op threads set
-    (explicitly: a thread started before the process set its count would use every core)."""
-    import torch
-
-    name_os_thread()
-    # The C setter: once vLLM-CPU has started it replaces `torch.set_num_threads` with a no-op.
-    torch._C.set_num_threads(torch_threads)
 
 
 def runtime_preset(name: str) -> RuntimeConfig:

@@ -31,7 +31,8 @@ from emoq_serve.model.former import EmoQFormer
 from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
 from emoq_serve.executors.heads import PromptEmbedder, load_heads, prompt_builder
 from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
-from emoq_serve.executors.config import RuntimeConfig, stage_worker
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.threads import stage_worker
 from emoq_serve.executors.llm_backends import TransformersBackend
 from emoq_serve.executors.types import Prediction, Utterance
 

@@ -31,7 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from emoq_serve.executors.config import RuntimeConfig, stage_worker
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.threads import stage_worker
 from emoq_serve.executors.types import EngineFailure
 
 log = logging.getLogger(__name__)

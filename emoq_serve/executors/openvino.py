@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoq_serve.executors.config import name_os_thread
+from emoq_serve.executors.threads import name_os_thread
 from emoq_serve.executors.ort import check_inputs
 
 _FIRST_USE = threading.Lock()

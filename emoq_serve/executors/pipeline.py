@@ -35,7 +35,8 @@ from emoq_serve.kernels import attentive_pool
 from emoq_serve.executors.common import StageClock, engine_device, engine_info, predictions
 from emoq_serve.executors.heads import PromptEmbedder, load_heads
 from emoq_serve.executors.inputs import model_batch, text_only, text_tokenizer
-from emoq_serve.executors.config import RuntimeConfig, stage_worker
+from emoq_serve.executors.config import RuntimeConfig
+from emoq_serve.executors.threads import stage_worker
 from emoq_serve.executors.llm_backends import make_llm_backend
 from emoq_serve.executors.ort import OrtStage, graph_cache_dir, graph_digest
 from emoq_serve.executors.openvino import OvStage

@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnx engine: the fp32 or the fp16 audio graph (default auto: fp16 on CUDA when the bundle "
                         "was exported with --fp16)")
     p.add_argument("--max-queue-delay-ms", type=float, default=d.batcher.max_queue_delay_ms)
-    p.add_argument("--max-inflight-batches", type=int, default=d.batcher.max_inflight_batches,
-                   help="batches in the engine at once (2: ONNX stages of one overlap the LLM of another)")
+    p.add_argument("--max-inflight-batches", type=int, default=None,
+                   help="batches in the engine at once (default: the runtime preset's, which on the cpu preset "
+                        "follows this CPU class's plan)")
     p.add_argument("--queue-size", type=int, default=d.batcher.queue_size)
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
     p.add_argument("--max-transcript-tokens", type=int, default=d.max_transcript_tokens)
@@ -134,7 +135,8 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
         **{k: v for k, v in vars(args).items() if k in fields},
         # The batcher and the engine agree on one batch size.
         batcher=BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
-                              queue_size=args.queue_size, max_inflight_batches=args.max_inflight_batches),
+                              queue_size=args.queue_size,
+                              max_inflight_batches=args.max_inflight_batches or runtime.inflight_batches),
         supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
                                     max_consecutive_failures=args.max_consecutive_failures),
         asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,

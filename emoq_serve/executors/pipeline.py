@@ -40,7 +40,7 @@ from emoq_serve.executors.threads import stage_worker
 from emoq_serve.executors.llm_backends import make_llm_backend
 from emoq_serve.executors.ort import OrtStage, graph_cache_dir, graph_digest
 from emoq_serve.executors.openvino import OvStage
-from emoq_serve.executors.types import Prediction, Utterance
+from emoq_serve.executors.types import Prediction, SupportsFailureWatch, Utterance
 
 
 #: Length-grid points are whole multiples of one HuBERT frame stride (20 ms at 16 kHz).
@@ -218,10 +218,10 @@ class OnnxPipeline:
         return predictions(self.labels, posteriors, timings)
 
     def watch_failure(self, callback: Callable[[BaseException], None]) -> None:
-        """See `Recognizer`: only the LLM backend (vLLM's engine thread) can break between batches."""
-        watch = getattr(self.llm, "watch_failure", None)  # None: an "aux" bundle has no LLM
-        if watch is not None:
-            watch(callback)
+        """See `SupportsFailureWatch`: only the LLM backend (vLLM's engine thread) can break between
+        batches (an "aux" bundle has no LLM, and the transformers backend has no thread)."""
+        if isinstance(self.llm, SupportsFailureWatch):
+            self.llm.watch_failure(callback)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.shutdown)

@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from emoq_serve.bundle import sha256_file
+from emoq_serve.hashing import sha256_file
 from emoq_serve.config import SAMPLE_RATE
 
 log = logging.getLogger(__name__)

@@ -159,7 +159,7 @@ class ConversationStream:
         self._next_index = 0  # segments closed so far
         self._closed_end_s = 0.0
         self._closed_samples = 0  # audio of closed segments whose result is not sent yet
-        self._in_work = 0  # closed segments being transcribed or scored
+        self._in_work = 0  # closed segments past their client-transcript wait: being transcribed or scored
         self._slot_free = asyncio.Event()  # set whenever a segment's work ends
         self._unsent = 0  # results queued for the client (in work or done)
         # Dialogue context (a model with context_turns K > 0): the last K decided turns, appended
@@ -246,7 +246,6 @@ class ConversationStream:
         for seg in segments:
             self._next_index = seg.index + 1
             self._closed_end_s = seg.end_s
-            self._in_work += 1
             self._closed_samples += len(seg.audio)
             self._undecided += 1
             before, self._last_turn = self._last_turn, asyncio.get_running_loop().create_future()
@@ -286,9 +285,6 @@ class ConversationStream:
             raise
         except Exception as exc:  # this segment's failure, not the conversation's
             return self._failed(seg, exc)
-        finally:
-            self._in_work -= 1
-            self._slot_free.set()
 
     async def _final_result(self, seg: Segment, closed_at: float, before: asyncio.Future[None],
                             turn: asyncio.Future[None]) -> pb.EmotionResult:
@@ -299,26 +295,38 @@ class ConversationStream:
                 self._undecided -= 1
                 if not self._undecided:
                     self.transcripts.prune(self._next_index, self._closed_end_s)
-            transcript, speaker = self._from_client(st)
-            if not self.scorer.context_turns:
-                return await self._score(seg, transcript, speaker, final=True, started=closed_at)
-            # The model reads the earlier turns: decide this one's transcript (client's or ASR's),
-            # wait for the turns before it to be decided, read them, then add this one.
-            utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
-            said = await self.scorer.transcripts.transcript_for(utterance, self.config.asr, deadline_of(self.context))
-            await asyncio.shield(before)  # cancelling this segment must not cancel the one before
-            utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
-            if said.text.strip():
-                self._history.append((utterance.speaker, said.text))
-            turn.set_result(None)
-            result = await self.scorer.score(utterance, said, self.context, True, closed_at)
-            return self._place(result, seg)
+            # Only now does the segment take a slot of the stream's share: while it waits for its
+            # client transcript the reader must keep reading, or that transcript could never arrive.
+            self._in_work += 1
+            try:
+                return await self._decided(seg, st, closed_at, before, turn)
+            finally:
+                self._in_work -= 1
+                self._slot_free.set()
         finally:
             if not turn.done():  # failed before its turn was in: the next segment still waits for `before`
                 before.add_done_callback(lambda _: turn.done() or turn.set_result(None))
             self._closed_samples -= len(seg.audio)
             with contextlib.suppress(Exception):  # shrinking never raises; the ticket may be closed
                 self._hold()
+
+    async def _decided(self, seg: Segment, st: pb.SegmentTranscript | None, closed_at: float,
+                       before: asyncio.Future[None], turn: asyncio.Future[None]) -> pb.EmotionResult:
+        """A segment whose client transcript is in (or not coming): transcribe if needed and score."""
+        transcript, speaker = self._from_client(st)
+        if not self.scorer.context_turns:
+            return await self._score(seg, transcript, speaker, final=True, started=closed_at)
+        # The model reads the earlier turns: decide this one's transcript (client's or ASR's),
+        # wait for the turns before it to be decided, read them, then add this one.
+        utterance = Utterance(audio=seg.audio, transcript=transcript, speaker=speaker or None)
+        said = await self.scorer.transcripts.transcript_for(utterance, self.config.asr, deadline_of(self.context))
+        await asyncio.shield(before)  # cancelling this segment must not cancel the one before
+        utterance = dataclasses.replace(utterance, transcript=said.text, context=tuple(self._history))
+        if said.text.strip():
+            self._history.append((utterance.speaker, said.text))
+        turn.set_result(None)
+        result = await self.scorer.score(utterance, said, self.context, True, closed_at)
+        return self._place(result, seg)
 
     async def _client_transcript(self, seg: Segment) -> pb.SegmentTranscript | None:
         """The segment's transcript: already here, or arriving within the bounded wait."""

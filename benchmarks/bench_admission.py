@@ -109,17 +109,20 @@ async def fast_stream(client, minutes: float) -> dict:
 
     from emoq_serve._proto import emoq_pb2 as pb
 
+    from emoq_serve.data.conversation import make_conversation
+
     seconds = int(minutes * 60)
-    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    one_s = 0.3 * np.sin(2 * np.pi * 160 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-    chunk = (one_s * 32767).astype("<i2").tobytes()
+    speech = make_conversation(seconds=60.0, seed=7).audio  # real speech, so the VAD cuts segments
+    audio = np.tile(speech, seconds // 60 + 1)[: seconds * SAMPLE_RATE]
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = 2 * SAMPLE_RATE  # one second of LINEAR16 per message
     config = pb.RecognitionConfig(encoding=pb.LINEAR16, sample_rate_hz=SAMPLE_RATE, segmentation=pb.VOICE_ACTIVITY,
                                   voice_activity=pb.VoiceActivityConfig(max_segment_s=1.0))
 
     async def messages():
         yield pb.StreamingRecognizeRequest(config=config)
-        for _ in range(seconds):
-            yield pb.StreamingRecognizeRequest(audio_content=chunk)
+        for start in range(0, len(pcm), step):
+            yield pb.StreamingRecognizeRequest(audio_content=pcm[start:start + step])
 
     scored, failed = 0, collections.Counter()
     try:

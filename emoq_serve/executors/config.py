@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from emoq_serve import hostinfo
 from emoq_serve.hostinfo import cpu_has_native_bf16
 
 LLMBackendName = Literal["vllm", "transformers"]
@@ -181,19 +182,13 @@ def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:
     except OSError:  # an install without the package data: the plan every class can run
         log.warning("%s is missing: the cpu preset uses the stage-per-thread plan", CPU_PLANS_FILE)
         return "stage-per-thread", {"graph_workers": 1, "compute_slots": 0, "inflight_batches": 2}
-    name = os.environ.get(CPU_PLAN_ENV) or table["classes"].get(cpu_class or _cpu_class(), {}).get(
+    name = os.environ.get(CPU_PLAN_ENV) or table["classes"].get(cpu_class or hostinfo.cpu_class(), {}).get(
         "plan", table["default"])
     if name not in table["plans"]:
         raise ValueError(f"unknown CPU plan {name!r}; {CPU_PLANS_FILE.name} has {', '.join(table['plans'])}")
     cores = os.cpu_count() or 1
     fields = {k: cores if v == "cores" else v for k, v in table["plans"][name].items() if k in PLAN_FIELDS}
     return name, fields
-
-
-def _cpu_class() -> str:
-    from emoq_serve.hostinfo import cpu_class
-
-    return cpu_class()
 
 
 def _cpu_preset() -> RuntimeConfig:

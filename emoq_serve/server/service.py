@@ -50,7 +50,6 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     ) -> None:
         self.recognizer = recognizer
         self.scorer = Scorer(recognizer, batcher, metrics, cfg, transcripts)
-        self.transcripts = self.scorer.transcripts
         self.batcher = batcher
         self.validator = validator
         self.metrics = metrics
@@ -62,7 +61,6 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.off_loop = self.scorer.off_loop
         self.limits = CallLimits(cfg.max_streams, cfg.max_buffered_audio_s, cfg.max_stream_audio_s, cfg.max_unary_calls)
         #: Count unary calls per bearer token (the app sets it when tokens are on; a client could
         #: otherwise dodge the server-wide cap with made-up tokens).
@@ -74,7 +72,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
 
     def speech_healthy(self) -> bool:
         """Neither the ASR worker nor the shared VAD thread is hung or gone."""
-        asr = self.transcripts.asr
+        asr = self.scorer.transcripts.asr
         return (asr is None or asr.healthy) and (self._vad is None or self._vad.healthy())
 
     async def vad(self) -> VadBatcher:
@@ -82,7 +80,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         (off the loop)."""
         async with self._vad_lock:
             if self._vad is None:
-                self._vad = VadBatcher(await self.off_loop(SileroVad), on_batch=self.metrics.vad_batch_size.observe)
+                self._vad = VadBatcher(await self.scorer.off_loop(SileroVad), on_batch=self.metrics.vad_batch_size.observe)
         return self._vad
 
     def close(self) -> None:
@@ -151,7 +149,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         started = time.monotonic()
         async with self._outcome("Recognize", context):
             with self.limits.unary(self._token(context)):
-                utterance = await self.off_loop(self.validator.unary, request)
+                utterance = await self.scorer.off_loop(self.validator.unary, request)
                 result = await self.scorer.recognize_utterance(utterance, context, True, started, request.config.asr)
                 return pb.RecognizeResponse(result=result)
 
@@ -185,7 +183,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 requests = aiter(request_iterator)
                 first = await self._next_message(requests)
                 if first is not None:
-                    await self.off_loop(stream.feed, first)
+                    await self.scorer.off_loop(stream.feed, first)
                 if stream.voice_activity:
                     conversation = ConversationStream(self.scorer, stream, context, ticket, await self.vad())
                     async for response in conversation.run(lambda: self._next_message(requests)):
@@ -205,19 +203,19 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         next_point = span
         while not ended and (request := await self._next_message(requests)) is not None:
             ticket.fits(stream.incoming_bytes(request))  # before any decoding
-            await self.off_loop(stream.feed, request)
+            await self.scorer.off_loop(stream.feed, request)
             ticket.hold_samples(stream.held_samples)
             if stream.config.interim_results and stream.audio_seconds >= next_point:
                 # Computed inline: grpc buffers the chunks that arrive meanwhile (see next_interim).
                 started = time.monotonic()
-                utterance = await self.off_loop(stream.utterance, False)
+                utterance = await self.scorer.off_loop(stream.utterance, False)
                 if len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
                     result = await self.scorer.recognize_utterance(utterance, context, False, started,
                                                              stream.config.asr)
                     yield pb.StreamingRecognizeResponse(result=result)
                 next_point = next_interim(stream.audio_seconds, span)
         started = time.monotonic()
-        utterance = await self.off_loop(stream.utterance, True)
+        utterance = await self.scorer.off_loop(stream.utterance, True)
         result = await self.scorer.recognize_utterance(utterance, context, True, started, stream.config.asr)
         yield pb.StreamingRecognizeResponse(result=result)
 
@@ -227,7 +225,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
         async with self._outcome("GetModelInfo", context):
             info = dict(self.recognizer.info())
             info.pop("context_turns", None)  # its own field
-            asr = self.transcripts.asr
+            asr = self.scorer.transcripts.asr
             return pb.GetModelInfoResponse(
                 labels=list(self.recognizer.labels),
                 sample_rate_hz=SAMPLE_RATE,

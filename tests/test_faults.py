@@ -161,17 +161,25 @@ def recover(server: RunningServer, failed_at: float, limit_s: float = 10) -> flo
 
 
 def request_id(message: str) -> str:
-    """The id in the stable INTERNAL message (which never carries the exception's text)."""
-    match = re.fullmatch(r"internal error \(request id ([0-9a-f]{16})\): .*", message)
-    assert match, f"not the stable INTERNAL message: {message!r}"
+    """The id in a stable INTERNAL or UNAVAILABLE message (which never carries the exception's text)."""
+    match = re.fullmatch(r"(?:internal error|engine unavailable) \(request id ([0-9a-f]{16})\): .*", message)
+    assert match, f"not a stable INTERNAL/UNAVAILABLE message: {message!r}"
     return match.group(1)
 
 
 def logged_detail(caplog: pytest.LogCaptureFixture, message: str) -> str:
-    """The server's log line (with traceback) for an INTERNAL answer, found by its request id."""
+    """The server's log line (with any traceback) for a withheld answer, found by its request id."""
     lines = [r for r in caplog.records if request_id(message) in r.getMessage()]
     assert len(lines) == 1, f"expected one log line for request id {request_id(message)}"
-    return lines[0].getMessage() + "\n" + caplog.handler.formatter.formatException(lines[0].exc_info)
+    trace = caplog.handler.formatter.formatException(lines[0].exc_info) if lines[0].exc_info else ""
+    return lines[0].getMessage() + "\n" + trace
+
+
+def assert_withheld_unavailable(code: grpc.StatusCode, message: str, caplog: pytest.LogCaptureFixture,
+                                detail: str) -> None:
+    """UNAVAILABLE with the fixed message: `detail` (the engine's text) only in the server log."""
+    assert code == grpc.StatusCode.UNAVAILABLE and detail not in message
+    assert detail in logged_detail(caplog, message)
 
 
 def test_transient_failure_is_internal_and_the_engine_is_kept(faulty, caplog):
@@ -215,17 +223,20 @@ def test_raising_batch_hook_is_internal_and_the_next_call_is_right(faulty, caplo
     assert call(server) == (grpc.StatusCode.OK, expected_label())
 
 
-def test_dead_engine_is_rebuilt_while_health_says_not_serving(faulty):
+def test_dead_engine_is_rebuilt_while_health_says_not_serving(faulty, caplog):
+    """The client gets a fixed message and a request id (on main 9b76bb9 the message carried the
+    engine's exception text); the server log has the detail under the id."""
     server, faults, sup = faulty
     faults.build_delay_s = 0.5
     faults.queue[:] = ["dead"]
     code, message = call(server)
     failed_at = time.monotonic()
-    assert code == grpc.StatusCode.UNAVAILABLE and "EngineDeadError" in message and "restarting" in message
+    assert_withheld_unavailable(code, message, caplog, "EngineDeadError: injected: the engine core died")
     assert health_of(server) == NOT_SERVING
     t0 = time.monotonic()
     code, message = call(server)  # during the rebuild: refused at once, not queued behind it
-    assert code == grpc.StatusCode.UNAVAILABLE and "restarting" in message and time.monotonic() - t0 < 0.3
+    assert_withheld_unavailable(code, message, caplog, "restarting")
+    assert time.monotonic() - t0 < 0.3
     seconds = recover(server, failed_at)
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert faults.builds == 2 and len(sup.stats.recovery_s) == 1
@@ -246,7 +257,7 @@ def test_failed_engine_is_released_before_its_replacement_is_built(faulty):
     assert faults.builds == 2 and faults.alive_at_rebuild == [False]
 
 
-def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty):
+def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty, caplog):
     server, faults, sup = faulty
     faults.queue[:] = ["hang"]
     hung = server.stub.Recognize.future(REQUEST, timeout=0.2)  # its deadline passes first
@@ -257,7 +268,8 @@ def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty):
     with pytest.raises(grpc.RpcError) as err:
         queued.result()
     failed_at = time.monotonic()
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in err.value.details()
+    assert_withheld_unavailable(err.value.code(), err.value.details(), caplog, "restarting")
+    assert (REQUEST_ID_KEY, request_id(err.value.details())) in err.value.trailing_metadata()
     asyncio.run_coroutine_threadsafe(sup.wait_serving(), server.loop).result(5)
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert faults.builds == 2 and sup.stats.fatal_failures == 1
@@ -271,7 +283,7 @@ def test_failing_ort_session_is_rebuilt_after_consecutive_failures(faulty, caplo
     failed_at = time.monotonic()
     assert [c for c, _ in outcomes] == [grpc.StatusCode.INTERNAL] * 2 + [grpc.StatusCode.UNAVAILABLE]
     assert all("ONNXRuntimeError" in logged_detail(caplog, m) for _, m in outcomes[:2])
-    assert "ONNXRuntimeError" in outcomes[2][1] and "restarting" in outcomes[2][1]
+    assert_withheld_unavailable(*outcomes[2], caplog, "ONNXRuntimeError")
     asyncio.run_coroutine_threadsafe(sup.wait_serving(), server.loop).result(5)
     assert call(server) == (grpc.StatusCode.OK, expected_label())
     assert (faults.builds, sup.stats.transient_failures, sup.stats.fatal_failures) == (2, 2, 1)
@@ -322,7 +334,7 @@ def assert_same_scores(got: pb.EmotionResult, want: pb.EmotionResult) -> None:
 
 
 @pytest.mark.slow
-def test_real_vllm_engine_death_is_recovered(tiny_bundle):
+def test_real_vllm_engine_death_is_recovered(tiny_bundle, caplog):
     from emoq_serve.bundle import Bundle
 
     request = recognize_request(tone(0.6), 16_000, "the engine will die")
@@ -334,7 +346,7 @@ def test_real_vllm_engine_death_is_recovered(tiny_bundle):
         with pytest.raises(grpc.RpcError) as err:
             server.stub.Recognize(request, timeout=60)
         failed_at = time.monotonic()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "vLLM engine is closed" in err.value.details()
+        assert_withheld_unavailable(err.value.code(), err.value.details(), caplog, "vLLM engine is closed")
         seconds = recover(server, failed_at, REAL_REBUILD_LIMIT_S)
         after = server.stub.Recognize(request, timeout=60).result
         assert sup._engine is not engine
@@ -350,7 +362,7 @@ NO_WATCHDOG = {"supervisor": {"engine_timeout_s": 1e6, "max_consecutive_failures
 
 
 @pytest.mark.slow
-def test_real_vllm_step_failure_fails_inflight_calls_and_rebuilds(tiny_bundle):
+def test_real_vllm_step_failure_fails_inflight_calls_and_rebuilds(tiny_bundle, caplog):
     """`LLMEngine.step()` raises under three in-flight calls: each ends UNAVAILABLE (not a
     transient INTERNAL on a kept engine), the supervisor rebuilds, the next call is right."""
     request = recognize_request(tone(0.6), 16_000, "the engine step will fail")
@@ -370,8 +382,10 @@ def test_real_vllm_step_failure_fails_inflight_calls_and_rebuilds(tiny_bundle):
         assert [e.code() for e in errors] == [grpc.StatusCode.UNAVAILABLE] * 3, [e.details() for e in errors]
         # A batch that reached the engine names the cause; one that came after it was taken out
         # of service is refused with "restarting" alone.
-        assert all("restarting" in e.details() for e in errors)
-        assert any("injected: the engine step failed" in e.details() for e in errors)
+        details = [logged_detail(caplog, e.details()) for e in errors]
+        assert all("restarting" in d for d in details)
+        assert any("injected: the engine step failed" in d for d in details)
+        assert not any("injected" in e.details() for e in errors)
         seconds = recover(server, failed_at, REAL_REBUILD_LIMIT_S)
         assert sup._engine is not engine and sup.stats.fatal_failures == 1
         assert_same_scores(server.stub.Recognize(request, timeout=60).result, before)

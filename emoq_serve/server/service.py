@@ -28,7 +28,7 @@ from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.conversation import ConversationStream
 from emoq_serve.server.limits import CallLimits, StreamTicket
 from emoq_serve.server.scoring import Scorer, next_interim
-from emoq_serve.server.status import REQUEST_ID_KEY, ShuttingDown, StreamIdle, status_for
+from emoq_serve.server.status import REQUEST_ID_KEY, ShuttingDown, StreamIdle, status_for, withheld
 from emoq_serve.server.telemetry import ServerMetrics
 from emoq_serve.server.transcripts import TranscriptStage
 from emoq_serve.server.streams import StreamAssembler
@@ -133,6 +133,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (request id %s): %s: %s", method, request_id, type(exc).__name__, exc,
                           exc_info=exc)
+            if withheld(code, exc):  # the message names the id; the detail is in the log
                 trailing = ((REQUEST_ID_KEY, request_id),)
             self.metrics.requests.labels(method, code.name).inc()
             await context.abort(code, message, trailing_metadata=trailing)

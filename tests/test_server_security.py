@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import time
 
 import grpc
 import pytest
@@ -113,3 +114,68 @@ def test_server_only_tls(pki):
         assert recognize(srv.address, root_cert=pem["ca.pem"]) == grpc.StatusCode.OK
         # A client that trusts another CA refuses the server.
         assert recognize(srv.address, root_cert=pem["client.pem"]) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_half_a_tls_configuration_refuses_to_start(pki):
+    """On main 9b76bb9 a client CA without a server certificate served plaintext with no client
+    authentication at all; now `emoq serve` refuses to start with the reason."""
+    import argparse
+
+    from emoq_serve.server.cli import configs, register
+
+    d, _ = pki
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for flags, reason in ((["--tls-client-ca", str(d / "ca.pem")], "--tls-client-ca .*needs --tls-cert and --tls-key"),
+                          (["--tls-client-ca", str(d / "ca.pem"), "--tls-cert", str(d / "server.pem")],
+                           "both --tls-cert and --tls-key"),
+                          (["--tls-key", str(d / "server.key")], "both --tls-cert and --tls-key")):
+        with pytest.raises(SystemExit, match=reason):
+            configs(parser.parse_args(["serve", *flags]))
+    with pytest.raises(ValueError, match="refusing to serve plaintext"):
+        config(tls_client_ca=str(d / "ca.pem"))
+
+
+def test_tokens_over_plaintext_are_warned_about_at_start(pki, caplog, monkeypatch):
+    d, _ = pki
+    monkeypatch.setenv("EMOQ_AUTH_TOKENS", "s3cret")
+    plaintext = "bearer tokens over plaintext"
+    with RunningServer(StandInRecognizer, config()):
+        pass
+    assert sum(plaintext in r.getMessage() and r.levelname == "WARNING" for r in caplog.records) == 1
+    caplog.clear()
+    with RunningServer(StandInRecognizer, config(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"))):
+        pass
+    assert not any(plaintext in r.getMessage() for r in caplog.records)
+
+
+def test_health_watch_streams_are_bounded_and_counted(monkeypatch):
+    """Health is open without a token, so its streams are capped: on main 9b76bb9 any number of
+    `Watch` streams stayed open, uncounted."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(port: int) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    monkeypatch.setenv("EMOQ_AUTH_TOKENS", "s3cret")  # watches need no token, so they count here
+    with RunningServer(StandInRecognizer, config(max_health_watches=2)) as srv:
+        health = health_pb2_grpc.HealthStub(srv.channel)
+        request = health_pb2.HealthCheckRequest()
+        watches = [health.Watch(request, timeout=30) for _ in range(2)]
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2  # both open
+        with pytest.raises(grpc.RpcError) as err:
+            next(health.Watch(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in err.value.details()
+        metrics = samples(srv.server.metrics_port)
+        assert metrics["emoq_health_watches"] == 2 and metrics["emoq_health_watches_refused_total"] == 1
+        assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING  # Check stays open
+        watches[0].cancel()  # a closed watch frees its place
+        deadline = time.monotonic() + 10
+        while samples(srv.server.metrics_port)["emoq_health_watches"] != 1:
+            assert time.monotonic() < deadline, "the cancelled watch was not released"
+            time.sleep(0.05)
+        assert next(health.Watch(request, timeout=30)).status == health_pb2.HealthCheckResponse.SERVING
+        watches[1].cancel()

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from emoq_serve._proto import emoq_pb2
@@ -35,6 +35,7 @@ from emoq_serve.executors.config import RuntimeConfig
 from emoq_serve.executors.types import Recognizer, SupportsMetrics, SupportsServingState
 from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_credentials
 from emoq_serve.server.config import ServerConfig
+from emoq_serve.server.health import BoundedHealthServicer
 from emoq_serve.server.telemetry import ServerMetrics
 from emoq_serve.server.service import EmotionRecognizerService
 from emoq_serve.engine.supervisor import EngineSupervisor
@@ -98,7 +99,8 @@ class EmotionServer:
             recognizer, self.batcher, RequestValidator(cfg, count_tokens, asr_available=asr is not None), self.metrics,
             cfg, transcripts,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(cfg.max_health_watches, self.metrics.health_watches_refused)
+        self.metrics.health_watches.set_function(lambda: self.health.watching)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -162,6 +164,9 @@ class EmotionServer:
         address = f"{self.cfg.host}:{self.cfg.port}"
         credentials = server_credentials(self.cfg)
         if credentials is None:
+            if tokens:
+                log.warning("bearer tokens over plaintext: anyone on the network path can read and replay them; "
+                            "serve with --tls-cert and --tls-key")
             self.port = server.add_insecure_port(address)
         else:
             self.port = server.add_secure_port(address, credentials)

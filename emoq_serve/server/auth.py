@@ -37,10 +37,8 @@ def load_tokens(cfg: ServerConfig) -> list[str]:
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the PEM files in `cfg`; None = plaintext. A client CA means mTLS."""
-    if not cfg.tls_cert and not cfg.tls_key:
+    if not cfg.tls_cert:  # ServerConfig refuses half a TLS setting (a client CA alone included)
         return None
-    if not (cfg.tls_cert and cfg.tls_key):
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
     client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],

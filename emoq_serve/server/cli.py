@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-unary-calls", type=int, default=d.max_unary_calls,
                    help="Recognize calls in progress at once (per bearer token when tokens are on); "
                         "more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-health-watches", type=int, default=d.max_health_watches,
+                   help="open health Watch streams (they need no token); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-stream-pending-segments", type=int, default=d.max_stream_pending_segments,
                    help="VOICE_ACTIVITY: closed segments of one stream in work at once; at the share the stream's "
                         "next message waits (back-pressure on a client sending faster than real time)")
@@ -131,17 +133,20 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    server = ServerConfig(
-        **{k: v for k, v in vars(args).items() if k in fields},
-        # The batcher and the engine agree on one batch size.
-        batcher=BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
-                              queue_size=args.queue_size,
-                              max_inflight_batches=args.max_inflight_batches or runtime.inflight_batches),
-        supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
-                                    max_consecutive_failures=args.max_consecutive_failures),
-        asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,
-                             queue_size=args.asr_queue_size),
-    )
+    try:
+        server = ServerConfig(
+            **{k: v for k, v in vars(args).items() if k in fields},
+            # The batcher and the engine agree on one batch size.
+            batcher=BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
+                                  queue_size=args.queue_size,
+                                  max_inflight_batches=args.max_inflight_batches or runtime.inflight_batches),
+            supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
+                                        max_consecutive_failures=args.max_consecutive_failures),
+            asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,
+                                 queue_size=args.asr_queue_size),
+        )
+    except ValueError as exc:  # a setting to fix (half a TLS configuration, a bad limit)
+        raise SystemExit(f"emoq serve: {exc}") from None
     if server.metrics_port is not None and server.metrics_port < 0:
         server = server.replace(metrics_port=None)
     return runtime, server.replace(cluster=cluster_config(args))

@@ -64,6 +64,7 @@ class ServerConfig:
     max_buffered_audio_s: float = 1_800.0  # 16 kHz float32 audio held over all streams (64 kB per second)
     max_stream_audio_s: float = 120.0  # one stream's share of it
     max_unary_calls: int = 128  # Recognize calls in progress, server-wide (per bearer token when tokens are on)
+    max_health_watches: int = 64  # open health Watch streams (unauthenticated): more get RESOURCE_EXHAUSTED
     #: VOICE_ACTIVITY: closed segments of one stream being transcribed or scored at once; at the
     #: share the stream's next message waits (back-pressure), so a stream faster than real time is
     #: paced to its own results and cannot fill the ASR queue and the batcher for everyone.
@@ -89,6 +90,14 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_literals(self, asr=AsrMode)
+        # Fail closed: half a TLS setting must not fall back to plaintext without client checks.
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: refusing to serve "
+                             "plaintext without client authentication")
+        if self.max_health_watches < 0:
+            raise ValueError(f"max_health_watches must be >= 0, got {self.max_health_watches}")
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)

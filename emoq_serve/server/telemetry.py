@@ -48,6 +48,11 @@ class ServerMetrics:
         self.buffered_audio = Gauge(
             "emoq_buffered_audio_seconds", "Audio held over all open streams (16 kHz seconds).", registry=self.registry
         )
+        self.health_watches = Gauge("emoq_health_watches", "Open health Watch streams.", registry=self.registry)
+        self.health_watches_refused = Counter(
+            "emoq_health_watches_refused", "Health Watch streams refused past --max-health-watches.",
+            registry=self.registry,
+        )
         self._http = None
 
     def observe_result(self, timings_ms: dict[str, float], total_ms: float) -> None:

@@ -7,12 +7,19 @@ this process is a second driver that kills replica actors. Checked: posteriors e
 single-process engine (1e-5) for unary and streaming calls; batches spread over both replicas,
 which sit on different nodes; a replica killed mid-load fails no accepted call (the front door
 sends its batch again) and Ray brings it back; health is NOT_SERVING while no replica is ready.
+Faults beyond a kill (issue 35), through the test-only `EMOQ_FAULT_INJECT` hook armed under the
+running replicas: a replica whose audio stage hangs leaves rotation while another answers its
+batches; one failing every batch is rebuilt; a blocked Serve status turns health NOT_SERVING; a
+failing state listener does not stop the poller; a deploy past its timeout does not hold the
+process; losing the head node ends the front door with a status (last: it ends the cluster).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +39,7 @@ from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.client.api import recognize_request, stream_messages
 from emoq_serve.engine.cluster import DEPLOYMENT_NAME, ClusterConfig, replica_resources
+from emoq_serve.engine.faults import FAULT_ENV
 from emoq_serve.executors.config import runtime_preset
 
 APP = "emoq-test"
@@ -84,22 +92,51 @@ def ray_cluster():
     try:
         yield cluster
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # the head-node test leaves the cluster first
+            serve.shutdown()
+            ray.shutdown()
         cluster.shutdown()
+
+
+class Fault:
+    """The `EMOQ_FAULT_INJECT` the front door hands its replicas: idle until armed."""
+
+    def __init__(self, folder) -> None:
+        self.armed, self.claim = folder / "armed", folder / "claim"
+        self.env = f"armed={self.armed},claim={self.claim}"
+
+    def arm(self, spec: str) -> None:
+        self.claim.unlink(missing_ok=True)
+        self.armed.write_text(spec)
+
+    def disarm(self) -> None:
+        self.armed.unlink(missing_ok=True)
+
+    def claimant_pid(self) -> int | None:
+        """The pid of the replica whose engine took the fault (None: none yet)."""
+        text = self.claim.read_text().strip() if self.claim.exists() else ""
+        return int(text.split("-")[0]) if text else None
+
+
+@pytest.fixture(scope="module")
+def fault(tmp_path_factory):
+    armed = Fault(tmp_path_factory.mktemp("fault"))
+    yield armed
+    armed.disarm()
 
 
 class FrontDoor:
     """`emoq serve --ray-address ...` in its own process, with a channel to it."""
 
-    def __init__(self, address: str, bundle, *extra: str) -> None:
+    def __init__(self, address: str, bundle, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         args = ["--bundle", str(bundle), "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                 "--runtime", "test", "--asr", "off", "--interim-span-s", "0.5", "--max-queue-delay-ms", "2",
                 "--max-batch", "2", "--max-inflight-batches", "4",
                 "--vllm-kv-cache-mib", str(KV_CACHE_MIB), "--drain-timeout-s", "10",
                 "--ray-address", address, "--serve-app", APP, "--replicas", "2", "--replica-cpus", "1", *extra]
-        self.proc = subprocess.Popen([sys.executable, "-m", "emoq_serve.cli", "serve", *args])
+        self.proc = subprocess.Popen([sys.executable, "-m", "emoq_serve.cli", "serve", *args],
+                                     env={**os.environ, **(env or {})})
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.EmotionRecognizerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -124,8 +161,11 @@ class FrontDoor:
 
 
 @pytest.fixture(scope="module")
-def front_door(ray_cluster, tiny_bundle):
-    door = FrontDoor(ray_cluster.address, tiny_bundle)
+def front_door(ray_cluster, tiny_bundle, fault):
+    # An 8 s watchdog in each replica (a hang is caught in time for the retry); the cluster counts
+    # as lost after 15 s without Serve (the status test pauses Serve for ~6 s).
+    door = FrontDoor(ray_cluster.address, tiny_bundle, "--engine-timeout-s", "8", "--cluster-lost-timeout-s", "15",
+                     env={FAULT_ENV: fault.env})
     try:
         yield door
     finally:
@@ -316,7 +356,7 @@ def test_serve_flags_make_the_cluster_config():
                                            "--max-replicas", "3", "--serve-app", "a", "--replica-attempts", "1",
                                            "--engine-timeout-s", "7"]))
     assert server.cluster == ClusterConfig(ray_address="auto", min_replicas=1, max_replicas=3, app_name="a",
-                                           attempts=1, call_timeout_s=7.0)
+                                           attempts=1, call_timeout_s=14.0)
     with pytest.raises(SystemExit, match="--replicas need --ray-address"):
         configs(parser.parse_args(["serve", "--replicas", "2"]))
     with pytest.raises(SystemExit, match="both min_replicas and max_replicas"):
@@ -332,25 +372,227 @@ def test_build_app_for_declarative_deploys():
     assert deployment.name == DEPLOYMENT_NAME
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert {k: deployment.ray_actor_options[k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2.0, "num_gpus": 1.0}
-    bundle, runtime, engine, batcher = deployment.init_args
+    bundle, runtime, engine, batcher, supervisor = deployment.init_args
     assert (bundle, runtime.device, engine, batcher.max_batch) == ("/bundles/b", "cuda", "onnx", 64)
+    assert supervisor.engine_timeout_s == 60.0
     with pytest.raises(KeyError):
         build_app({"runtime": "cpu"})  # the bundle is required
 
 
 def test_replica_errors_reach_the_client_as_the_replica_raised_them():
     """A replica's own refusal (its queue full) keeps its type and message, out of Ray's wrapper
-    (whose text names the remote process, its pid and ip); a replica going away is retryable, a bad batch is not."""
+    (whose text names the remote process, its pid and ip); a replica going away, hanging, rebuilding
+    or failing the batch is retried on another, a full queue or a passed deadline is not."""
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from emoq_serve.engine.batcher import BatcherClosed, QueueFull
-    from emoq_serve.engine.cluster.front_door import replica_died, replica_error
-    from emoq_serve.executors.types import EngineFailure
+    from emoq_serve.engine.batcher import BatcherClosed, DeadlineExpired, QueueFull
+    from emoq_serve.engine.cluster.front_door import replica_error, retryable
+    from emoq_serve.engine.supervisor import EngineRestarting
+    from emoq_serve.executors.types import EngineFailure, EngineUnavailable
 
     wrapped = RayTaskError("recognize", "Traceback (most recent call last): ...", QueueFull("queue is full")).as_instanceof_cause()
     assert isinstance(wrapped, QueueFull) and "pid=" in str(wrapped)  # Ray's text: process, pid, ip
     unwrapped = replica_error(wrapped)
-    assert type(unwrapped) is QueueFull and str(unwrapped) == "queue is full" and not replica_died(unwrapped)
-    assert replica_died(ActorDiedError()) and replica_died(EngineFailure("vLLM died"))
-    assert replica_died(replica_error(RayTaskError("f", "tb", BatcherClosed("stopping")).as_instanceof_cause()))
-    assert not replica_died(replica_error(RayTaskError("f", "tb", ValueError("bad batch")).as_instanceof_cause()))
+    assert type(unwrapped) is QueueFull and str(unwrapped) == "queue is full" and not retryable(unwrapped)
+    assert retryable(ActorDiedError()) and retryable(EngineFailure("vLLM died"))
+    for exc in (BatcherClosed("stopping"), EngineUnavailable("hung"), EngineRestarting("rebuilding"), ValueError("bad")):
+        assert retryable(replica_error(RayTaskError("f", "tb", exc).as_instanceof_cause()))
+    assert not retryable(DeadlineExpired("too late"))
+
+
+# --- faults beyond a clean kill (issue 35); the head-node test ends the module's cluster ---------
+
+
+def retries_total(port: int) -> float:
+    return metrics(port)["emoq_replica_retries_total"][()]
+
+
+def replica_descriptions(tries: int = 24) -> dict[int, dict]:
+    """{pid: describe()} of the replicas that answered `tries` describe calls (Ray routes each)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP)
+    return {d["pid"]: d for d in (handle.describe.remote().result(timeout_s=30) for _ in range(tries))}
+
+
+def calls(door: FrontDoor, n: int, text: str, timeout: float = 60) -> list[tuple[grpc.StatusCode, str, float]]:
+    """n concurrent unary calls: (status, error message, seconds) each."""
+    request = recognize_request(tone(1.0), 16_000, text)
+
+    def one(_: int) -> tuple[grpc.StatusCode, str, float]:
+        t0 = time.monotonic()
+        try:
+            door.stub.Recognize(request, timeout=timeout)
+            return grpc.StatusCode.OK, "", time.monotonic() - t0
+        except grpc.RpcError as err:
+            return err.code(), err.details(), time.monotonic() - t0
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, range(n)))
+
+
+@pytest.mark.slow
+def test_a_hung_replica_leaves_rotation_and_another_answers_its_batches(front_door, fault):
+    """On main 9b76bb9 a hung stage kept passing the health check and the front door waited out its
+    60 s call timeout, then failed the call without trying the other replica."""
+    port = front_door.metrics_port
+    wait_for(lambda: running(port) == 2, 180, "both replicas RUNNING", step=0.5)
+    before = retries_total(port)
+    fault.arm("stage=audio,mode=sleep,seconds=60")
+    try:
+        outcomes = calls(front_door, 8, "hang", timeout=60)
+        hung = fault.claimant_pid()
+        assert hung is not None, "no replica's audio stage hung"
+        assert [c for c, _, _ in outcomes] == [grpc.StatusCode.OK] * 8, outcomes  # answered within the deadline
+        assert retries_total(port) > before  # ... by the other replica
+        assert front_door.serving()  # one replica answers: the front door serves on
+        # The hung replica fails its health checks: Ray takes it out of rotation and replaces it.
+        wait_for(lambda: running(port) < 2, 60, "the hung replica out of rotation", step=0.2)
+    finally:
+        fault.disarm()
+    wait_for(lambda: running(port) == 2, 180, "a healthy replacement RUNNING", step=0.5)
+    assert all(c == grpc.StatusCode.OK for c, _, _ in calls(front_door, 8, "after the hang"))
+
+
+@pytest.mark.slow
+def test_a_replica_failing_every_batch_is_rebuilt(front_door, fault):
+    """On main 9b76bb9 nothing rebuilt a replica's engine that failed every batch: it kept passing
+    its health check and failing its share of the calls."""
+    import psutil
+
+    port = front_door.metrics_port
+    wait_for(lambda: running(port) == 2, 180, "both replicas RUNNING", step=0.5)
+    fault.arm("stage=audio,mode=fail")
+    try:
+        outcomes = []
+        wait_for(lambda: outcomes.extend(calls(front_door, 4, "fail")) or fault.claimant_pid() is not None, 60,
+                 "a replica's audio stage failing")
+        failing = fault.claimant_pid()
+
+        def rebuilt() -> bool:  # in process by its supervisor, or replaced by Ray after failed health checks
+            if not psutil.pid_exists(failing):
+                return True
+            described = replica_descriptions().get(failing)
+            return described is not None and described["rebuilds"] >= 1 and described["fatal_failures"] >= 1
+
+        wait_for(lambda: outcomes.extend(calls(front_door, 4, "fail")) or rebuilt(), 120, "the engine rebuilt", step=0)
+    finally:
+        fault.disarm()
+    # Its failed batches went to the other replica; a call fails only when its retry met the same
+    # failing engine, and then with the fixed message, never the engine's text.
+    failed = [(c, m) for c, m, _ in outcomes if c != grpc.StatusCode.OK]
+    assert len(failed) <= 3 and all("request id" in m and "injected" not in m for _, m in failed), failed
+    wait_for(lambda: running(port) == 2, 180, "both replicas RUNNING", step=0.5)
+    assert all(c == grpc.StatusCode.OK for c, _, _ in calls(front_door, 8, "after the rebuild"))
+
+
+def serve_controller_pids(cluster) -> list[int]:
+    """The Serve controller process of this module's cluster (other clusters may run on this machine)."""
+    import psutil
+
+    raylets = {p.process.pid for node in [cluster.head_node, *cluster.worker_nodes]
+               for p in node.all_processes.get("raylet", [])}
+    return [p.pid for p in psutil.process_iter(["name", "ppid"])
+            if "ServeController" in (p.info["name"] or "") and p.info["ppid"] in raylets]
+
+
+@pytest.mark.slow
+def test_a_blocked_serve_status_turns_health_not_serving(ray_cluster, front_door):
+    """On main 9b76bb9 `serve.status()` had no timeout: a controller that stops answering froze
+    health at SERVING."""
+    (controller,) = serve_controller_pids(ray_cluster)
+    assert front_door.serving()
+    os.kill(controller, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not front_door.serving(), 20, "NOT_SERVING while Serve does not answer", step=0.2)
+    finally:
+        os.kill(controller, signal.SIGCONT)
+    wait_for(front_door.serving, 30, "SERVING once Serve answers again", step=0.2)
+
+
+@pytest.mark.slow
+def test_a_failing_state_listener_does_not_stop_the_replica_poller(front_door):
+    """On main 9b76bb9 an `on_state` that raised ended the poller silently: health stopped
+    following the replicas."""
+    from emoq_serve.engine.cluster.front_door import ClusterRecognizer
+
+    async def main() -> list[bool]:
+        door = ClusterRecognizer(None, ClusterConfig(app_name="emoq-no-such-app", status_poll_s=0.1),
+                                 {"labels": ["a"], "info": {}}, owns_ray=False)
+        seen: list[bool] = []
+
+        async def listener(serving: bool) -> None:
+            seen.append(serving)
+            if len(seen) == 1:
+                raise RuntimeError("injected: the listener failed")
+
+        door.on_state = listener
+        door.start()
+        try:
+            async with asyncio.timeout(30):
+                while not seen:
+                    await asyncio.sleep(0.05)
+                door.cfg = door.cfg.replace(app_name=APP)  # an application with running replicas
+                while len(seen) < 2:
+                    await asyncio.sleep(0.05)
+        finally:
+            await door.close()
+        return seen
+
+    assert asyncio.run(main()) == [False, True]
+
+
+DEPLOY_SCRIPT = """
+import asyncio, sys
+from emoq_serve.engine.batcher import BatcherConfig
+from emoq_serve.engine.cluster import ClusterConfig, connect_cluster
+from emoq_serve.executors.config import runtime_preset
+
+cfg = ClusterConfig(ray_address=sys.argv[1], app_name=sys.argv[3], replica_cpus=64, startup_timeout_s=3)
+try:
+    asyncio.run(connect_cluster(sys.argv[2], "none", runtime_preset("test"), "onnx", BatcherConfig(), cfg))
+except RuntimeError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_deploy_past_its_timeout_does_not_hold_the_process(ray_cluster, front_door, tiny_bundle):
+    """A replica no node can place: the deploy gives up at the start-up timeout and the process
+    exits. On main 9b76bb9 the deploy's worker thread kept the process alive after the error."""
+    from ray import serve
+
+    app = "emoq-unplaceable"
+    try:
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", DEPLOY_SCRIPT, ray_cluster.address, str(tiny_bundle), app],
+                              capture_output=True, text=True, timeout=90, check=False)
+        assert "refused: the engine replicas were not ready within 3 s" in done.stdout, done.stderr[-2000:]
+        assert time.monotonic() - t0 < 90
+    finally:
+        serve.delete(app)
+
+
+@pytest.mark.slow
+def test_losing_the_head_node_ends_the_front_door_with_a_status(ray_cluster, front_door):
+    """Last of the module: it removes the head node. The front door turns NOT_SERVING, drains and
+    exits with status 3 (EXIT_CLUSTER_LOST) in bounded time; on main 9b76bb9 this was untested."""
+    import ray
+
+    from emoq_serve.server.app import EXIT_CLUSTER_LOST
+
+    assert front_door.serving()
+    ray.shutdown()  # this process's driver would die with the head node
+    ray_cluster.remove_node(ray_cluster.head_node)
+    lost_at = time.monotonic()
+    health = []
+    while front_door.proc.poll() is None:
+        assert time.monotonic() - lost_at < 90, "the front door did not exit"
+        try:
+            health.append(front_door.health.Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+        except grpc.RpcError:
+            pass  # stopped listening: draining or gone
+        time.sleep(0.2)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health
+    assert front_door.proc.returncode == EXIT_CLUSTER_LOST
+    print(f"\nhead node lost: the front door exited with {EXIT_CLUSTER_LOST} after {time.monotonic() - lost_at:.1f} s")

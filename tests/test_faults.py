@@ -445,3 +445,68 @@ def test_real_vllm_abort_failure_fails_inflight_requests_and_rebuilds(tiny_bundl
         assert sup._engine is not engine and sup.stats.fatal_failures == 1
         assert_same_scores(server.stub.Recognize(request, timeout=60).result, before)
         print(f"\nvLLM abort failure: in-flight request failed at once, SERVING again after {seconds:.2f} s")
+
+
+# --- the test-only fault hook (EMOQ_FAULT_INJECT) on a local engine ----------------------------
+
+
+class ReshapeStage:
+    """A graph stage like the pipeline's (`run(**inputs)`), on a real ORT session."""
+
+    def __init__(self) -> None:
+        self.session = reshape_session([-1])
+
+    def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, inputs)
+
+
+class StagedEngine(StandInRecognizer):
+    """The stand-in engine with an `audio` stage that runs on a worker thread, as the pipeline's do."""
+
+    def __init__(self) -> None:
+        self.audio = ReshapeStage()
+
+    async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
+        for u in batch:
+            await asyncio.to_thread(self.audio.run, x=u.audio[:5])
+        return await super().recognize(batch)
+
+
+@pytest.mark.parametrize("mode", ["sleep", "fail"])
+def test_an_injected_stage_fault_is_caught_and_the_rebuilt_engine_is_clean(mode, tmp_path, monkeypatch, caplog):
+    """`EMOQ_FAULT_INJECT` makes the named stage hang (caught by the watchdog) or fail every batch
+    (rebuilt after 3 in a row); with `claim` only the first engine has the fault, not its rebuild."""
+    from emoq_serve.engine.faults import FAULT_ENV, inject_faults
+
+    monkeypatch.setenv(FAULT_ENV, f"stage=audio,mode={mode},seconds=2,claim={tmp_path / 'claim'}")
+    cfg = config(batcher={"max_batch": 1, "max_inflight_batches": 1, "max_queue_delay_ms": 0},
+                 supervisor={"engine_timeout_s": 0.5, "restart_backoff_s": 0.05})
+    holder: dict[str, EngineSupervisor] = {}
+
+    def make() -> EngineSupervisor:
+        holder["sup"] = EngineSupervisor(lambda: inject_faults(StagedEngine()), cfg.supervisor)
+        return holder["sup"]
+
+    with RunningServer(make, cfg) as server:
+        outcomes = [call(server) for _ in range(1 if mode == "sleep" else 3)]
+        failed_at = time.monotonic()
+        assert_withheld_unavailable(*outcomes[-1], caplog, "hung" if mode == "sleep" else "injected fault")
+        assert [c for c, _ in outcomes[:-1]] == [grpc.StatusCode.INTERNAL] * (len(outcomes) - 1)
+        recover(server, failed_at)
+        assert call(server) == (grpc.StatusCode.OK, expected_label())
+        assert holder["sup"].stats.fatal_failures == 1
+
+
+def test_the_fault_hook_refuses_what_it_cannot_do(monkeypatch):
+    from emoq_serve.engine.faults import FAULT_ENV, FaultSpec, inject_faults
+
+    assert FaultSpec.parse("mode=sleep,seconds=3") == FaultSpec(stage="audio", mode="sleep", seconds=3.0)
+    for bad in ("mode=explode", "stage=llm", "when=now"):
+        with pytest.raises(ValueError, match=FAULT_ENV):
+            FaultSpec.parse(bad)
+    monkeypatch.setenv(FAULT_ENV, "stage=former")
+    with pytest.raises(ValueError, match="no stage 'former'"):
+        inject_faults(StagedEngine())
+    monkeypatch.delenv(FAULT_ENV)
+    engine = StagedEngine()
+    assert inject_faults(engine).audio is engine.audio  # unset: untouched

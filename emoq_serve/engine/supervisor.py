@@ -15,7 +15,9 @@ Failure classes:
   batches failed in a row. Those callers get UNAVAILABLE (`EngineUnavailable`) and the engine is
   rebuilt. An engine that `SupportsFailureWatch` (the vLLM engine thread) also reports its own
   breakage, which starts the rebuild at once, even with no batch in flight.
-While rebuilding, batches fail at once with UNAVAILABLE instead of queueing behind a dead engine.
+While rebuilding, batches fail at once with UNAVAILABLE (`EngineRestarting`: refused before any
+compute, so a cluster front door sends them to another replica) instead of queueing behind a dead
+engine.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class SupervisorConfig:
     def __post_init__(self) -> None:
         if self.engine_timeout_s <= 0 or self.max_consecutive_failures < 1 or self.restart_backoff_s <= 0:
             raise ValueError("engine_timeout_s and restart_backoff_s must be > 0, max_consecutive_failures >= 1")
+
+
+class EngineRestarting(EngineUnavailable):
+    """The batch was refused before it reached an engine: the engine is being rebuilt."""
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -137,7 +143,7 @@ class EngineSupervisor:
             self._loop = asyncio.get_running_loop()
         engine = self._engine
         if engine is None:
-            raise EngineUnavailable("the engine is restarting after a failure: retry shortly")
+            raise EngineRestarting("the engine is restarting after a failure: retry shortly")
         try:
             async with asyncio.timeout(self.cfg.engine_timeout_s) as watchdog:
                 predictions = await engine.recognize(batch)

@@ -9,7 +9,9 @@ Engine health: when the recognizer reports its state (an `EngineSupervisor`, or 
 engine), health follows it: NOT_SERVING while the engine is rebuilt after a fatal failure, or
 while no cluster replica is ready; SERVING again after. `serve_bundle` serves a local engine
 through a supervisor, so `emoq serve` recovers from a dead engine without a process restart; in
-cluster mode (`ServerConfig.cluster`) Ray Serve restarts dead replicas instead.
+cluster mode (`ServerConfig.cluster`) each replica supervises its own engine and Ray Serve
+replaces replicas that die or fail their health check; a front door whose cluster is lost (Serve
+unreachable, the head node gone) drains and exits with `EXIT_CLUSTER_LOST`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from emoq_serve.bundle import Bundle
 from emoq_serve.executors import EngineName, load_recognizer, warm_up
 from emoq_serve.speech.asr import AsrEngine, load_asr
 from emoq_serve.engine.batcher import DynamicBatcher
+from emoq_serve.engine.faults import inject_faults
 from emoq_serve.executors.config import RuntimeConfig
 from emoq_serve.executors.types import Recognizer, SupportsMetrics, SupportsServingState
 from emoq_serve.server.auth import BearerTokenInterceptor, load_tokens, server_credentials
@@ -45,6 +48,8 @@ from emoq_serve.server.validation import RequestValidator, tolerant_parser
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = emoq_pb2.DESCRIPTOR.services_by_name["EmotionRecognizer"].full_name
+#: `emoq serve`'s exit status after its cluster was lost (an orchestrator restarts it).
+EXIT_CLUSTER_LOST = 3
 
 
 def transcript_token_counter(bundle: Bundle) -> Callable[[str], int]:
@@ -233,8 +238,8 @@ async def bundle_server(
     asr = None if cfg.asr == "off" else await asyncio.to_thread(load_asr, cfg.asr_engine)
     try:
         if cfg.cluster is None:
-            recognizer: Recognizer = EngineSupervisor(lambda: load_recognizer(bundle_path, runtime_cfg, engine),
-                                                      cfg.supervisor)
+            recognizer: Recognizer = EngineSupervisor(
+                lambda: inject_faults(load_recognizer(bundle_path, runtime_cfg, engine)), cfg.supervisor)
             bundle = Bundle.open(bundle_path, verify_hashes=False)  # just verified: read its metadata only
         else:  # the replicas verify the bundle; the front door reads its tokenizer and limits
             recognizer, bundle = await cluster_engine(bundle_path, runtime_cfg, cfg, engine)
@@ -266,14 +271,30 @@ async def cluster_engine(
 
     assert cfg.cluster is not None
     bundle = await asyncio.to_thread(Bundle.open, bundle_path, runtime_cfg.verify_hashes)
-    recognizer = await connect_cluster(bundle_path, bundle.bundle_id, runtime_cfg, engine, cfg.batcher, cfg.cluster)
+    recognizer = await connect_cluster(bundle_path, bundle.bundle_id, runtime_cfg, engine, cfg.batcher, cfg.cluster,
+                                       cfg.supervisor)
     return recognizer, bundle
 
 
 async def serve_bundle(
     bundle_path: str | Path, runtime_cfg: RuntimeConfig, cfg: ServerConfig, engine: EngineName = "onnx"
-) -> None:
-    """Load the bundle and serve it until SIGTERM/SIGINT, then drain and release the engine."""
+) -> int:
+    """Load the bundle and serve it until SIGTERM/SIGINT (exit status 0) or, in cluster mode, until
+    the cluster is lost (`EXIT_CLUSTER_LOST`); then drain and release the engine."""
     async with bundle_server(bundle_path, runtime_cfg, cfg, engine) as server:
         server.stop_on_signals()
-        await server.wait_stopped()
+        waits = [asyncio.create_task(server.wait_stopped())]
+        if cfg.cluster is not None:
+            from emoq_serve.engine.cluster.front_door import ClusterRecognizer  # cluster mode only
+
+            assert isinstance(server.recognizer, ClusterRecognizer)
+            waits.append(asyncio.create_task(server.recognizer.wait_lost()))
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if waits[0] in done:
+            return 0
+        log.error("the Ray cluster is lost: draining for up to %.1f s, then exiting with status %d",
+                  cfg.drain_timeout_s, EXIT_CLUSTER_LOST)
+        await server.stop()
+        return EXIT_CLUSTER_LOST

@@ -111,8 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="Ray Serve application name; front doors naming the same one share its replicas "
                               "(default emoq)")
     cluster.add_argument("--replica-attempts", type=int, default=None,
-                         help="sends of a batch whose replica died: 2 = one retry on another replica (default), "
-                              "1 = none")
+                         help="sends of a batch whose replica died, hung or failed it: 2 = one retry on another "
+                              "replica (default), 1 = none")
+    cluster.add_argument("--cluster-lost-timeout-s", type=float, default=None,
+                         help="Ray Serve unreachable this long = the cluster is lost: drain and exit with status 3 "
+                              "(default 30)")
     p.add_argument("--vllm-kv-cache-mib", type=int, default=None,
                    help="vLLM's KV cache on CPU in MiB (default: the runtime preset's)")
     p.add_argument("--no-verify", action="store_true",
@@ -155,7 +158,7 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
 #: `emoq serve` flags -> `ClusterConfig` fields (a flag left unset keeps the field's default).
 CLUSTER_FLAGS = {"replicas": "replicas", "min_replicas": "min_replicas", "max_replicas": "max_replicas",
                  "replica_cpus": "replica_cpus", "replica_gpus": "replica_gpus", "serve_app": "app_name",
-                 "replica_attempts": "attempts"}
+                 "replica_attempts": "attempts", "cluster_lost_timeout_s": "lost_timeout_s"}
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
@@ -167,8 +170,9 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
             raise SystemExit(f"emoq serve: {flags} need --ray-address (local, auto or HOST:PORT)")
         return None
     try:
-        # A batch no replica answers within the engine timeout counts as lost, like a hung local engine.
-        return ClusterConfig(ray_address=args.ray_address, call_timeout_s=args.engine_timeout_s, **given)
+        # Each replica's watchdog reports a hung engine after the engine timeout; a send unanswered
+        # for twice that (the replica itself lost) is given up on too.
+        return ClusterConfig(ray_address=args.ray_address, call_timeout_s=2 * args.engine_timeout_s, **given)
     except ValueError as exc:
         raise SystemExit(f"emoq serve: {exc}") from None
 
@@ -200,7 +204,6 @@ def run(args: argparse.Namespace) -> int:
     from emoq_serve.speech.asr import AsrError
 
     try:
-        asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
+        return asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
     except AsrError as exc:  # a bad --asr-model is a setting to fix, not a crash to debug
         raise SystemExit(f"emoq serve: {exc}") from None
-    return 0

@@ -23,7 +23,7 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         self.watching = 0
         self._refused = refused
 
-    async def Watch(self, request, context) -> None:  # noqa: N802 (gRPC's method name)
+    async def Watch(self, request, context) -> None:
         if self.watching >= self.limit:
             if self._refused is not None:
                 self._refused.inc()

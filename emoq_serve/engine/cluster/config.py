@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 
 
+from emoq_serve.engine.faults import FAULT_ENV
 from emoq_serve.executors.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
 #: Environment the replicas need to behave like `emoq serve` (copied from the front door when set).
 FORWARDED_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EMOQ_CACHE",
-                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", FAULT_ENV)
 #: The deployment's name inside the Serve application.
 DEPLOYMENT_NAME = "EngineReplica"
 
@@ -40,10 +41,16 @@ class ClusterConfig:
     max_ongoing_batches: int = 4
     #: Sends of one batch: the first, then retries on another replica after a replica died.
     attempts: int = 2
-    #: A batch without caller deadlines gives up after this long (a hung or lost replica).
+    #: One send of a batch gives up after this long (a hung or lost replica), or sooner to leave
+    #: its retry a share of the callers' deadline.
     call_timeout_s: float = 60.0
-    #: How often the front door reads replica readiness from Serve (its gRPC health follows).
+    #: How often the front door reads replica readiness from Serve (its gRPC health follows), and
+    #: how long one read may take (a blocked read counts as no replica running).
     status_poll_s: float = 1.0
+    status_timeout_s: float = 5.0
+    #: Serve unreachable this long (the head node gone) = the cluster is lost: the front door
+    #: drains and exits non-zero so that its supervisor restarts it against a live cluster.
+    lost_timeout_s: float = 30.0
     #: Ray's per-replica health check (`EngineReplica.check_health`) period and timeout.
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 30.0
@@ -60,8 +67,10 @@ class ClusterConfig:
                              f"got {self.min_replicas} and {self.max_replicas}")
         if self.replicas < 1 or self.attempts < 1 or self.max_ongoing_batches < 1:
             raise ValueError("replicas, attempts and max_ongoing_batches must be >= 1")
-        if min(self.call_timeout_s, self.status_poll_s, self.health_check_period_s, self.target_ongoing_batches) <= 0:
-            raise ValueError("call_timeout_s, status_poll_s, health_check_period_s and target_ongoing_batches must be > 0")
+        if min(self.call_timeout_s, self.status_poll_s, self.status_timeout_s, self.lost_timeout_s,
+               self.health_check_period_s, self.target_ongoing_batches) <= 0:
+            raise ValueError("call_timeout_s, status_poll_s, status_timeout_s, lost_timeout_s, health_check_period_s "
+                             "and target_ongoing_batches must be > 0")
         for name in ("replica_cpus", "replica_gpus"):
             if (value := getattr(self, name)) is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

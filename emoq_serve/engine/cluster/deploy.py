@@ -11,19 +11,21 @@ from typing import Any
 
 from emoq_serve.executors import EngineName
 from emoq_serve.engine.batcher import BatcherConfig
+from emoq_serve.engine.supervisor import SupervisorConfig
 from emoq_serve.executors.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
 from emoq_serve.engine.cluster.config import DEPLOYMENT_NAME, FORWARDED_ENV, ClusterConfig, replica_resources
-from emoq_serve.engine.cluster.front_door import ClusterRecognizer, running_replicas
+from emoq_serve.engine.cluster.front_door import ClusterRecognizer, in_daemon_thread, running_replicas
 from emoq_serve.engine.cluster.replica import EngineReplica
 
 
 def engine_application(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batcher: BatcherConfig,
-                       cfg: ClusterConfig) -> Any:
+                       cfg: ClusterConfig, supervisor: SupervisorConfig | None = None) -> Any:
     """The Serve application: `EngineReplica` with `cfg`'s replica count or autoscaling bounds and
-    `replica_resources` per replica, bound to the bundle."""
+    `replica_resources` per replica, bound to the bundle; each replica supervises its engine with
+    `supervisor` (the watchdog's timeout, failures in a row before a rebuild)."""
     from ray import serve
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -42,7 +44,7 @@ def engine_application(bundle_path: str, runtime: RuntimeConfig, engine: EngineN
         logging_config={"enable_access_log": False},  # no log line per batch (the front door has metrics)
         **scaling,
     )
-    return deployment.bind(bundle_path, runtime, engine, batcher)
+    return deployment.bind(bundle_path, runtime, engine, batcher, supervisor or SupervisorConfig())
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -60,11 +62,12 @@ def build_app(args: dict[str, Any]) -> Any:
     cfg = ClusterConfig(**{k: args[k] for k in fields if k in args})
     batcher = BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=float(args.get("max_queue_delay_ms", 5.0)),
                             max_inflight_batches=2)
-    return engine_application(str(args["bundle"]), runtime, args.get("engine", "onnx"), batcher, cfg)
+    supervisor = SupervisorConfig(**{k: float(args[k]) for k in ("engine_timeout_s",) if k in args})
+    return engine_application(str(args["bundle"]), runtime, args.get("engine", "onnx"), batcher, cfg, supervisor)
 
 
 def _deploy(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batcher: BatcherConfig,
-            cfg: ClusterConfig) -> tuple[Any, dict[str, Any], bool]:
+            cfg: ClusterConfig, supervisor: SupervisorConfig) -> tuple[Any, dict[str, Any], bool]:
     """Join (or start) Ray, deploy the engine, wait for its replicas: (handle, description, owns_ray)."""
     import ray
     from ray import serve
@@ -86,18 +89,20 @@ def _deploy(bundle_path: str, runtime: RuntimeConfig, engine: EngineName, batche
         scale = f"{cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.autoscaling else f"{cfg.replicas} replica(s)"
         log.info("deploying %s to Ray Serve application %r: %s, %s each", DEPLOYMENT_NAME, cfg.app_name, scale,
                  replica_resources(cfg, runtime))
-        handle = serve.run(engine_application(bundle_path, runtime, engine, batcher, cfg), name=cfg.app_name,
+        handle = serve.run(engine_application(bundle_path, runtime, engine, batcher, cfg, supervisor), name=cfg.app_name,
                            route_prefix=None)
     description = handle.describe.remote().result(timeout_s=cfg.call_timeout_s)
     return handle, description, owns_ray
 
 
 async def connect_cluster(bundle_path: str | Path, bundle_id: str, runtime: RuntimeConfig, engine: EngineName,
-                          batcher: BatcherConfig, cfg: ClusterConfig) -> ClusterRecognizer:
+                          batcher: BatcherConfig, cfg: ClusterConfig,
+                          supervisor: SupervisorConfig | None = None) -> ClusterRecognizer:
     """Deploy the engine on the cluster (or join its running replicas) and return the front door's
     recognizer, polling replica readiness. Fails when the replicas serve another bundle."""
     path = str(Path(bundle_path).resolve())  # the same path must hold the bundle on every node
-    deploy = asyncio.to_thread(_deploy, path, runtime, engine, batcher, cfg)
+    # In a daemon thread: a deploy that outlives the timeout (a replica Ray cannot place) waits on.
+    deploy = in_daemon_thread(_deploy, path, runtime, engine, batcher, cfg, supervisor or SupervisorConfig())
     try:
         handle, description, owns_ray = await asyncio.wait_for(deploy, cfg.startup_timeout_s)
     except TimeoutError:

@@ -193,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from emoq_serve.server.app import serve_bundle
+    import os
+
+    from emoq_serve.server.app import EXIT_CLUSTER_LOST, serve_bundle
 
     runtime, server = configs(args)
     if not runtime.verify_hashes:
@@ -204,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
     from emoq_serve.speech.asr import AsrError
 
     try:
-        return asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
+        code = asyncio.run(serve_bundle(bundle_path(args), runtime, server, args.engine))
     except AsrError as exc:  # a bad --asr-model is a setting to fix, not a crash to debug
         raise SystemExit(f"emoq serve: {exc}") from None
+    if code == EXIT_CLUSTER_LOST:  # drained; Ray's exit hooks would wait on (or crash over) the lost cluster
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -28,7 +28,7 @@ from emoq_serve.data.batching import collate
 from emoq_serve.device import resolve_device
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.stage2 import EmoQStage2
-from export import merge, onnx_export
+from export import merge, onnx_export, quantize
 from export.bundle_writer import write_manifest
 from export.verify import (FP16_FRAME_TOLERANCE, FP32_TOLERANCES, VARIANT_POSTERIOR_TOLERANCE, ParityError,
                            fp16_frame_diff, model_stages, parity_report, save_reference, served_stages, stage_parts,
@@ -45,8 +45,11 @@ SHIPPED_UNOPTIMISED = {"shipped": "unoptimised", "at_load": "ORT_ENABLE_ALL for 
 
 
 def export_bundle(model: EmoQStage1 | EmoQStage2, out: str | Path, fp16: bool = False, verify: bool = True,
-                  backend: str = "vllm", device: str = "cpu") -> dict[str, Any]:
+                  backend: str = "vllm", device: str = "cpu", int8: bool = False) -> dict[str, Any]:
     """Export `model` (eval mode, on the CPU; a stage-2 model's LoRA gets merged, so it is consumed) to `out`.
+
+    `int8` (with `verify`): also build the int8 variant where this CPU has int8 (export/quantize.py);
+    `emoq export` asks for it unless --no-int8.
 
     Returns the manifest. Raises ParityError (leaving nothing at `out`) when the bundle does not
     reproduce the model within the fp32 tolerances, or its saved LLM dtype moves the trained
@@ -102,6 +105,8 @@ def export_bundle(model: EmoQStage1 | EmoQStage2, out: str | Path, fp16: bool = 
                 if not parity["fp16_frames_max_abs"] <= FP16_FRAME_TOLERANCE:
                     raise ParityError(f"fp16 audio encoder frames differ by {parity['fp16_frames_max_abs']:.3g} "
                                       f"> tolerance {FP16_FRAME_TOLERANCE:g}")
+            if int8:  # the variant's graphs, measured with the others just below
+                parity["variant_builds"] = quantize.build_at_export(bundle)
             parity["variants"], parity["variants_off"] = variant_parity(reference, bundle, examples, backend, on.type)
             parity["tolerances"]["variant_posteriors"] = VARIANT_POSTERIOR_TOLERANCE
             manifest = write_manifest(stage, model.cfg, prompt, parity, optimizations)

@@ -48,6 +48,7 @@ from emoq_serve.model.audio_encoder import AudioEncoder
 from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.former import EmoQFormer
 from emoq_serve.model.stage2 import EmoQStage2
+from emoq_serve.executors.config import BF16_VARIANT, INT8_VARIANT
 from emoq_serve.executors.heads import PromptEmbedder, load_heads
 from emoq_serve.executors.inputs import text_tokenizer
 from emoq_serve.executors.ort import OrtStage
@@ -222,6 +223,7 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
         settings = {"verify_hashes": False, "device": device, "audio_precision": "float32", "graph_cache": False,
                     **({"llm_backend": backend} if bundle.head == "llm" else {}), **runtime}
         pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(**settings))
+        _int8_graphs(pipeline)
         try:
             trace: dict[str, torch.Tensor] = {}
             if bundle.head == "aux":
@@ -234,6 +236,19 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
         return _numpy({**trace, "prompt_embeds": torch.cat(embeds), "posteriors": posteriors})
 
     return asyncio.run(run())
+
+
+def _int8_graphs(pipeline: Any) -> None:
+    """Run the pipeline's graphs in int8 where its config says so. `OnnxPipeline` builds its
+    OpenVINO stages in the LLM's dtype (`resolved_dtype`), not `resolved_graph_precision`, so
+    until it does, the int8 stages are put in here; a no-op once it builds them itself."""
+    from emoq_serve.executors.openvino import OvStage
+
+    cfg = pipeline.cfg
+    if cfg.resolved_graph_precision() != "int8" or getattr(pipeline.audio, "precision", None) == "int8":
+        return
+    pipeline.audio = OvStage(pipeline.audio.path, cfg.audio_threads, "int8", streams=cfg.graph_workers)
+    pipeline.former = OvStage(pipeline.former.path, cfg.former_threads, "int8", streams=cfg.graph_workers)
 
 
 def save_reference(reference: Stages, root: Path) -> None:
@@ -292,44 +307,75 @@ def trained_model_deviation(trained: Stages, served: Stages, llm_dtype: str) -> 
 
 #: Precision variants the runtime may pick per device (`RuntimeConfig`), measured at export
 #: against the same reference, each on its device: the cpu preset on CPUs with native bf16 runs
-#: the graphs in OpenVINO bf16 and the LLM in bf16; the cuda preset runs the fp16 audio graph
-#: (when exported with --fp16) and the LLM in bf16. 16-bit floats keep ~3 significant digits,
-#: so posteriors move by up to a few 1e-2; a variant beyond this bound is broken, not rounding.
+#: the graphs in OpenVINO bf16 and the LLM in bf16; where selected (`--precision int8`, or a CPU
+#: class whose plan says int8), the NNCF-quantised graphs with the LLM in the preset's dtype; the
+#: cuda preset runs the fp16 audio graph (when exported with --fp16) and the LLM in bf16.
 VARIANTS = {
-    "openvino_bf16": {"device": "cpu", "graph_runtime": "openvino", "dtype": "bfloat16"},
+    BF16_VARIANT: {"device": "cpu", "graph_runtime": "openvino", "dtype": "bfloat16"},
+    INT8_VARIANT: {"device": "cpu", "graph_runtime": "openvino", "graph_precision": "int8", "dtype": "auto"},
     "cuda_fp16": {"device": "cuda", "audio_precision": "float16", "dtype": "bfloat16"},
 }
+#: 16-bit floats keep ~3 significant digits, so posteriors move by up to a few 1e-2; a variant
+#: beyond this bound is broken, not rounding.
 VARIANT_POSTERIOR_TOLERANCE = 0.1
+#: int8 is also held to the pooled embedding (unit norm, so an absolute bound): the posteriors of
+#: an untrained bundle (near-uniform) hardly move whatever the graphs do, the embedding does.
+#: bf16 moves it by ~3e-3 on the demo and base bundles; int8 a few times more. Beyond this the
+#: quantisation broke the encoder (a wrong calibration range moves it by ~1).
+INT8_EMBEDDING_TOLERANCE = 0.1
+
+
+def variant_tolerances(name: str) -> dict[str, float]:
+    """Stage -> max abs difference a variant may have from the fp32 reference (read at call time)."""
+    if name == INT8_VARIANT:
+        return {"embedding": INT8_EMBEDDING_TOLERANCE, "posteriors": VARIANT_POSTERIOR_TOLERANCE}
+    return {"posteriors": VARIANT_POSTERIOR_TOLERANCE}
 
 
 def _variant_applies(name: str, bundle: Bundle) -> bool:
     """Measured where a preset would serve it: openvino_bf16 where the cpu preset picks OpenVINO
     (native bf16 and OpenVINO installed; elsewhere bf16 is emulated, slow, never picked);
+    openvino_int8 when the bundle's folder has the int8 graphs (built only on CPUs with int8);
     cuda_fp16 when the bundle has the fp16 audio graph."""
     from emoq_serve.executors.config import runtime_preset
+    from emoq_serve.executors.openvino import INT8_GRAPHS
 
-    if name == "openvino_bf16":
+    if name == BF16_VARIANT:
         return runtime_preset("cpu").resolved_graph_runtime() == "openvino"
+    if name == INT8_VARIANT:
+        return all((bundle.path / graph).is_file() for graph in INT8_GRAPHS.values())
     return names.AUDIO_ENCODER_FP16_ONNX in bundle.manifest["files"]
 
 
+def _as_measured(bundle: Bundle, name: str) -> Bundle:
+    """`bundle` with `name` provisionally recorded on, so the runtime serves it for measuring
+    (it refuses a variant the manifest does not record)."""
+    parity = bundle.manifest.get("parity", {})
+    manifest = {**bundle.manifest, "parity": {**parity, "variants": {**parity.get("variants", {}), name: {}},
+                                              "variants_off": {k: v for k, v in parity.get("variants_off", {}).items()
+                                                               if k != name}}}
+    return Bundle(bundle.path, manifest, bundle.hashes_verified)
+
+
 def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], backend: str = "vllm",
-                   device: str = "cpu") -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """(per-stage max abs differences of each precision variant of `device` against the fp32
-    reference, {variant: why it is off} for those whose posteriors move by more than the variant
-    tolerance). A variant that is off is not served from this bundle: the runtime's `auto`
-    choices fall back to the exact fp32 path (`RuntimeConfig.for_bundle`); the bundle itself,
-    which passed the fp32 parity, is still good."""
+                   device: str = "cpu", only: tuple[str, ...] | None = None,
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """(per-stage max abs differences of each precision variant of `device` (or of those in
+    `only`) against the fp32 reference, {variant: why it is off} for those beyond their
+    `variant_tolerances`). A variant that is off is not served from this bundle: the runtime's
+    `auto` choices fall back to the exact fp32 path, an explicit choice of it is refused
+    (`RuntimeConfig.for_bundle`); the bundle itself, which passed the fp32 parity, is still good."""
     out, off = {}, {}
     for name, runtime in VARIANTS.items():
-        if runtime["device"] != device or not _variant_applies(name, bundle):
+        if runtime["device"] != device or (only is not None and name not in only) or not _variant_applies(name, bundle):
             continue
-        served = served_stages(bundle, examples, backend, **runtime)
+        served = served_stages(_as_measured(bundle, name), examples, backend, **runtime)
         out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in stage_parts(bundle.head)}
-        if not out[name]["posteriors"] <= VARIANT_POSTERIOR_TOLERANCE:
-            off[name] = (f"moves posteriors by {out[name]['posteriors']:.3g} > {VARIANT_POSTERIOR_TOLERANCE:g} "
-                         f"on this bundle ({runtime})")
-            log.warning("precision variant %s %s: recorded as off; this bundle serves exact fp32 instead", name, off[name])
+        beyond = [(stage, tol) for stage, tol in variant_tolerances(name).items() if not out[name][stage] <= tol]
+        if beyond:
+            off[name] = "; ".join(f"moves {'posteriors' if stage == 'posteriors' else stage} by "
+                                  f"{out[name][stage]:.3g} > {tol:g}" for stage, tol in beyond) + f" on this bundle ({runtime})"
+            log.warning("precision variant %s %s: recorded as off; this bundle serves without it", name, off[name])
     return out, off
 
 

@@ -18,15 +18,27 @@ from pathlib import Path
 from typing import Literal
 
 from emoq_serve import hostinfo
-from emoq_serve.hostinfo import cpu_has_native_bf16
+from emoq_serve.hostinfo import cpu_flags, cpu_has_native_bf16
 
 LLMBackendName = Literal["vllm", "transformers"]
 DeviceName = Literal["cpu", "cuda", "auto"]
 DTypeName = Literal["float32", "bfloat16", "auto"]
 GraphRuntimeName = Literal["onnxruntime", "openvino", "auto"]
 GraphPrecisionName = Literal["float32", "float16", "auto"]
+OvPrecisionName = Literal["float32", "bfloat16", "int8", "auto"]
+
+#: The bundle's int8 graphs (NNCF-quantised, OpenVINO IR), recorded in `parity.variants` under this name.
+INT8_VARIANT = "openvino_int8"
+#: The bf16 variant's name in `parity.variants`.
+BF16_VARIANT = "openvino_bf16"
 
 log = logging.getLogger(__name__)
+
+
+def cpu_has_int8() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI on AVX-512 or AVX, or AMX-INT8):
+    where OpenVINO's int8 matmuls beat bf16; elsewhere int8 is emulated and never picked."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @dataclass
@@ -48,6 +60,14 @@ class RuntimeConfig:
     #: exported with `--fp16` holds (for the CUDA EP; export records its parity). `auto`: fp16 on
     #: CUDA when the bundle has it, fp32 otherwise.
     audio_precision: GraphPrecisionName = "auto"
+    #: What OpenVINO computes the graphs in (`emoq serve --precision`): float32, bfloat16, or
+    #: int8 (the bundle's NNCF-quantised graphs: int8 matmuls, the unquantised ops in bf16 where
+    #: the CPU has it). `auto`: the LLM's `dtype`, or int8 when `auto_int8` is set and the bundle
+    #: holds the int8 variant recorded on. bfloat16 and int8 run on OpenVINO.
+    graph_precision: OvPrecisionName = "auto"
+    #: Let `graph_precision: auto` pick the bundle's int8 graphs: set by the cpu preset for the
+    #: CPU classes whose entry in cpu_plans.json says int8 was measured faster (and has VNNI).
+    auto_int8: bool = False
     #: Cache the graphs onnxruntime optimised for this provider under `$EMOQ_CACHE/ort`, so a
     #: restart skips the optimisation (see `executors/ort.py`); off: optimise in memory at each load.
     graph_cache: bool = True
@@ -109,7 +129,8 @@ class RuntimeConfig:
         from emoq_serve.config import check_literals
 
         check_literals(self, llm_backend=LLMBackendName, device=DeviceName, dtype=DTypeName,
-                       graph_runtime=GraphRuntimeName, audio_precision=GraphPrecisionName)
+                       graph_runtime=GraphRuntimeName, audio_precision=GraphPrecisionName,
+                       graph_precision=OvPrecisionName)
 
     def resolved_device(self) -> Literal["cpu", "cuda"]:
         """`auto` means CUDA when torch sees a GPU, CPU otherwise."""
@@ -126,10 +147,18 @@ class RuntimeConfig:
         return "bfloat16" if self.resolved_device() == "cuda" or cpu_has_native_bf16() else "float32"
 
     def resolved_graph_runtime(self) -> Literal["onnxruntime", "openvino"]:
+        reduced = self.graph_precision in ("bfloat16", "int8")  # onnxruntime's CPU kernels have neither
         if self.graph_runtime != "auto":
             if self.graph_runtime == "openvino" and self.resolved_device() != "cpu":
                 raise ValueError("graph_runtime 'openvino' runs on the CPU only; use onnxruntime on CUDA")
+            if self.graph_runtime == "onnxruntime" and reduced:
+                raise ValueError(f"graph_precision {self.graph_precision!r} runs on OpenVINO; onnxruntime runs "
+                                 "the graphs in float32")
             return self.graph_runtime
+        if reduced:
+            if self.resolved_device() != "cpu":
+                raise ValueError(f"graph_precision {self.graph_precision!r} runs on OpenVINO, on the CPU only")
+            return "openvino"
         if self.resolved_device() == "cpu" and self.resolved_dtype() == "bfloat16":
             from emoq_serve.executors.openvino import openvino_available
 
@@ -147,21 +176,52 @@ class RuntimeConfig:
         cuda_ort = self.resolved_device() == "cuda" and self.resolved_graph_runtime() == "onnxruntime"
         return "float16" if cuda_ort and bundle_has_fp16 else "float32"
 
+    def resolved_graph_precision(self) -> Literal["float32", "bfloat16", "int8"]:
+        """What OpenVINO computes the graphs in (what `OvStage` takes): as set, or with `auto` the
+        LLM's dtype (int8 is chosen per bundle, by `for_bundle`). onnxruntime: always float32."""
+        if self.graph_precision != "auto":
+            return self.graph_precision
+        return self.resolved_dtype() if self.resolved_graph_runtime() == "openvino" else "float32"
+
     def for_bundle(self, manifest: dict) -> RuntimeConfig:
-        """This config for one bundle: where `auto` would pick the OpenVINO bf16 variant but the
-        bundle's export measured it beyond tolerance (`parity.variants_off`), the exact fp32 path
-        (onnxruntime graphs, fp32 LLM) instead. Explicit settings are kept as given."""
-        off = manifest.get("parity", {}).get("variants_off", {})
-        if "openvino_bf16" not in off or self.graph_runtime != "auto" or self.dtype != "auto":
+        """This config for one bundle. A precision variant its export recorded off
+        (`parity.variants_off`) or never built is not served: `--precision int8` on such a bundle
+        is refused (ValueError saying why); `auto` picks int8 only where `auto_int8` is set and the
+        variant is on, and where `auto` would pick the OpenVINO bf16 variant but it is off, the
+        exact fp32 path (onnxruntime graphs, fp32 LLM) instead. Explicit settings are kept."""
+        parity = manifest.get("parity", {})
+        off = parity.get("variants_off", {})
+        if self.graph_precision == "int8":
+            if why := int8_unavailable(manifest):
+                raise ValueError(f"graph_precision 'int8' asked, but {why}")
             return self
-        if self.resolved_graph_runtime() != "openvino":
+        if (self.graph_precision == "auto" and self.auto_int8 and cpu_has_int8() and self.graph_runtime == "auto"
+                and self.resolved_device() == "cpu" and not int8_unavailable(manifest)):
+            return self.replace(graph_precision="int8")
+        if BF16_VARIANT not in off or self.graph_runtime != "auto" or self.dtype != "auto":
             return self
+        if self.graph_precision not in ("auto", "bfloat16") or self.resolved_graph_runtime() != "openvino":
+            return self
+        if self.graph_precision == "bfloat16":
+            raise ValueError(f"graph_precision 'bfloat16' asked, but this bundle's OpenVINO bf16 variant is off "
+                             f"({off[BF16_VARIANT]})")
         log.warning("this bundle's OpenVINO bf16 variant is off (%s): serving exact fp32 with onnxruntime",
-                    off["openvino_bf16"])
+                    off[BF16_VARIANT])
         return self.replace(graph_runtime="onnxruntime", dtype="float32")
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
+
+
+def int8_unavailable(manifest: dict) -> str | None:
+    """Why a bundle cannot serve its int8 graphs (None: it can): not built, or recorded off."""
+    parity = manifest.get("parity", {})
+    if INT8_VARIANT in parity.get("variants_off", {}):
+        return f"this bundle's int8 variant is off ({parity['variants_off'][INT8_VARIANT]})"
+    if INT8_VARIANT not in parity.get("variants", {}):
+        return ("this bundle has no int8 variant (build it with `emoq export --add-variant int8 --bundle B --out B2`, "
+                "on a CPU with VNNI)")
+    return None
 
 
 #: How the `cpu` preset lays the engine on the cores, per CPU class (`hostinfo.cpu_class()`):
@@ -176,19 +236,22 @@ PLAN_FIELDS = ("graph_workers", "compute_slots", "inflight_batches", "audio_per_
 
 def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:
     """(plan name, RuntimeConfig fields) for this CPU: $EMOQ_CPU_PLAN, else the table's choice
-    for the class, else its default plan. "cores" as a value means os.cpu_count()."""
+    for the class, else its default plan; plus `auto_int8` where the class's entry says int8.
+    "cores" as a value means os.cpu_count()."""
     try:
         table = json.loads(CPU_PLANS_FILE.read_text())
     except OSError:  # an install without the package data: the plan every class can run
         log.warning("%s is missing: the cpu preset uses the stage-per-thread plan", CPU_PLANS_FILE)
         return "stage-per-thread", {"graph_workers": 1, "compute_slots": 0, "inflight_batches": 2}
-    name = os.environ.get(CPU_PLAN_ENV) or table["classes"].get(cpu_class or hostinfo.cpu_class(), {}).get(
-        "plan", table["default"])
+    entry = table["classes"].get(cpu_class or hostinfo.cpu_class(), {})
+    name = os.environ.get(CPU_PLAN_ENV) or entry.get("plan", table["default"])
     if name not in table["plans"]:
         raise ValueError(f"unknown CPU plan {name!r}; {CPU_PLANS_FILE.name} has {', '.join(table['plans'])}")
     cores = os.cpu_count() or 1
     fields = {k: cores if v == "cores" else v for k, v in table["plans"][name].items() if k in PLAN_FIELDS}
-    return name, fields
+    # A class entry's "int8": true (set where int8 graphs were measured faster than bf16 on that
+    # class) lets the preset's `auto` precision serve a bundle's int8 variant.
+    return name, {**fields, **({"auto_int8": True} if entry.get("int8") else {})}
 
 
 def _cpu_preset() -> RuntimeConfig:

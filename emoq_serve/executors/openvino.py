@@ -5,6 +5,10 @@ does not know which runtime ran a graph. onnxruntime's CPU kernels have no bf16 
 OpenVINO's CPU plugin runs the same graph with bf16 matmuls on AVX512-BF16/AMX, which is where
 the audio encoder's time goes (benchmarks/results/ has the measurements that chose it).
 OpenVINO reads the bundle's graph as shipped (unoptimised; it applies its own fusions).
+
+In int8 (`precision="int8"`) it reads instead the bundle's NNCF-quantised copy of the graph
+(`int8_graph`: OpenVINO IR beside the ONNX file, written by `export/quantize.py`), whose matmuls
+run on VNNI/AMX-INT8; the ops left unquantised run in bf16 where the CPU has it, else f32.
 """
 
 from __future__ import annotations
@@ -15,13 +19,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoq_serve.executors.threads import name_os_thread
+from emoq_serve import bundle as names
 from emoq_serve.executors.ort import check_inputs
+from emoq_serve.executors.threads import name_os_thread
+from emoq_serve.hostinfo import cpu_has_native_bf16
 
 _FIRST_USE = threading.Lock()
 
-#: RuntimeConfig precision -> OpenVINO's inference precision hint.
-_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+#: RuntimeConfig precision -> OpenVINO's inference precision hint (int8: for the unquantised ops).
+_PRECISION = {"float32": "f32", "bfloat16": "bf16", "int8": None}
+
+#: The fp32 ONNX graph -> its int8 copy in the bundle (OpenVINO IR: `.xml`, weights in `.bin`).
+INT8_GRAPHS = {names.AUDIO_ENCODER_ONNX: "audio_encoder.int8.xml", names.FORMER_ONNX: "former.int8.xml"}
+
+
+def int8_graph(path: str | Path) -> Path:
+    """The int8 copy of the bundle graph at `path` (which the int8 variant of the bundle holds)."""
+    path = Path(path)
+    if path.name not in INT8_GRAPHS:
+        raise ValueError(f"{path.name} has no int8 copy; int8 graphs exist for {', '.join(INT8_GRAPHS)}")
+    graph = path.with_name(INT8_GRAPHS[path.name])
+    if not graph.is_file():
+        raise FileNotFoundError(f"{graph} is missing: this bundle has no int8 variant (`emoq export --add-variant "
+                                "int8`)")
+    return graph
 
 
 def _os_thread_name() -> str:
@@ -51,6 +72,8 @@ class OvStage:
         if precision not in _PRECISION:
             raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION)}")
         self.path, self.precision = Path(path), precision
+        if precision == "int8":
+            self.path = int8_graph(path)
         core = ov.Core()
         model = core.read_model(str(self.path))
         # A stream per calling thread (`threads` each): the CPU plugin runs one inference at a time
@@ -73,7 +96,7 @@ class OvStage:
         return core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads * streams,
             "NUM_STREAMS": streams,
-            "INFERENCE_PRECISION_HINT": _PRECISION[precision],
+            "INFERENCE_PRECISION_HINT": _PRECISION[precision] or ("bf16" if cpu_has_native_bf16() else "f32"),
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,
         })

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "it also sizes vLLM's max_num_seqs)")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="onnx engine with vLLM: GPUs the LLM is sharded over (default: the runtime preset's, 1)")
+    p.add_argument("--precision", dest="graph_precision", choices=("float32", "bfloat16", "int8", "auto"), default=None,
+                   help="onnx engine: what OpenVINO computes the graphs in (default: the preset's; cpu: auto = the "
+                        "LLM's dtype, or the bundle's int8 graphs where its CPU class was measured faster in int8); "
+                        "int8 needs a bundle with the int8 variant recorded on (`emoq export --add-variant int8`)")
     p.add_argument("--audio-precision", choices=("float32", "float16", "auto"), default=None,
                    help="onnx engine: the fp32 or the fp16 audio graph (default auto: fp16 on CUDA when the bundle "
                         "was exported with --fp16)")
@@ -128,7 +132,7 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     runtime = runtime_preset(args.runtime).replace(
         verify_hashes=not args.no_verify,
         **{k: v for k in ("llm_backend", "device", "dtype", "graph_runtime", "graph_workers", "eager_workers", "max_batch",
-                          "vllm_kv_cache_mib", "tensor_parallel_size", "audio_precision")
+                          "vllm_kv_cache_mib", "tensor_parallel_size", "audio_precision", "graph_precision")
            if (v := getattr(args, k, None)) is not None},
     )
     if args.audio_batching is not None:

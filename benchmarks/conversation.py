@@ -11,6 +11,10 @@ A stream count is *sustained* when every turn got its result, no stream failed, 
 stays under a bound and latency does not trend upward over the conversation (least-squares slope
 against stream time): an overloaded server falls behind real time by a fixed fraction, so its
 latency grows linearly with the conversation's length and the slope exposes it before p95 does.
+
+Segments the server transcribed itself (`--asr-transcripts`) also report what ASR cost them
+(`EmotionResult.asr`: queue wait, model-call time, beam, batch) and the word error rate of the
+transcript against the turn's words, which the generator knows, per voice.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ class Segment:
     end_s: float
     turn: int | None  # index of the ground-truth turn it overlaps most, None for a false segment
     latency_s: float
+    asr: AsrSegment | None = None  # set when the server's ASR made its transcript
+
+
+@dataclass(frozen=True)
+class AsrSegment:
+    """What the server's ASR did for one segment, and the words it should have heard."""
+
+    queue_ms: float
+    compute_ms: float
+    beam_size: int
+    batch_size: int
+    hypothesis: str
+    reference: str | None  # the matched turn's words; None for a false segment
+    voice: str | None
 
 
 @dataclass
@@ -54,6 +72,7 @@ async def stream_conversation(client, stream: int, conv: Conversation, *, chunk_
     with the generator's transcripts by time range right after each turn when asked."""
     import grpc
 
+    from emoq_serve._proto import emoq_pb2 as pb
     from emoq_serve.client.conversation import conversation_messages, texts_from_turns
 
     texts = texts_from_turns(conv.meta()["turns"]) if client_transcripts else []
@@ -82,7 +101,12 @@ async def stream_conversation(client, stream: int, conv: Conversation, *, chunk_
             now = time.monotonic()
             turn = match_turn(conv.turns, r.start_s, r.end_s)
             end_of_speech = turn.end_s if turn is not None else r.end_s
-            segments.append(Segment(stream, r.start_s, r.end_s, turn.index if turn else None, now - sent_at(end_of_speech)))
+            asr = None
+            if r.transcript_source == pb.TRANSCRIPT_ASR:
+                asr = AsrSegment(r.asr.queue_ms, r.asr.compute_ms, r.asr.beam_size, r.asr.batch_size, r.transcript,
+                                 turn.transcript if turn else None, turn.voice if turn else None)
+            segments.append(Segment(stream, r.start_s, r.end_s, turn.index if turn else None,
+                                    now - sent_at(end_of_speech), asr))
     except grpc.aio.AioRpcError as e:
         return StreamRun(segments, len(conv.turns), e.code().name)
     return StreamRun(segments, len(conv.turns), "OK")
@@ -145,6 +169,29 @@ def latency_slope_ms_per_min(segments: Sequence[Segment]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def asr_summary(segments: Sequence[Segment]) -> dict[str, Any] | None:
+    """Server ASR per segment at this load: queue wait and model-call time (percentiles), the mean
+    batch, how often it decoded with a beam, and WER against the turns' words per voice."""
+    from emoq_serve.metrics import word_error_rate  # lazy: scikit-learn
+
+    runs = [s.asr for s in segments if s.asr is not None]
+    if not runs:
+        return None
+    matched = [a for a in runs if a.reference is not None]
+    wer = {}
+    for voice in (sorted({a.voice for a in matched}) + ["all"]) if matched else []:
+        pairs = [(a.reference, a.hypothesis) for a in matched if voice in ("all", a.voice)]
+        wer[voice] = {"segments": len(pairs), "wer": word_error_rate(*map(list, zip(*pairs, strict=True)))}
+    return {
+        "segments": len(runs),
+        "queue_ms": latency_summary(np.array([a.queue_ms for a in runs]) / 1e3),
+        "compute_ms": latency_summary(np.array([a.compute_ms for a in runs]) / 1e3),
+        "mean_batch": float(np.mean([a.batch_size for a in runs])),
+        "beam_share": float(np.mean([a.beam_size > 1 for a in runs])),
+        "wer": wer,
+    }
+
+
 def summarize_point(engine: str, runs: Sequence[StreamRun], wall_s: float, rss: dict[str, float] | None,
                     audio_seconds: float, latency_bound_ms: float, max_slope_ms_per_min: float) -> dict[str, Any]:
     segments = [s for r in runs for s in r.segments]
@@ -171,7 +218,7 @@ def summarize_point(engine: str, runs: Sequence[StreamRun], wall_s: float, rss: 
         "segments_ok": len(segments), "turns_answered": len(answered), "turns_missing": turns - len(answered),
         "false_segments": sum(s.turn is None for s in segments), "errors": dict(sorted(errors.items())),
         "audio_seconds": audio_seconds, "wall_s": wall_s, "realtime_factor": audio_seconds / streams / wall_s,
-        "latency_ms": latency, "latency_slope_ms_per_min": slope, "memory": memory,
+        "latency_ms": latency, "latency_slope_ms_per_min": slope, "memory": memory, "asr": asr_summary(segments),
         "sustained": not reasons, "why_not": reasons,
     }
 
@@ -204,8 +251,12 @@ async def sweep(client, engine: str, conversations: Sequence[Conversation], coun
                                           server_pid=server_pid)
         point = summarize_point(engine, runs, wall, rss, sum(c.duration_s for c in chosen), latency_bound_ms,
                                 max_slope_ms_per_min)
+        asr = point["asr"]
+        asr_note = (f"ASR queue p95 {asr['queue_ms'].get('p95', float('nan')):.0f} ms, compute p50 "
+                    f"{asr['compute_ms'].get('p50', float('nan')):.0f} ms, WER {asr['wer']['all']['wer']:.3f}, "
+                    if asr else "")
         progress(f"{engine} streams={n}: {point['segments_ok']} segments, p95 "
-                 f"{point['latency_ms'].get('p95', float('nan')):.0f} ms, "
+                 f"{point['latency_ms'].get('p95', float('nan')):.0f} ms, {asr_note}"
                  f"{'sustained' if point['sustained'] else 'not sustained: ' + '; '.join(point['why_not'])}")
         points.append(point)
     return points

@@ -105,12 +105,33 @@ def conversation_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(p['latency_slope_ms_per_min'], 0)} | {_fmt(mem.get('before_mb'), 0)} | {_fmt(mem.get('peak_mb'), 0)} | "
             f"{_fmt(mem.get('per_stream_mb'), 1)} | {'yes' if p['sustained'] else 'no: ' + '; '.join(p['why_not'])} |")
     lines.append("")
+    lines += _asr_table(report["points"])
     for engine, n in report["sustained_streams"].items():
         lines.append(f"**{engine}: {n} real-time stream(s) sustained** (the largest count tried that, with every "
                      "smaller count tried, met the bounds above).")
     for note in report.get("notes", []):
         lines.append(f"\n> {note}")
     return "\n".join(lines) + "\n"
+
+
+def _asr_table(points: list[dict[str, Any]]) -> list[str]:
+    """Per point, what the server's ASR cost the segments it transcribed and their word errors."""
+    rows = [p for p in points if p.get("asr")]
+    if not rows:
+        return []
+    voices = sorted({v for p in rows for v in p["asr"]["wer"] if v != "all"})
+    lines = ["Server ASR per segment (`EmotionResult.asr`; WER against the turns' words):", "",
+             "| engine | streams | ASR segments | queue p50 ms | queue p95 ms | compute p50 ms | compute p95 ms "
+             "| mean batch | beam share | " + " | ".join(f"WER {v}" for v in voices) + " | WER all |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * (len(voices) + 1)]
+    for p in rows:
+        a = p["asr"]
+        wer = [_fmt(a["wer"].get(v, {}).get("wer"), 3) for v in [*voices, "all"]]
+        lines.append(f"| {p['engine']} | {p['streams']} | {a['segments']} | {_fmt(a['queue_ms'].get('p50'), 0)} | "
+                     f"{_fmt(a['queue_ms'].get('p95'), 0)} | {_fmt(a['compute_ms'].get('p50'), 0)} | "
+                     f"{_fmt(a['compute_ms'].get('p95'), 0)} | {a['mean_batch']:.1f} | {a['beam_share']:.2f} | "
+                     + " | ".join(wer) + " |")
+    return lines + [""]
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -88,10 +88,10 @@ def test_worker_serves_concurrent_clips_like_single_ones(engine, monkeypatch):
         return await asyncio.gather(*(engine.transcribe(c) for c in [*clips, np.zeros(16_000, np.float32)]))
 
     results = asyncio.run(together())
-    assert [t for t, _ in results[:2]] == singles
+    assert [r.text for r in results[:2]] == singles
     assert word_error_rate(texts, singles) <= 0.25
-    assert results[2][0] == ""  # silence is no speech, not a hallucinated "Thank you."
-    assert all(ms > 0 for _, ms in results)
+    assert results[2].text == ""  # silence is no speech, not a hallucinated "Thank you."
+    assert all(r.compute_ms > 0 and r.queue_ms >= 0 and r.batch_size >= 1 for r in results)
 
 
 #: Word error rate of the bundled tiny.en (beam 5) on the 20 test clips below, measured here:
@@ -117,8 +117,10 @@ def test_wer_on_the_synthetic_corpus_speech(engine):
     assert word_error_rate(refs[1:] + refs[:1], hyps) > 0.5  # mismatched transcripts fail the bound
 
 
-#: Issue 30's bound on Piper speech (the neural voice), beside the espeak bound above.
-PIPER_WER_BOUND = 0.15
+#: Issue 30's bound on Piper speech (the neural voice), 0.15, plus the 0.02 issue 33 allows the
+#: cheaper default (window fitted to the clip): on these 20 clips one more word wrong than the
+#: 30 s window (0.144 -> 0.159, measured under load; beam 5 both).
+PIPER_WER_BOUND = 0.17
 
 
 @pytest.mark.slow
@@ -156,15 +158,17 @@ class _Gate:
         import threading
 
         self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
-        real = engine.transcribe_batch
+        real = engine.decode
+        self.beams: list[int] = []
 
-        def gated(clips):
+        def gated(clips, beam_size):
             self.calls.append(len(clips))
+            self.beams.append(beam_size)
             self.entered.set()
             self.release.wait(30)
-            return real(clips)
+            return real(clips, beam_size)
 
-        monkeypatch.setattr(engine, "transcribe_batch", gated)
+        monkeypatch.setattr(engine, "decode", gated)
 
 
 def test_a_full_asr_queue_refuses_at_once_and_expired_or_cancelled_clips_cost_nothing(engine, monkeypatch):
@@ -191,7 +195,7 @@ def test_a_full_asr_queue_refuses_at_once_and_expired_or_cancelled_clips_cost_no
     assert cancelled.cancel()
     time.sleep(0.1)  # past the expiring clip's deadline
     gate.release.set()
-    assert running.result(30) == "" and waiting.result(30) == ""
+    assert running.result(30).text == "" and waiting.result(30).text == ""
     with pytest.raises(AsrDeadlineExpired, match="deadline passed"):
         expired.result(5)
     assert gate.calls == [1, 1]  # clip 1 and the waiting one: nothing for the other two
@@ -213,5 +217,61 @@ def test_a_hung_asr_call_turns_health_off_and_refuses_new_clips(engine, monkeypa
     with pytest.raises(AsrStalled, match="stuck"):
         engine.submit(np.zeros(8_000, np.float32))
     gate.release.set()
-    assert running.result(30) == ""
+    assert running.result(30).text == ""
     assert engine.healthy  # recovered: the call finished
+
+
+# --- the cheap modes (issue 33): a window fitted to the clip, the adaptive beam -------------
+
+#: Word error the fitted window may add over the 30 s window on the clean clips below (0 measured
+#: on an idle and a loaded machine; one word in the ~25 of these clips is the slack).
+FIT_WINDOW_EXTRA_WER = 0.04
+
+
+@pytest.mark.slow
+def test_a_window_fitted_to_the_clip_hears_what_the_30_s_window_hears(engine, monkeypatch):
+    """Two espeak-ng and two Piper sentences, greedy: the fitted window (the default, >= 5 s) and
+    Whisper's 30 s window give the same words within FIT_WINDOW_EXTRA_WER, and each clip ran its
+    own short window. A window cut right after the speech without the token cap (min_window_s=1,
+    max_tokens_per_s=1000) makes tiny.en repeat the sentence and fails this."""
+    import dataclasses
+
+    from emoq_serve.data.speech import PIPER_VOICE, Prosody, piper_available, render
+
+    # Sentences and voices that loop in a window cut at the speech (tried: most clips do not).
+    texts = ["Please call me back in the morning.", "She sent the letter, I missed them.",
+             "They sold the house for work.", "Please call me back in the morning."]
+    voices = ["m4", "m1"] + ([PIPER_VOICE] * 2 if piper_available() else ["m1", "m3"])
+    clips = render([(t, Prosody(), v) for t, v in zip(texts, voices, strict=True)], backend="espeak")
+    fitted = [engine.decode([c], 1) for c in clips]  # one at a time: each clip's own window
+    fit = [texts[0] for texts, _ in fitted]
+    assert [w for _, w in fitted] == [max(engine.cfg.min_window_s, np.ceil(len(c) / 16_000 + 0.6)) for c in clips]
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, window="full"))
+    full, full_s = engine.decode(clips, 1)
+    assert full_s == 30.0
+    wer_fit, wer_full = word_error_rate(texts, fit), word_error_rate(texts, full)
+    assert wer_fit <= wer_full + FIT_WINDOW_EXTRA_WER, (fit, full)
+    assert wer_fit <= 0.25, fit
+
+
+def test_the_beam_narrows_to_greedy_behind_a_backlog(engine, monkeypatch):
+    """The worker decodes with `beam_size` while at most `greedy_above_queue` other clips wait
+    and greedily behind a longer queue; each clip's result says which beam, batch and queue wait
+    it got. One clip per call here, so the backlog shrinks by one per call."""
+    import dataclasses
+
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, beam_size=5, greedy_above_queue=0))
+    monkeypatch.setattr(engine, "max_batch", 1)
+    assert [engine.beam_for(n) for n in (0, 1, 3)] == [5, 1, 1]
+    gate = _Gate(engine, monkeypatch)
+    clip = np.zeros(8_000, np.float32)
+    first = engine.submit(clip)
+    assert gate.entered.wait(10)  # the worker holds the first clip: the rest queue behind it
+    rest = [engine.submit(clip) for _ in range(3)]
+    gate.release.set()
+    results = [f.result(30) for f in [first, *rest]]
+    assert gate.beams == [5, 1, 1, 5]  # backlog 0, then 2, 1, 0
+    assert [r.beam_size for r in results] == gate.beams and all(r.batch_size == 1 for r in results)
+    assert min(r.queue_ms for r in results[1:]) > results[0].queue_ms  # they waited behind the first
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, greedy_above_queue=None))
+    assert engine.beam_for(10) == 5  # None: the beam never narrows

@@ -8,6 +8,7 @@ same transcript gives the same scores); the fast cases use the stand-in engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from server_harness import RunningServer, StandInRecognizer, config
 from test_server import SERVE_CLI, eager_probs, probs, scrape
 
 from emoq_serve._proto import emoq_pb2 as pb
+from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
 from emoq_serve.client.api import recognize_request, stream_messages
 from emoq_serve.metrics import word_error_rate
 
@@ -87,6 +89,7 @@ def test_unary_and_stream_without_transcript_get_the_asr_transcript(real_asr, sp
     assert [r.transcript_source for r in results] == [pb.TRANSCRIPT_ASR] * 2
     assert word_error_rate(SENTENCES, [r.transcript for r in results]) <= 0.25
     assert all(r.timing.asr_ms > 0 for r in results)
+    assert all(r.asr.compute_ms > 0 and r.asr.window_s <= 30 and r.asr.batch_size >= 1 for r in results)
     for audio, r in zip(speech, results, strict=True):  # the model read exactly that transcript
         np.testing.assert_allclose(probs(r), eager_probs(eager, audio, r.transcript), atol=1e-4)
     after = scrape(server)
@@ -107,6 +110,7 @@ def test_unary_and_stream_without_transcript_get_the_asr_transcript(real_asr, sp
 def test_client_transcript_and_per_request_modes(real_asr, speech):
     server, _ = real_asr
     client = server.stub.Recognize(request(speech[0], "so happy today"), timeout=120).result
+    assert not client.HasField("asr")  # only an ASR transcript carries its cost
     assert (client.transcript, client.transcript_source, client.timing.asr_ms) == (
         "so happy today", pb.TRANSCRIPT_CLIENT, 0.0)
     always = server.stub.Recognize(request(speech[0], "so happy today", pb.ASR_ALWAYS), timeout=120).result
@@ -170,8 +174,8 @@ def test_transcriptless_floods_are_refused_at_once_while_transcript_calls_stay_f
 
     monkeypatch.setattr(asr_engine, "cfg", dataclasses.replace(asr_engine.cfg, queue_size=2))
     release = threading.Event()
-    real = asr_engine.transcribe_batch
-    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (release.wait(30), real(clips))[1])
+    real = asr_engine.decode
+    monkeypatch.setattr(asr_engine, "decode", lambda clips, beam: (release.wait(30), real(clips, beam))[1])
     with RunningServer(StandInRecognizer, config(max_unary_calls=6), asr=asr_engine) as srv:
         calls = [srv.stub.Recognize.future(request(speech[0]), timeout=60) for _ in range(10)]
         time.sleep(1.0)  # all ten reached the server: 1 transcribing, 2 queued, the rest refused
@@ -197,8 +201,8 @@ def test_a_hung_asr_worker_turns_health_not_serving_until_it_recovers(asr_engine
 
     monkeypatch.setattr(asr_engine, "cfg", dataclasses.replace(asr_engine.cfg, stall_timeout_s=0.3))
     release = threading.Event()
-    real = asr_engine.transcribe_batch
-    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (release.wait(30), real(clips))[1])
+    real = asr_engine.decode
+    monkeypatch.setattr(asr_engine, "decode", lambda clips, beam: (release.wait(30), real(clips, beam))[1])
     with RunningServer(StandInRecognizer, config(), asr=asr_engine) as srv:
         health = health_pb2_grpc.HealthStub(srv.channel)
 
@@ -226,8 +230,8 @@ def test_interims_never_run_asr_only_the_final_does(asr_engine, speech, monkeypa
     """On main 9b76bb9 an UTTERANCE stream with interim results transcribed the whole audio so far
     for every interim: ASR work growing with the square of the stream's length."""
     calls = []
-    real = asr_engine.transcribe_batch
-    monkeypatch.setattr(asr_engine, "transcribe_batch", lambda clips: (calls.append(len(clips)), real(clips))[1])
+    real = asr_engine.decode
+    monkeypatch.setattr(asr_engine, "decode", lambda clips, beam: (calls.append(len(clips)), real(clips, beam))[1])
     audio = np.concatenate([speech[0], speech[1]])
     with RunningServer(StandInRecognizer, config(interim_span_s=0.5), asr=asr_engine) as srv:
         results = [r.result for r in srv.stub.StreamingRecognize(
@@ -235,3 +239,38 @@ def test_interims_never_run_asr_only_the_final_does(asr_engine, speech, monkeypa
     interims, final = results[:-1], results[-1]
     assert len(interims) >= 3 and all(r.transcript_source == pb.TRANSCRIPT_NONE for r in interims)
     assert final.is_final and final.transcript_source == pb.TRANSCRIPT_ASR and calls == [1]
+
+
+def test_the_conversation_bench_gets_each_segments_asr_cost_and_scores_its_words(asr_engine):
+    """`emoq bench --api conversation --asr-transcripts` over real gRPC (real VAD, real Whisper):
+    every final segment the server transcribed carries `EmotionResult.asr` (queue wait, model
+    time, beam, batch, window), and the bench scores the transcripts against the turns' words per
+    voice. The same segments scored against shifted turns must fail the WER bound."""
+    import types
+
+    from benchmarks.conversation import asr_summary, stream_conversation
+    from emoq_serve.data.conversation import make_conversation
+    from emoq_serve.data.speech import piper_available
+
+    conv = make_conversation(n_turns=3, seed=2, voices="mix" if piper_available() else "espeak")
+
+    async def run():
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            client = types.SimpleNamespace(stub=pb_grpc.EmotionRecognizerStub(channel), metadata=())
+            return await stream_conversation(client, 0, conv, chunk_ms=200, realtime=False, client_transcripts=False,
+                                             timeout_s=60)
+
+    with RunningServer(StandInRecognizer, config(max_audio_seconds=30.0), asr=asr_engine) as srv:
+        streamed = asyncio.run(run())
+    assert streamed.code == "OK" and len(streamed.segments) == len(conv.turns)
+    for seg in streamed.segments:
+        a = seg.asr
+        assert a is not None and a.reference == conv.turns[seg.turn].transcript
+        assert a.compute_ms > 0 and a.queue_ms >= 0 and a.batch_size >= 1 and a.beam_size in (1, 5)
+    summary = asr_summary(streamed.segments)
+    assert summary["segments"] == 3 and summary["compute_ms"]["p50"] > 0
+    assert set(summary["wer"]) == {t.voice for t in conv.turns} | {"all"}
+    assert summary["wer"]["all"]["wer"] <= 0.35, [s.asr.hypothesis for s in streamed.segments]
+    shifted = [dataclasses.replace(s, asr=dataclasses.replace(s.asr, reference=conv.turns[(s.turn + 1) % 3].transcript))
+               for s in streamed.segments]
+    assert asr_summary(shifted)["wer"]["all"]["wer"] > 0.5

@@ -100,6 +100,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clips waiting for ASR; one more is refused at once (RESOURCE_EXHAUSTED)")
     p.add_argument("--asr-compute-type", default=d.asr_engine.compute_type,
                    help="CTranslate2 compute type: auto (int8 on CPU, float16 on CUDA), int8, float16, float32, ...")
+    p.add_argument("--asr-window", choices=("fit", "full"), default=d.asr_engine.window,
+                   help="encoder window: fit = the clip's length in whole seconds (at least --asr-min-window-s); "
+                        "full = Whisper's 30 s")
+    p.add_argument("--asr-min-window-s", type=float, default=d.asr_engine.min_window_s,
+                   help="shortest encoder window under --asr-window fit")
+    p.add_argument("--asr-beam-size", type=int, default=d.asr_engine.beam_size,
+                   help="beam width while the ASR queue is short (1 = greedy)")
+    p.add_argument("--asr-greedy-above-queue", type=int, default=d.asr_engine.greedy_above_queue,
+                   help="decode greedily when more than this many clips wait (-1: always --asr-beam-size)")
+    p.add_argument("--asr-max-batch", type=int, default=d.asr_engine.max_batch,
+                   help="clips per ASR model call (default: 4 on CPU with --asr-window fit, 1 with full; 8 on CUDA)")
     cluster = p.add_argument_group("cluster mode: the engine as Ray Serve replicas (this process stays the front door)")
     cluster.add_argument("--ray-address", default=None, metavar="ADDR",
                          help="run the engine on Ray: 'local' starts Ray on this machine, 'auto' joins the cluster "
@@ -150,7 +161,10 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
             supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
                                         max_consecutive_failures=args.max_consecutive_failures),
             asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,
-                                 queue_size=args.asr_queue_size),
+                                 queue_size=args.asr_queue_size, window=args.asr_window,
+                                 min_window_s=args.asr_min_window_s, beam_size=args.asr_beam_size,
+                                 greedy_above_queue=None if args.asr_greedy_above_queue == -1 else args.asr_greedy_above_queue,
+                                 max_batch=args.asr_max_batch),
         )
     except ValueError as exc:  # a setting to fix (half a TLS configuration, a bad limit)
         raise SystemExit(f"emoq serve: {exc}") from None

@@ -106,5 +106,5 @@ class Scorer:
         ]
         return pb.EmotionResult(
             label=prediction.label, scores=scores, is_final=final, audio_seconds=audio_seconds, timing=timing,
-            transcript=transcript.text, transcript_source=transcript.source,
+            transcript=transcript.text, transcript_source=transcript.source, asr=transcript.asr_run,
         )

@@ -23,6 +23,7 @@ class Transcript:
     text: str
     source: int  # pb.TranscriptSource
     asr_ms: float = 0.0  # queueing + recognition, when ASR produced it
+    asr_run: pb.AsrRun | None = None  # its queue wait, compute time, beam, batch and window
 
 
 class TranscriptStage:
@@ -51,8 +52,10 @@ class TranscriptStage:
         if mode == pb.ASR_ALWAYS or (mode == pb.ASR_AUTO and not client):
             if self.asr is None:  # validation refuses these requests first; never silently skipped
                 raise RuntimeError("ASR requested on a server without an ASR engine")
-            text, ms = await self.asr.transcribe(utterance.audio, deadline)
-            return Transcript(self._fit(text), pb.TRANSCRIPT_ASR, ms)
+            r = await self.asr.transcribe(utterance.audio, deadline)
+            run = pb.AsrRun(queue_ms=r.queue_ms, compute_ms=r.compute_ms, beam_size=r.beam_size,
+                            batch_size=r.batch_size, window_s=r.window_s)
+            return Transcript(self._fit(r.text), pb.TRANSCRIPT_ASR, r.total_ms, run)
         if client:
             return Transcript(utterance.transcript, pb.TRANSCRIPT_CLIENT)
         return Transcript("", pb.TRANSCRIPT_NONE)

@@ -6,10 +6,17 @@ other CTranslate2 Whisper folder is a setting away. Compute type follows the dev
 CPU, float16 on CUDA.
 
 One worker thread owns the model and runs batches: each batch takes every clip queued while the
-previous one ran (up to `max_batch`: 8 on CUDA, 1 on CPU where batching measured no gain), so no
-request waits for a batch to fill. CTranslate2 pads every clip to Whisper's 30 s window, so the encoder
-costs the same per clip whatever its length; shorter windows were measured to make tiny.en loop
-("I could cry. I could cry. ...") and are not used.
+previous one ran (up to `max_batch`), so no request waits for a batch to fill.
+
+The encoder window (`AsrConfig.window`): "fit" sizes it to the batch's longest clip in whole
+seconds, at least `min_window_s` (CTranslate2 slices Whisper's position embeddings, like
+whisper.cpp's `audio_ctx`); "full" pads every clip to Whisper's 30 s, whose encoder costs the same
+whatever the clip's length. A window that ends right after the speech makes tiny.en repeat itself
+("I could cry. I could cry. ..."): the minimum window keeps seconds of silence after a short clip,
+and every decode is capped at `max_tokens_per_s` tokens per second of audio, so a loop cannot run
+to Whisper's 448 tokens. Beam search runs only while few clips wait (`greedy_above_queue`);
+behind a backlog the worker decodes greedily. Costs and word errors per setting:
+`benchmarks/results/asr_levers/`.
 
 `AsrEngine.verify` is the start-up check a server runs: the files are there, the model loads, and
 a short espeak-ng sentence (espeak-ng is a required dependency) transcribes to roughly its words.
@@ -23,6 +30,7 @@ import collections
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -49,11 +57,16 @@ VERIFY_MAX_WER = 0.5
 NO_SPEECH_PROB = 0.6
 LOGPROB_THRESHOLD = -1.0
 #: Silence put before and after each clip: trimmed clips that start on the first phoneme lose their
-#: first word more often (`benchmarks/results/asr.json`). Free: every clip is padded to the 30 s
-#: window anyway.
+#: first word more often (`benchmarks/results/asr.json`).
 EDGE_PAD_S = 0.3
+#: Whisper's window: 30 s of 10 ms mel frames.
+FULL_WINDOW_FRAMES = 3000
+FRAMES_PER_S = 100
+#: Tokens allowed beyond the per-second cap (the prompt and a short clip's few words).
+TOKEN_MARGIN = 10
 
 AsrDevice = Literal["cpu", "cuda", "auto"]
+AsrWindow = Literal["fit", "full"]
 
 
 class AsrError(RuntimeError):
@@ -81,13 +94,21 @@ class AsrConfig:
     #: CTranslate2 intra-op threads. One by default: the emotion stages hold the other cores, and
     #: a 2-thread op beside a busy process runs slower than a 1-thread one.
     threads: int = 1
-    #: Clips per model call; None = 1 on CPU, 8 on CUDA. On CPU the 30 s encoder window dominates
-    #: and batching gained nothing (benchmarks/results/asr.json) while the first clip of a batch
-    #: waits for the others; a GPU encodes a batch in one pass.
+    #: Clips per model call; None = 8 on CUDA; on CPU 4 with the "fit" window (short clips batch
+    #: into one short window) and 1 with "full", where the 30 s encoder dominates and batching
+    #: gained nothing (benchmarks/results/asr.json).
     max_batch: int | None = None
-    #: Beam search width: 5 (Whisper's default) had fewer word errors than greedy on the synthetic
-    #: corpus for a little more time per clip (benchmarks/results/asr.json).
+    #: Beam search width while the queue is short: 5 (Whisper's default) had fewer word errors than
+    #: greedy on the synthetic corpus (benchmarks/results/asr.json).
     beam_size: int = 5
+    #: Adaptive beam: `beam_size` only while at most this many other clips wait when a batch
+    #: starts; greedy behind a longer backlog. None: always `beam_size`.
+    greedy_above_queue: int | None = 0
+    #: Encoder window: "fit" (the clip's length, at least `min_window_s`) or "full" (30 s).
+    window: AsrWindow = "fit"
+    min_window_s: float = 5.0
+    #: Decoding cap per second of audio (plus TOKEN_MARGIN): bounds a repetition loop's cost.
+    max_tokens_per_s: float = 8.0
     language: str = "en"
     #: Clips waiting for the worker; one more is refused at once (AsrBusy). The bound keeps a
     #: flood of transcript-less calls from holding their audio and waiting minutes.
@@ -98,6 +119,28 @@ class AsrConfig:
     def __post_init__(self) -> None:
         if self.queue_size < 1 or self.stall_timeout_s <= 0 or self.threads < 1 or self.beam_size < 1:
             raise ValueError("AsrConfig: queue_size, threads and beam_size must be >= 1 and stall_timeout_s > 0")
+        if self.window not in ("fit", "full") or not 0 < self.min_window_s <= FULL_WINDOW_FRAMES / FRAMES_PER_S:
+            raise ValueError(f"AsrConfig: window must be fit or full and min_window_s in (0, 30]; got "
+                             f"{self.window!r}, {self.min_window_s}")
+        if (self.max_batch is not None and self.max_batch < 1) or self.max_tokens_per_s <= 0 or (
+                self.greedy_above_queue is not None and self.greedy_above_queue < 0):
+            raise ValueError("AsrConfig: max_batch >= 1, max_tokens_per_s > 0 and greedy_above_queue >= 0")
+
+
+@dataclass(frozen=True)
+class AsrResult:
+    """One clip's transcript and what it cost (what `EmotionResult.asr` reports)."""
+
+    text: str
+    queue_ms: float  # queued -> its batch started
+    compute_ms: float  # its batch's model call (shared by the batch)
+    beam_size: int
+    batch_size: int
+    window_s: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.queue_ms + self.compute_ms
 
 
 def default_model_dir() -> Path:
@@ -166,7 +209,7 @@ class AsrEngine:
                                    language=cfg.language)
         self._prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.sha256 = sha256_file(self.model_dir / "model.bin")
-        self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 1)
+        self.max_batch = cfg.max_batch or (8 if self.device == "cuda" else 4 if cfg.window == "fit" else 1)
         self._queue: collections.deque[_Clip] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -189,19 +232,34 @@ class AsrEngine:
 
     # --- compute ------------------------------------------------------------------------------
 
-    def transcribe_batch(self, clips: list[np.ndarray]) -> list[str]:
-        """16 kHz float32 clips -> their transcripts (stripped; "" for silence), in order."""
-        if not clips:
-            return []
-        from faster_whisper.audio import pad_or_trim
+    def transcribe_batch(self, clips: list[np.ndarray], beam_size: int | None = None) -> list[str]:
+        """16 kHz float32 clips -> their transcripts (stripped; "" for silence), in order;
+        `beam_size` defaults to the configured one."""
+        return self.decode(clips, beam_size or self.cfg.beam_size)[0]
 
+    def window_frames(self, clip_samples: int) -> int:
+        """Mel frames of the encoder window for a clip of `clip_samples` (edge pads included)."""
+        if self.cfg.window == "full":
+            return FULL_WINDOW_FRAMES
+        seconds = clip_samples / SAMPLE_RATE + 2 * EDGE_PAD_S
+        # Whole seconds, so clips of similar length share a window and batch without extra padding.
+        return min(FULL_WINDOW_FRAMES, FRAMES_PER_S * max(math.ceil(seconds), math.ceil(self.cfg.min_window_s)))
+
+    def decode(self, clips: list[np.ndarray], beam_size: int) -> tuple[list[str], float]:
+        """(transcripts, window seconds) for one batch."""
+        if not clips:
+            return [], 0.0
+        frames = max(self.window_frames(len(c)) for c in clips)
         # The feature extractor's last frame is padding (faster-whisper drops it the same way).
         pad = np.zeros(round(EDGE_PAD_S * SAMPLE_RATE), np.float32)
-        padded = [np.concatenate([pad, np.asarray(c, np.float32), pad]) for c in clips]
-        features = np.stack([pad_or_trim(self.model.feature_extractor(c)[..., :-1]) for c in padded])
+        mels = [self.model.feature_extractor(np.concatenate([pad, np.asarray(c, np.float32), pad]))[..., :-1]
+                for c in clips]
+        features = np.stack([np.pad(m[..., :frames], ((0, 0), (0, frames - min(frames, m.shape[-1])))) for m in mels])
+        longest_s = max(len(c) for c in clips) / SAMPLE_RATE
+        max_length = min(self.model.max_length, TOKEN_MARGIN + math.ceil(self.cfg.max_tokens_per_s * longest_s))
         results = self.model.model.generate(
-            self.model.encode(features), [list(self._prompt) for _ in clips], beam_size=self.cfg.beam_size,
-            max_length=self.model.max_length, suppress_blank=True,
+            self.model.encode(features), [list(self._prompt) for _ in clips], beam_size=beam_size,
+            max_length=max_length, suppress_blank=True,
             suppress_tokens=self._suppress_tokens(), return_scores=True, return_no_speech_prob=True,
         )
         texts = []
@@ -210,7 +268,7 @@ class AsrEngine:
             avg_logprob = r.scores[0] * len(tokens) / (len(tokens) + 1)  # scores are length-normalised
             silent = r.no_speech_prob > NO_SPEECH_PROB and avg_logprob < LOGPROB_THRESHOLD
             texts.append("" if silent else self.tokenizer.decode(tokens).strip())
-        return texts
+        return texts, frames / FRAMES_PER_S
 
     def _suppress_tokens(self) -> list[int]:
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -263,7 +321,7 @@ class AsrEngine:
         """The worker runs and is not stuck in one model call: what gRPC health reports."""
         return self._worker is not None and self._worker.is_alive() and not self.stalled_for()
 
-    def submit(self, audio: np.ndarray, deadline: float | None = None) -> Future[str]:
+    def submit(self, audio: np.ndarray, deadline: float | None = None) -> Future[AsrResult]:
         """Queue one clip for the worker (thread-safe); the future holds its transcript.
 
         Refused at once, before the clip is held: `AsrBusy` when `queue_size` clips wait,
@@ -275,29 +333,34 @@ class AsrEngine:
         if not self.healthy:
             raise AsrStalled(f"speech recognition is stuck: one call has run over {self.cfg.stall_timeout_s:g} s; "
                              "send the transcript with the audio, or retry on another server")
-        future: Future[str] = Future()
+        future: Future[AsrResult] = Future()
         with self._cv:
             if len(self._queue) >= self.cfg.queue_size:
                 raise AsrBusy(f"the speech recognition queue is full ({self.cfg.queue_size} clips waiting, "
                               "--asr-queue-size): send the transcript with the audio, or retry later")
-            self._queue.append(_Clip(audio, future, deadline))
+            self._queue.append(_Clip(audio, future, deadline, time.monotonic()))
             self._cv.notify()
         return future
 
-    async def transcribe(self, audio: np.ndarray, deadline: float | None = None) -> tuple[str, float]:
-        """(transcript, milliseconds from queueing to result) without blocking the event loop.
-        Cancelling the caller takes its clip out of the worker's way."""
-        started = time.monotonic()
-        text = await asyncio.wrap_future(self.submit(audio, deadline))
-        return text, (time.monotonic() - started) * 1e3
+    async def transcribe(self, audio: np.ndarray, deadline: float | None = None) -> AsrResult:
+        """The clip's transcript and costs, without blocking the event loop. Cancelling the caller
+        takes its clip out of the worker's way."""
+        return await asyncio.wrap_future(self.submit(audio, deadline))
 
-    def _next_batch(self) -> list[_Clip] | None:
-        """The clips the worker runs next (live, in time); None once closing and empty."""
+    def beam_for(self, backlog: int) -> int:
+        """The beam width for a batch started with `backlog` other clips waiting (the adaptive beam)."""
+        limit = self.cfg.greedy_above_queue
+        return self.cfg.beam_size if limit is None or backlog <= limit else 1
+
+    def _next_batch(self) -> tuple[list[_Clip], int] | None:
+        """The clips the worker runs next (live, in time) and the backlog behind the first of
+        them when it started; None once closing and empty."""
         with self._cv:
             while not self._queue and not self._closing:
                 self._cv.wait()
             if not self._queue:
                 return None
+            backlog = len(self._queue) - 1
             batch: list[_Clip] = []
             now = time.monotonic()
             while self._queue and len(batch) < self.max_batch:  # whatever queued meanwhile joins
@@ -308,21 +371,25 @@ class AsrEngine:
                             "the call's deadline passed while its audio waited for speech recognition"))
                 elif clip.future.set_running_or_notify_cancel():  # False: its caller is gone
                     batch.append(clip)
-            return batch
+            return batch, backlog
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (taken := self._next_batch()) is not None:
+            batch, backlog = taken
             if not batch:
                 continue
-            self._busy_since = time.monotonic()
+            beam = self.beam_for(backlog)
+            self._busy_since = started = time.monotonic()
             try:
-                texts = self.transcribe_batch([c.audio for c in batch])
+                texts, window_s = self.decode([c.audio for c in batch], beam)
             except Exception as exc:  # fail this batch's callers; the worker keeps serving
                 for c in batch:
                     c.future.set_exception(exc)
             else:
+                compute_ms = (time.monotonic() - started) * 1e3
                 for c, text in zip(batch, texts, strict=True):
-                    c.future.set_result(text)
+                    c.future.set_result(AsrResult(text, (started - c.queued_at) * 1e3, compute_ms, beam, len(batch),
+                                                  window_s))
             finally:
                 self._busy_since = None
 
@@ -339,8 +406,9 @@ class AsrEngine:
 @dataclass(eq=False)
 class _Clip:
     audio: np.ndarray
-    future: Future[str]
+    future: Future[AsrResult]
     deadline: float | None
+    queued_at: float  # time.monotonic()
 
 
 def load_asr(cfg: AsrConfig | None = None, verify: bool = True) -> AsrEngine:

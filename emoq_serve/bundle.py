@@ -55,7 +55,13 @@ PARITY_FIELDS = ("embedding_max_abs", "posterior_max_abs", "tolerances", "backen
 #: export) or "aux" (the stage-1 auxiliary head in heads.safetensors: no LLM, no prompt). The
 #: manifest's `head` field; bundles written before it existed are "llm".
 HEADS_KINDS = ("llm", "aux")
-#: Files (or, for folders, one file inside them) that every bundle must list, by head.
+#: What the served model reads: "both" (audio and transcript, either may be missing) or "text"
+#: (a stage-2 model trained with `modality="text"`: it answers from the transcript alone, so its
+#: bundle has no audio graph and the engine never encodes audio). The stage-1 model has no
+#: modality setting: an "aux" bundle reads both. Taken from `model_config.llm.modality`.
+MODALITIES = ("both", "text")
+#: Files (or, for folders, one file inside them) that every bundle must list, by head; a
+#: text-only bundle drops AUDIO_ENCODER_ONNX (see `required_files`).
 REQUIRED_FILES = {
     "aux": (AUDIO_ENCODER_ONNX, FORMER_ONNX, HEADS, f"{EAGER_AUDIO_ENCODER_DIR}/config.json", EAGER_FORMER),
     "llm": (AUDIO_ENCODER_ONNX, FORMER_ONNX, HEADS, EMBED_TOKENS, f"{LLM_DIR}/config.json",
@@ -71,6 +77,16 @@ def compute_bundle_id(files: dict[str, str]) -> str:
     """First 12 hex of the sha256 over the sorted `path hash` lines: equal content, equal id."""
     lines = "\n".join(f"{path} {digest}" for path, digest in sorted(files.items()))
     return hashlib.sha256(lines.encode()).hexdigest()[:12]
+
+
+def modality_of(head: str, cfg: ModelConfig) -> str:
+    """What a bundle of `head` serving the model `cfg` reads (see `MODALITIES`)."""
+    return "both" if head == "aux" else cfg.llm.modality
+
+
+def required_files(head: str, modality: str) -> tuple[str, ...]:
+    """The files a bundle of `head` and `modality` must list."""
+    return tuple(f for f in REQUIRED_FILES[head] if not (modality == "text" and f == AUDIO_ENCODER_ONNX))
 
 
 def validate_manifest(manifest: Any) -> None:
@@ -97,16 +113,20 @@ def validate_manifest(manifest: Any) -> None:
         for name in fields:
             if name not in manifest[section]:
                 raise BundleError(f"{MANIFEST} is missing the field '{section}.{name}'")
-    for name in REQUIRED_FILES[head]:
+    try:
+        cfg = ModelConfig.from_dict(manifest["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{MANIFEST} field 'model_config' is invalid: {e}") from e
+    modality = modality_of(head, cfg)
+    if modality not in MODALITIES:
+        raise BundleError(f"{MANIFEST} model_config.llm.modality is {modality!r}; a bundle serves "
+                          f"{' or '.join(MODALITIES)}")
+    for name in required_files(head, modality):
         if name not in manifest["files"]:
             raise BundleError(f"{MANIFEST} 'files' does not list the required file {name!r}")
     if head == "llm" and len(manifest["prompt"]["emotion_token_ids"]) != len(manifest["labels"]):
         raise BundleError(f"{MANIFEST} has {len(manifest['labels'])} labels but "
                           f"{len(manifest['prompt']['emotion_token_ids'])} emotion_token_ids")
-    try:
-        ModelConfig.from_dict(manifest["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{MANIFEST} field 'model_config' is invalid: {e}") from e
 
 
 def verify_files(root: Path, files: dict[str, str]) -> None:
@@ -167,6 +187,11 @@ class Bundle:
     def head(self) -> str:
         """"llm" or "aux" (see `HEADS_KINDS`)."""
         return self.manifest.get("head", "llm")
+
+    @property
+    def modality(self) -> str:
+        """"both" or "text" (see `MODALITIES`)."""
+        return modality_of(self.head, self.model_config)
 
     @property
     def bundle_id(self) -> str:

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint to a verified serving bundle (stage 2: the full "
-                                             "model; stage 1: former + auxiliary head, no LLM), or re-verify a bundle")
+                                             "model, or a text-only one without the audio graph; stage 1: former + "
+                                             "auxiliary head, no LLM), or re-verify a bundle")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", help="checkpoint directory or run folder (uses best/) from `emoq train "
                                            "stage2` or `stage1`")
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-int8", action="store_true",
                    help="with --checkpoint: skip the int8 variant (built by default where the CPU has VNNI/AMX-INT8)")
     p.add_argument("--out", help="bundle directory to create (with --checkpoint or --add-variant)")
-    p.add_argument("--fp16", action="store_true", help="also write an fp16 audio encoder for the CUDA EP")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 audio encoder for the CUDA EP "
+                                                       "(not for a text-only model: it has no audio graph)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (manifest says 'unverified')")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="where the reference model and the parity run compute (the bundle's "

@@ -74,9 +74,11 @@ AUX_STAGE_PARTS = {
 }
 
 
-def stage_parts(head: str) -> dict[str, str]:
-    """The stages a bundle with `head` ("llm" or "aux") serves, each with its exported part."""
-    return STAGE_PARTS if head == "llm" else AUX_STAGE_PARTS
+def stage_parts(head: str, modality: str = "both") -> dict[str, str]:
+    """The stages a bundle with `head` ("llm" or "aux") and `modality` serves, each with its
+    exported part: a text-only bundle encodes no audio, so it has no `audio_frames` stage."""
+    parts = STAGE_PARTS if head == "llm" else AUX_STAGE_PARTS
+    return {k: v for k, v in parts.items() if not (modality == "text" and k == "audio_frames")}
 
 #: The stages the eager baseline engine computes from its own files (it shares the rest).
 EAGER_PARTS = {"audio_frames": names.EAGER_AUDIO_ENCODER_DIR, "former_states": names.EAGER_FORMER}
@@ -191,7 +193,11 @@ def model_stages(model: EmoQStage1 | EmoQStage2, examples: list[Example], device
 
 def _model_stages(model: EmoQStage1 | EmoQStage2, batch: dict[str, Any]) -> Stages:
     frames, frame_mask = model.audio_encoder(batch["waveforms"], batch["lengths"])
-    states = model.former(frames, frame_mask, batch["input_ids"], batch["text_mask"])
+    # A text-only stage-2 model masks out every frame (`EmoQStage2.utterance_vector`); the frames
+    # are still recorded, for the eager baseline's audio encoder files.
+    text_only = isinstance(model, EmoQStage2) and model.cfg.llm.modality == "text"
+    states = model.former(frames, torch.zeros_like(frame_mask) if text_only else frame_mask, batch["input_ids"],
+                          batch["text_mask"])
     z = model.former.pool(states)
     if isinstance(model, EmoQStage1):
         return _numpy({"audio_frames": frames[frame_mask], "former_states": states, "embedding": z,
@@ -290,14 +296,14 @@ def measure_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
                    tolerances: Tolerances = FP32_TOLERANCES, device: str = "cpu") -> dict[str, Any]:
     """The serving path (its LLM in `backend`: "vllm" or "transformers") against the reference."""
     report = parity_report(reference, served_stages(bundle, examples, backend, device), tolerances, backend,
-                           stage_parts(bundle.head))
+                           stage_parts(bundle.head, bundle.modality))
     return {**report, "device": device}
 
 
 def trained_model_deviation(trained: Stages, served: Stages, llm_dtype: str) -> dict[str, Any]:
     """The bundle's served outputs against the trained fp32 model's (LoRA unmerged, nothing
     rounded): the cost of saving the LLM in `llm_dtype`, with its own tolerance."""
-    stages = {stage: max_abs_diff(trained[stage], served[stage]) for stage in STAGE_PARTS}
+    stages = {stage: max_abs_diff(trained[stage], served[stage]) for stage in STAGE_PARTS if stage in served}
     tolerance = FP32_TOLERANCES.posteriors if llm_dtype == "float32" else SAVED_DTYPE_POSTERIOR_TOLERANCE
     if not stages["posteriors"] <= tolerance:
         raise ParityError(f"the bundle's LLM saved in {llm_dtype} moves the trained model's posteriors by "
@@ -370,7 +376,8 @@ def variant_parity(reference: Stages, bundle: Bundle, examples: list[Example], b
         if runtime["device"] != device or (only is not None and name not in only) or not _variant_applies(name, bundle):
             continue
         served = served_stages(_as_measured(bundle, name), examples, backend, **runtime)
-        out[name] = {stage: max_abs_diff(reference[stage], served[stage]) for stage in stage_parts(bundle.head)}
+        out[name] = {stage: max_abs_diff(reference[stage], served[stage])
+                     for stage in stage_parts(bundle.head, bundle.modality)}
         beyond = [(stage, tol) for stage, tol in variant_tolerances(name).items() if not out[name][stage] <= tol]
         if beyond:
             off[name] = "; ".join(f"moves {'posteriors' if stage == 'posteriors' else stage} by "

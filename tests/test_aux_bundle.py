@@ -122,16 +122,16 @@ def test_eval_bundle_matches_eval_checkpoint(aux, tmp_path, capsys):
     for metric in ("wa", "ua", "wf1"):
         assert abs(scores["--checkpoint"][metric] - scores["--bundle"][metric]) <= 1e-3, metric
     assert scores["--checkpoint"]["confusion_matrix"] == scores["--bundle"]["confusion_matrix"]
-    # Example by example too (the split's later turns read their dialogue's earlier ones).
+    # Example by example too, from the reports' rows (the split's later turns read their
+    # dialogue's earlier ones).
     from emoq_serve.data import load_corpus
-    from training.evaluate import bundle_predictions, checkpoint_predictions
 
     dev = load_corpus(f"meld:{tree}:7").dev
     assert sum(bool(e.context) for e in dev) > len(dev) // 2
-    by_checkpoint, _ = checkpoint_predictions(str(run), dev, tuple(_EMOTIONS), 8)
-    by_bundle, _ = bundle_predictions(str(bundle_dir), dev, tuple(_EMOTIONS), 8, "onnx")
-    assert len(set(by_checkpoint.tolist())) >= 3  # the centred head tells the examples apart
-    assert by_bundle.tolist() == by_checkpoint.tolist()
+    by_checkpoint, by_bundle = scores["--checkpoint"]["predictions"], scores["--bundle"]["predictions"]
+    assert [row["id"] for row in by_checkpoint] == [e.id for e in dev]
+    assert len({row["predicted"] for row in by_checkpoint}) >= 3  # the centred head tells the examples apart
+    assert by_bundle == by_checkpoint
 
 
 @pytest.mark.slow

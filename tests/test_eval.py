@@ -86,19 +86,22 @@ def test_eval_checkpoint_report_files_and_counts(meld_tree, meld7_run, tmp_path,
 
 
 def test_eval_predictions_keep_example_order(meld_tree, meld7_run, tmp_path) -> None:
-    """Batches run in length order; the confusion matrix must still pair each prediction with its
-    own example's label. Recompute it example by example, unbatched, and compare."""
+    """Batches run in length order; the confusion matrix and the report's per-example rows must
+    still pair each prediction with its own example. Recompute them example by example, unbatched."""
     root, _ = meld_tree
     out = tmp_path / "eval"
     _eval("--checkpoint", str(meld7_run / "best"), "--data", f"meld:{root}:7", "--out", str(out), "--batch-size", "5")
     report = json.loads((out / "eval_dev.json").read_text())
     model = EmoQStage1.load(meld7_run / "best").eval()
-    expected = np.zeros((7, 7), dtype=np.int64)
+    expected, rows = np.zeros((7, 7), dtype=np.int64), []
     with torch.no_grad():
         for ex in load_corpus(f"meld:{root}:7").dev:
             batch = collate([ex], model.text_tokenizer, model.cfg.former.max_text_tokens)
-            expected[ex.label, int(model(batch)[1].argmax(-1))] += 1
+            predicted = int(model(batch)[1].argmax(-1))
+            expected[ex.label, predicted] += 1
+            rows.append({"id": ex.id, "label": _EMOTIONS[ex.label], "predicted": _EMOTIONS[predicted]})
     assert report["confusion_matrix"] == expected.tolist()
+    assert report["predictions"] == rows  # ids and labels in the split's order, each with its own prediction
 
 
 def test_eval_refuses_mismatched_classes(meld_tree, meld7_run, tmp_path) -> None:

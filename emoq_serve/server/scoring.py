@@ -27,6 +27,7 @@ from emoq_serve.executors.types import Prediction, Recognizer, Utterance
 from emoq_serve.server.config import ServerConfig
 from emoq_serve.server.telemetry import RESULT_STAGES, ServerMetrics
 from emoq_serve.server.transcripts import Transcript, TranscriptStage
+from emoq_serve.server.validation import InvalidRequest
 
 T = TypeVar("T")
 
@@ -80,9 +81,32 @@ class Scorer:
         return await self.score(dataclasses.replace(utterance, transcript=transcript.text), transcript, context,
                                 final, started)
 
+    @functools.cached_property
+    def text_only(self) -> bool:
+        """Whether the served model reads the transcript alone (GetModelInfo's MODALITY_TEXT_ONLY)."""
+        return self.recognizer.info().get("modality", "both") == "text"
+
+    def check_transcript(self, transcript: Transcript) -> None:
+        """A text-only model without a transcript has nothing to answer from (it would score the
+        former's queries alone): refuse, saying where a transcript can come from."""
+        if not self.text_only or transcript.text.strip():
+            return
+        if transcript.source == pb.TRANSCRIPT_ASR:
+            where = "the server's ASR heard no words in this audio; send the transcript yourself"
+        elif self.transcripts.asr is None:
+            where = ("this server runs without ASR, so send the transcript (RecognitionConfig.transcript, or a "
+                     "SegmentTranscript in VOICE_ACTIVITY streams)")
+        else:
+            where = ("send the transcript (RecognitionConfig.transcript, or a SegmentTranscript), or let the "
+                     "server's ASR transcribe the audio (asr ASR_AUTO or ASR_ALWAYS; interim results never run "
+                     "ASR, so a text-only model's interims need the transcript in the config)")
+        raise InvalidRequest(f"the served model is text-only (GetModelInfo modality MODALITY_TEXT_ONLY): it answers "
+                             f"from the transcript alone, and this utterance has none: {where}")
+
     async def score(self, utterance: Utterance, transcript: Transcript, context: grpc.aio.ServicerContext,
                     final: bool, started: float) -> pb.EmotionResult:
         """An utterance whose transcript is decided, through the shared batcher under the call's deadline."""
+        self.check_transcript(transcript)
         prediction = await self.batcher.submit(utterance, deadline_of(context))
         seconds = len(utterance.audio) / SAMPLE_RATE
         result = self.result(prediction, seconds, final, started, transcript)

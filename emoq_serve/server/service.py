@@ -225,7 +225,8 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
     ) -> pb.GetModelInfoResponse:
         async with self._outcome("GetModelInfo", context):
             info = dict(self.recognizer.info())
-            info.pop("context_turns", None)  # its own field
+            for own_field in ("context_turns", "modality"):
+                info.pop(own_field, None)
             asr = self.scorer.transcripts.asr
             return pb.GetModelInfoResponse(
                 labels=list(self.recognizer.labels),
@@ -233,6 +234,7 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 bundle_id=info.pop("bundle_id", ""),
                 preset=info.pop("preset", ""),
                 context_turns=self.scorer.context_turns,
+                modality=pb.MODALITY_TEXT_ONLY if self.scorer.text_only else pb.MODALITY_AUDIO_AND_TEXT,
                 versions=info,
                 asr=pb.AsrModelInfo(**asr.info()) if asr is not None else None,
             )

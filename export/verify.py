@@ -229,7 +229,6 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
         settings = {"verify_hashes": False, "device": device, "audio_precision": "float32", "graph_cache": False,
                     **({"llm_backend": backend} if bundle.head == "llm" else {}), **runtime}
         pipeline = OnnxPipeline(bundle, runtime_preset("test").replace(**settings))
-        _int8_graphs(pipeline)
         try:
             trace: dict[str, torch.Tensor] = {}
             if bundle.head == "aux":
@@ -242,19 +241,6 @@ def served_stages(bundle: Bundle, examples: list[Example], backend: str = "vllm"
         return _numpy({**trace, "prompt_embeds": torch.cat(embeds), "posteriors": posteriors})
 
     return asyncio.run(run())
-
-
-def _int8_graphs(pipeline: Any) -> None:
-    """Run the pipeline's graphs in int8 where its config says so. `OnnxPipeline` builds its
-    OpenVINO stages in the LLM's dtype (`resolved_dtype`), not `resolved_graph_precision`, so
-    until it does, the int8 stages are put in here; a no-op once it builds them itself."""
-    from emoq_serve.executors.openvino import OvStage
-
-    cfg = pipeline.cfg
-    if cfg.resolved_graph_precision() != "int8" or getattr(pipeline.audio, "precision", None) == "int8":
-        return
-    pipeline.audio = OvStage(pipeline.audio.path, cfg.audio_threads, "int8", streams=cfg.graph_workers)
-    pipeline.former = OvStage(pipeline.former.path, cfg.former_threads, "int8", streams=cfg.graph_workers)
 
 
 def save_reference(reference: Stages, root: Path) -> None:

@@ -77,10 +77,7 @@ def test_the_pipeline_builds_int8_stages_itself(int8_bundle):
 
     pipeline = OnnxPipeline(Bundle.open(int8_bundle), RuntimeConfig(device="cpu", llm_backend="transformers", graph_runtime="auto",
                                                                     graph_precision="int8", verify_hashes=False))
-    if getattr(pipeline.audio, "precision", None) != "int8":
-        pytest.skip("OnnxPipeline._stage passes resolved_dtype(), not resolved_graph_precision(), to OvStage: "
-                    "`emoq serve --precision int8` needs that one-line change in executors/pipeline.py")
-    assert pipeline.former.precision == "int8" and pipeline.audio.path.name.endswith(".int8.xml")
+    assert pipeline.audio.precision == pipeline.former.precision == "int8" and pipeline.audio.path.name.endswith(".int8.xml")
 
 
 @needs_int8

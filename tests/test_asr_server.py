@@ -173,6 +173,9 @@ def test_transcriptless_floods_are_refused_at_once_while_transcript_calls_stay_f
     import time
 
     monkeypatch.setattr(asr_engine, "cfg", dataclasses.replace(asr_engine.cfg, queue_size=2))
+    # One clip per model call: with batches the worker takes whatever queued before it started, so
+    # how many fit would hang on timing.
+    monkeypatch.setattr(asr_engine, "max_batch", 1)
     release = threading.Event()
     real = asr_engine.decode
     monkeypatch.setattr(asr_engine, "decode", lambda clips, beam: (release.wait(30), real(clips, beam))[1])

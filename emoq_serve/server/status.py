@@ -69,6 +69,8 @@ def status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
                       "its log has the details under this id")
     if not withheld(code, exc):
         return code, str(exc)
-    log.warning("unavailable (request id %s): %s: %s", request_id, type(exc).__name__, exc)
+    # Formatted here, not as a record argument: a kept record (pytest's, a buffering handler) would
+    # hold the exception, its traceback and so the failed engine the supervisor is releasing.
+    log.warning("unavailable (request id %s): %s", request_id, f"{type(exc).__name__}: {exc}")
     return code, (f"engine unavailable (request id {request_id}): retry shortly or on another server; "
                   "the server log has the details under this id")

@@ -14,7 +14,10 @@ text). The former is calibrated on the fp32 audio encoder's frames of those same
 Convolutions stay unquantised: HuBERT's waveform front end (conv stack + group norm) has no
 useful int8 range on raw samples, and quantising it wrecked the frames (cosine 0.08 against fp32
 on the base encoder; 0.9996 with the convolutions left out). SmoothQuant is off: on the same probe
-it drifted more than without it.
+it drifted more than without it. Attention's products of two activations (Q·Kᵀ, softmax·V) stay
+in float too (`activation_matmuls`): per-tensor int8 on them is what broke very short clips (a
+0.1 s clip's embedding past the guard on the base bundle), and they are a few % of the FLOPs
+(benchmarks/results/int8/).
 
 Guards (`export/verify.py`): the variant's per-stage deviation from the fp32 reference
 (`variant_parity`, tolerances in `VARIANT_TOLERANCES`) on every bundle; on a trained bundle,
@@ -107,6 +110,19 @@ def calibration_feeds(bundle: Bundle, speech: list[Example]) -> tuple[list[Feed]
     return audio_feeds, former_feeds
 
 
+def activation_matmuls(model) -> list[str]:
+    """Names of the MatMuls of an OpenVINO model whose operands are both activations (attention's
+    Q·Kᵀ and softmax·V), as opposed to an activation times a weight."""
+    def weight(port) -> bool:
+        node = port.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and not any(weight(op.input_value(i)) for i in range(2))]
+
+
 def quantize_graph(onnx_path: Path, feeds: list[Feed], out: Path) -> Path:
     """NNCF-quantise one fp32 ONNX graph on `feeds` and save it as OpenVINO IR at `out` (.xml)."""
     import nncf
@@ -119,7 +135,8 @@ def quantize_graph(onnx_path: Path, feeds: list[Feed], out: Path) -> Path:
     model = ov.Core().read_model(str(onnx_path))
     quantized = nncf.quantize(
         model, nncf.Dataset(feeds), subset_size=len(feeds), model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(types=["Convolution", "GroupConvolution"], validate=False),
+        ignored_scope=nncf.IgnoredScope(types=["Convolution", "GroupConvolution"], names=activation_matmuls(model),
+                                        validate=False),
         advanced_parameters=AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
     ov.save_model(quantized, str(out), compress_to_fp16=False)

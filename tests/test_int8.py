@@ -56,6 +56,24 @@ def test_int8_variant_is_built_recorded_and_measured(int8_bundle, tiny_bundle):
 
 
 @needs_int8
+def test_attention_products_of_two_activations_stay_unquantised(int8_bundle):
+    """Q·Kᵀ and softmax·V keep float inputs (quantised, a 0.1 s clip's embedding moved by 0.15 on
+    the base bundle); the weight matmuls get int8 inputs."""
+    import openvino as ov
+
+    from emoq_serve.executors.openvino import INT8_GRAPHS
+
+    for onnx, xml in INT8_GRAPHS.items():
+        products = set(quantize.activation_matmuls(ov.Core().read_model(str(int8_bundle / onnx))))
+        matmuls = [op for op in ov.Core().read_model(str(int8_bundle / xml)).get_ordered_ops()
+                   if op.get_type_name() == "MatMul"]
+        quantised = {op.get_friendly_name() for op in matmuls
+                     if any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(2))}
+        assert products and products <= {op.get_friendly_name() for op in matmuls}, onnx
+        assert not products & quantised and quantised, (onnx, sorted(products & quantised))
+
+
+@needs_int8
 def test_int8_variant_is_served_when_on(int8_bundle):
     from export.verify import load_reference, served_stages, verification_examples
 

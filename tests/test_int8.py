@@ -160,3 +160,15 @@ def test_bundles_without_the_variant_refuse_an_explicit_int8(tmp_path, monkeypat
     monkeypatch.setattr(config, "CPU_PLANS_FILE", tmp_path / "plans.json")
     assert config.cpu_plan("avx512_bf16")[1]["auto_int8"] is True
     assert "auto_int8" not in config.cpu_plan("avx2")[1]
+
+
+@needs_int8
+def test_eval_scores_the_int8_graphs_when_asked(int8_bundle, tmp_path):
+    """`emoq eval --bundle B --precision int8` scores what `emoq serve --precision int8` serves (how a
+    MELD head bundle's int8 variant is held to its dev split)."""
+    from emoq_serve.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["eval", "--bundle", str(int8_bundle), "--data", "synthetic:2", "--split", "dev", "--out", str(out),
+                 "--precision", "int8"]) == 0
+    assert json.loads((out / "eval_dev.json").read_text())["source"]["graph_precision"] == "int8"

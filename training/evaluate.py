@@ -68,15 +68,19 @@ def checkpoint_predictions(path: str, examples: list[Any], labels: tuple[str, ..
 
 
 def bundle_predictions(path: str, examples: list[Any], labels: tuple[str, ...], batch_size: int, engine: str,
-                       runtime: str = "test") -> tuple[np.ndarray, dict[str, Any]]:
-    """Predicted class per example through the serving runtime (`load_recognizer`)."""
+                       runtime: str = "test", precision: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predicted class per example through the serving runtime (`load_recognizer`); `precision`
+    overrides the preset's graph precision as `emoq serve --precision` does."""
     import asyncio
 
     from emoq_serve.executors import load_recognizer
     from emoq_serve.executors.config import runtime_preset
     from emoq_serve.executors.types import Utterance
 
-    recognizer = load_recognizer(path, runtime_preset(runtime).replace(max_batch=batch_size), engine=engine)
+    cfg = runtime_preset(runtime).replace(max_batch=batch_size)
+    if precision:  # the preset's graph runtime may be onnxruntime, which has no reduced precision
+        cfg = cfg.replace(graph_precision=precision, graph_runtime="auto")
+    recognizer = load_recognizer(path, cfg, engine=engine)
     _check_labels(tuple(recognizer.labels), labels, path)
     utterances = [
         Utterance(audio=np.zeros(0, np.float32) if e.audio is None else e.audio, transcript=e.transcript, speaker=e.speaker,
@@ -125,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         y_pred, source = checkpoint_predictions(args.checkpoint, examples, corpus.labels, args.batch_size)
     else:
         y_pred, source = bundle_predictions(args.bundle, examples, corpus.labels, args.batch_size, args.engine,
-                                            args.runtime)
+                                            args.runtime, args.precision)
     seconds = time.perf_counter() - started
     y_true = np.asarray([e.label for e in examples], dtype=np.int64)
     report = {
@@ -177,4 +181,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=["test", "cpu", "cuda"], default="test",
                    help="bundle runtime preset: test = exact fp32; cpu = what `emoq serve` runs here "
                         "(bf16 graphs and LLM on CPUs with native bf16)")
+    p.add_argument("--precision", choices=["float32", "bfloat16", "int8"],
+                   help="bundle: the graphs' precision, as `emoq serve --precision` (int8: the bundle's int8 variant)")
     p.set_defaults(func=_run)

@@ -107,7 +107,8 @@ class OnnxPipeline:
 
     def _warm_up(self, seconds: float) -> None:
         """Run the audio encoder once per grid length up to `seconds` on every graph worker (each
-        has its own OpenVINO stream), so the first request of each length pays no compilation."""
+        has its own OpenVINO stream) and on the wide compilation when there is one, so the first
+        request of each length pays no compilation."""
         widths = sorted({grid_length(n, self.cfg.audio_length_ratio)
                          for n in range(GRID_QUANTUM, int(seconds * SAMPLE_RATE) + 1, GRID_QUANTUM)})
         together = threading.Barrier(self.cfg.graph_workers)  # one task per worker thread

@@ -332,6 +332,21 @@ def test_serve_tensor_parallel_and_audio_precision_flags():
     for flag, wide in (("wide", True), ("narrow", False)):
         runtime, _ = configs(parser.parse_args(["serve", "--runtime", "test", "--lone-batch", flag]))
         assert runtime.lone_batch_wide is wide
+    # Length buckets: the plan's unless the flag is given; 'one' is a single bucket.
+    from emoq_serve.engine.batcher import DEFAULT_BUCKET_EDGES_S
+
+    _, server = configs(parser.parse_args(["serve", "--runtime", "test"]))
+    assert server.batcher.bucket_edges_s == DEFAULT_BUCKET_EDGES_S
+    for flag, edges in (("one", ()), ("2,4.5", (2.0, 4.5)), ("default", DEFAULT_BUCKET_EDGES_S)):
+        _, server = configs(parser.parse_args(["serve", "--runtime", "test", "--length-buckets", flag]))
+        assert server.batcher.bucket_edges_s == edges
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--length-buckets", "4,2"])
+    from emoq_serve.engine.batcher import bucket_edges
+
+    assert bucket_edges(None, (2.0, 6.0)) == {"bucket_edges_s": (2.0, 6.0)}  # no flag: the plan's
+    assert bucket_edges((), (2.0, 6.0)) == {"bucket_edges_s": ()}  # the flag wins, even 'one'
+    assert bucket_edges(None, None) == {}
 
 
 # -- pipelines on the tiny bundle ----------------------------------------------------------------
@@ -639,7 +654,8 @@ def test_cpu_preset_follows_the_plan_of_this_cpu_class(monkeypatch):
     for klass, entry in table["classes"].items():
         name, fields = cpu_plan(klass)
         assert name == entry["plan"] and name in table["plans"]
-        assert all(isinstance(v, int | float | bool) for v in fields.values())  # "cores" resolved
+        # "cores" resolved; JSON lists (bucket edges) become tuples, as RuntimeConfig holds them
+        assert all(isinstance(v, int | float | bool | tuple) for v in fields.values())
     name, fields = cpu_plan("a-class-nobody-measured")
     assert name == table["default"]
     monkeypatch.setenv(CPU_PLAN_ENV, "worker-per-core")

@@ -58,6 +58,13 @@ BATCH_TRACE_ENV = "EMOQ_BATCH_TRACE"
 DEFAULT_BUCKET_EDGES_S: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
 
+def bucket_edges(*choices: tuple[float, ...] | None) -> dict[str, tuple[float, ...]]:
+    """BatcherConfig's `bucket_edges_s` keyword from the first choice given (a flag, then the
+    runtime plan's); none given: no keyword, so the default applies."""
+    edges = next((c for c in choices if c is not None), None)
+    return {} if edges is None else {"bucket_edges_s": tuple(edges)}
+
+
 @dataclass
 class BatcherConfig:
     """Batching policy. Delays in milliseconds, bucket edges in seconds of 16 kHz audio."""

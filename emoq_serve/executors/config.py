@@ -106,6 +106,10 @@ class RuntimeConfig:
     #: meanwhile. At low load one request is all the work, and the per-worker single-thread
     #: streams would leave the other cores idle; under load the slots are taken and nothing changes.
     lone_batch_wide: bool = False
+    #: Audio-length bucket edges (s) the server's batcher groups requests by; None: the batcher's
+    #: default (narrow buckets: a padded audio encoder pays for padding quadratically); () one
+    #: bucket. Read by `emoq serve` unless --length-buckets is given.
+    bucket_edges_s: tuple[float, ...] | None = None
     #: torch intra-op threads: pooling, projector, prompt assembly and the LLM (either backend;
     #: the in-process vLLM engine inherits the count when it starts, and vLLM-CPU then turns
     #: later `torch.set_num_threads` calls in this process into no-ops).
@@ -236,7 +240,7 @@ CPU_PLANS_FILE = Path(__file__).with_name("cpu_plans.json")
 CPU_PLAN_ENV = "EMOQ_CPU_PLAN"
 #: The RuntimeConfig fields a plan may set.
 PLAN_FIELDS = ("graph_workers", "compute_slots", "inflight_batches", "audio_per_utterance", "audio_length_ratio",
-               "warmup_audio_s", "text_length_multiple", "max_batch", "lone_batch_wide")
+               "warmup_audio_s", "text_length_multiple", "max_batch", "lone_batch_wide", "bucket_edges_s")
 
 
 def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:
@@ -253,7 +257,8 @@ def cpu_plan(cpu_class: str | None = None) -> tuple[str, dict[str, object]]:
     if name not in table["plans"]:
         raise ValueError(f"unknown CPU plan {name!r}; {CPU_PLANS_FILE.name} has {', '.join(table['plans'])}")
     cores = os.cpu_count() or 1
-    fields = {k: cores if v == "cores" else v for k, v in table["plans"][name].items() if k in PLAN_FIELDS}
+    fields = {k: cores if v == "cores" else tuple(v) if isinstance(v, list) else v
+              for k, v in table["plans"][name].items() if k in PLAN_FIELDS}
     # A class entry's "int8": true (set where int8 graphs were measured faster than bf16 on that
     # class) lets the preset's `auto` precision serve a bundle's int8 variant.
     return name, {**fields, **({"auto_int8": True} if entry.get("int8") else {})}

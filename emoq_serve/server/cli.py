@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from emoq_serve.engine.batcher import BatcherConfig
+from emoq_serve.engine.batcher import DEFAULT_BUCKET_EDGES_S, BatcherConfig, bucket_edges
 from emoq_serve.engine.cluster import ClusterConfig
 from emoq_serve.engine.supervisor import SupervisorConfig
 from emoq_serve.executors.config import RUNTIME_PRESETS, RuntimeConfig, runtime_preset
@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnx engine: the fp32 or the fp16 audio graph (default auto: fp16 on CUDA when the bundle "
                         "was exported with --fp16)")
     p.add_argument("--max-queue-delay-ms", type=float, default=d.batcher.max_queue_delay_ms)
+    p.add_argument("--length-buckets", type=length_buckets, default=None, metavar="EDGES",
+                   help="audio-length buckets a batch is drawn from: ascending edges in seconds ('1,2,4,8'), "
+                        "'one' (every length in one bucket) or 'default' (default: the runtime preset's, which on "
+                        "the cpu preset follows this CPU class's plan)")
     p.add_argument("--max-inflight-batches", type=int, default=None,
                    help="batches in the engine at once (default: the runtime preset's, which on the cpu preset "
                         "follows this CPU class's plan)")
@@ -141,6 +145,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def length_buckets(text: str) -> tuple[float, ...]:
+    """--length-buckets: 'default', 'one' or ascending edges in seconds ('1,2,4')."""
+    if text == "default":
+        return DEFAULT_BUCKET_EDGES_S
+    if text == "one":
+        return ()
+    try:
+        edges = tuple(float(e) for e in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'one', 'default' or edges in seconds like '1,2,4'") from None
+    if list(edges) != sorted(edges) or any(e <= 0 for e in edges):
+        raise argparse.ArgumentTypeError(f"{text!r}: bucket edges must be positive and ascending")
+    return edges
+
+
 def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
     """The parsed flags as (RuntimeConfig, ServerConfig)."""
     runtime = runtime_preset(args.runtime).replace(
@@ -162,7 +181,8 @@ def configs(args: argparse.Namespace) -> tuple[RuntimeConfig, ServerConfig]:
             # The batcher and the engine agree on one batch size.
             batcher=BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=args.max_queue_delay_ms,
                                   queue_size=args.queue_size,
-                                  max_inflight_batches=args.max_inflight_batches or runtime.inflight_batches),
+                                  max_inflight_batches=args.max_inflight_batches or runtime.inflight_batches,
+                                  **bucket_edges(args.length_buckets, runtime.bucket_edges_s)),
             supervisor=SupervisorConfig(engine_timeout_s=args.engine_timeout_s,
                                         max_consecutive_failures=args.max_consecutive_failures),
             asr_engine=AsrConfig(model_dir=args.asr_model, threads=args.asr_threads, compute_type=args.asr_compute_type,

@@ -10,7 +10,7 @@ from typing import Any
 
 
 from emoq_serve.executors import EngineName
-from emoq_serve.engine.batcher import BatcherConfig
+from emoq_serve.engine.batcher import BatcherConfig, bucket_edges
 from emoq_serve.engine.supervisor import SupervisorConfig
 from emoq_serve.executors.config import RuntimeConfig
 
@@ -61,7 +61,7 @@ def build_app(args: dict[str, Any]) -> Any:
     fields = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus")
     cfg = ClusterConfig(**{k: args[k] for k in fields if k in args})
     batcher = BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=float(args.get("max_queue_delay_ms", 5.0)),
-                            max_inflight_batches=2)
+                            max_inflight_batches=2, **bucket_edges(runtime.bucket_edges_s))
     supervisor = SupervisorConfig(**{k: float(args[k]) for k in ("engine_timeout_s",) if k in args})
     return engine_application(str(args["bundle"]), runtime, args.get("engine", "onnx"), batcher, cfg, supervisor)
 

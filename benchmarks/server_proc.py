@@ -23,6 +23,9 @@ from benchmarks.config import ENGINE_FLAGS
 
 log = logging.getLogger(__name__)
 
+#: Server starts tried when a picked port was taken before the server could bind it.
+PORT_ATTEMPTS = 3
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the server binds it a moment later)."""
@@ -93,17 +96,28 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        cmd = self.command()
-        log.info("starting %s", shlex.join(cmd))
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
-        try:
-            wait_serving(self.address, self.startup_timeout_s, self._proc)
-        except BaseException as e:
-            self.__exit__(None, None, None)
-            tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-30:])
-            raise RuntimeError(f"{e}; command: {shlex.join(cmd)}; log {self.log_path}:\n{tail}") from e
-        return self
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._log = open(self.log_path, "w")
+            cmd = self.command()
+            log.info("starting %s", shlex.join(cmd))
+            self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **self.env})
+            try:
+                wait_serving(self.address, self.startup_timeout_s, self._proc)
+                return self
+            except BaseException as e:
+                self.__exit__(None, None, None)
+                text = self.log_path.read_text()
+                # A port free when picked can be taken before the server binds it (the LLM engine's
+                # own ephemeral ports open first): pick fresh ones and start again.
+                if isinstance(e, RuntimeError) and "Address already in use" in text and attempt < PORT_ATTEMPTS:
+                    log.warning("port %d or %d was taken before the server bound it; retrying on fresh ports",
+                                self.port, self.metrics_port)
+                    self.port, self.metrics_port = free_port(self.host), free_port(self.host)
+                    continue
+                tail = "".join(text.splitlines(keepends=True)[-30:])
+                raise RuntimeError(f"{e}; command: {shlex.join(cmd)}; log {self.log_path}:\n{tail}") from e
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         """SIGTERM (the server drains), then SIGKILL if it does not exit in time."""

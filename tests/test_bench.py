@@ -143,13 +143,27 @@ def test_stream_open_loop_against_a_running_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path):
+def test_bench_both_engines_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch, caplog):
+    import logging
+    import socket
+
+    from benchmarks import server_proc
     from emoq_serve.bundle import Bundle
 
+    # The first server's gRPC port is taken between the harness picking it and the server binding
+    # it (an acceptance run lost a port so): the harness must start that server again on fresh ports.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    picks = iter([squatter.getsockname()[1]])
+    free_port = server_proc.free_port
+    monkeypatch.setattr(server_proc, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
     out = tmp_path / "bench"
-    assert main(["bench", "--bundle", str(tiny_bundle), "--engine", "both", "--concurrency", "1,2",
-                 "--requests", "6", "--warmup", "1", "--utterances", "4", "--peak-seconds", "0.1",
-                 "--serve-args=--no-verify --graph-runtime onnxruntime", "--out", str(out)]) == 0
+    with squatter, caplog.at_level(logging.WARNING, logger="benchmarks.server_proc"):
+        assert main(["bench", "--bundle", str(tiny_bundle), "--engine", "both", "--concurrency", "1,2",
+                     "--requests", "6", "--warmup", "1", "--utterances", "4", "--peak-seconds", "0.1",
+                     "--serve-args=--no-verify --graph-runtime onnxruntime", "--out", str(out)]) == 0
+    assert sum("retrying on fresh ports" in r.getMessage() for r in caplog.records) == 1
     report = json.loads((out / "bench.json").read_text())
     assert report["bundle_id"] == Bundle.open(tiny_bundle).bundle_id and report["preset"] == "tiny"
     assert [(p["engine"], p["concurrency"]) for p in report["points"]] == \
@@ -362,3 +376,4 @@ def test_bench_cli_takes_repeats_and_refuses_none():
     assert args.repeats == 3 and "--repeats 3" in __import__("benchmarks.cli").cli.canonical_command(args)
     with pytest.raises(ValueError, match="repeats"):
         BenchConfig(bundle="b", repeats=0)
+

@@ -124,6 +124,21 @@ def evaluate(
     return emotion_metrics(*predict(model, examples, batch_size, bf16, here), len(model.cfg.labels))
 
 
+def stage1_loss(forward: Any, batch: dict[str, torch.Tensor], weights: torch.Tensor, cfg: TrainConfig,
+                here: Dist | None = None) -> torch.Tensor:
+    """MAL (SupCon + focal) on one batch through `forward` (the model, or its DDP wrapper)."""
+    here = here or Dist()
+    with autocast(batch["labels"].device, cfg.bf16):
+        z, logits = forward(batch)
+    # The global batch's loss on every rank: SupCon contrasts each anchor with the whole
+    # batch, so the rows are gathered (with their gradients) before the loss.
+    rows = len(batch["index"])
+    z, logits, labels = (gather_rows(t[:rows], here) for t in (z.float(), logits.float(), batch["labels"]))
+    # The loss in fp32: bf16's 8-bit mantissa is too coarse for SupCon's exp(sim / temperature).
+    return mal_loss(z, logits, labels, weights,
+                    temperature=cfg.supcon_temperature, gamma=cfg.focal_gamma, lam=cfg.mal_lambda)
+
+
 def train_stage1(
     model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out_dir: str | Path, resume: bool = False
 ) -> dict[str, Any]:
@@ -146,26 +161,13 @@ def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: 
     weights = class_weights_from_labels([e.label for e in corpus.train], len(corpus.labels), train_cfg.class_weighting)
     log.info("stage 1: %d train / %d dev examples, class weights %s", len(corpus.train), len(corpus.dev), weights.tolist())
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(device, train_cfg.bf16):
-            z, logits = forward(batch)
-        # The global batch's loss on every rank: SupCon contrasts each anchor with the whole
-        # batch, so the rows are gathered (with their gradients) before the loss.
-        rows = len(batch["index"])
-        z, logits, labels = (gather_rows(t[:rows], here) for t in (z.float(), logits.float(), batch["labels"]))
-        # The loss in fp32: bf16's 8-bit mantissa is too coarse for SupCon's exp(sim / temperature).
-        return mal_loss(
-            z, logits, labels, weights,
-            temperature=train_cfg.supcon_temperature, gamma=train_cfg.focal_gamma, lam=train_cfg.mal_lambda,
-        )
-
     summary = fit(
         model,
         train_batches=lambda epoch: iterate_batches(
             corpus.train, model, train_cfg.batch_size, train_cfg.seed, epoch, rank=here.rank, world_size=here.world_size
         ),
         batches_per_epoch=-(-len(corpus.train) // train_cfg.batch_size),
-        loss_fn=loss_fn,
+        loss_fn=lambda batch: stage1_loss(forward, batch, weights, train_cfg, here),
         evaluate=lambda: evaluate(model, corpus.dev, train_cfg.batch_size, train_cfg.bf16, here),
         cfg=train_cfg,
         out_dir=out,

@@ -109,8 +109,9 @@ class ServerProcess:
                 self.__exit__(None, None, None)
                 text = self.log_path.read_text()
                 # A port free when picked can be taken before the server binds it (the LLM engine's
-                # own ephemeral ports open first): pick fresh ones and start again.
-                if isinstance(e, RuntimeError) and "Address already in use" in text and attempt < PORT_ATTEMPTS:
+                # own ephemeral ports open first): pick fresh ones and start again. "already in
+                # use": `emoq serve`'s own check at start, or a bind failing later.
+                if isinstance(e, RuntimeError) and "already in use" in text and attempt < PORT_ATTEMPTS:
                     log.warning("port %d or %d was taken before the server bound it; retrying on fresh ports",
                                 self.port, self.metrics_port)
                     self.port, self.metrics_port = free_port(self.host), free_port(self.host)

@@ -685,3 +685,23 @@ def test_warm_up_runs_every_grid_length_on_every_graph_worker(tiny_bundle, monke
     grid = sorted({grid_length(n, 1.2) for n in range(GRID_QUANTUM, 3200 + 1, GRID_QUANTUM)})
     workers = {name for name, _ in seen}
     assert len(workers) == 2 and all(sorted(w for n, w in seen if n == name) == grid for name in workers)
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from emoq_serve.server.cli import ports_in_use
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        assert ports_in_use("127.0.0.1", [port, 0, None]) == [port]
+        # No such bundle: the port check must come first, before anything is read or loaded.
+        done = subprocess.run([sys.executable, "-m", "emoq_serve.cli", "serve", "--bundle", str(tmp_path / "none"),
+                               "--port", str(port), "--metrics-port", "-1", "--asr", "off"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert ports_in_use("127.0.0.1", [port]) == []  # closed: free again

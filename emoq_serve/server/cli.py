@@ -232,6 +232,25 @@ def bundle_path(args: argparse.Namespace) -> str:
         raise SystemExit(f"no --bundle given and no demo bundle: {exc}") from exc
 
 
+def ports_in_use(host: str, ports: list[int | None]) -> list[int]:
+    """The fixed ports (not 0, not off) a server could not bind on `host` right now."""
+    import errno
+    import socket
+
+    host = host.strip("[]")  # gRPC's "[::]"
+    taken = []
+    for port in (p for p in ports if p):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # As the servers bind: a port left in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:  # anything but "in use" (a bad host) is the server's to report
+                if exc.errno == errno.EADDRINUSE:
+                    taken.append(port)
+    return taken
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -241,6 +260,10 @@ def run(args: argparse.Namespace) -> int:
     from emoq_serve.server.app import EXIT_CLUSTER_LOST, serve_bundle
 
     runtime, server = configs(args)
+    # Before the minutes of model loading, not after them.
+    if taken := ports_in_use(server.host, [server.port, server.metrics_port]):
+        raise SystemExit(f"emoq serve: port {', '.join(map(str, taken))} on {server.host} is already in use: stop "
+                         "what listens there or pick another --port / --metrics-port (0 = any free port)")
     if not runtime.verify_hashes:
         logging.getLogger(__name__).warning(
             "--no-verify: the bundle's files are NOT checked against its manifest hashes; a corrupted or "

@@ -2,7 +2,7 @@
 vs plain (shuffled) batches.
 
     python -m benchmarks.meld_step_time --data ../shared/data/meld --recipe meld-text-base \
-        --steps 12 --threads 1 --out benchmarks/results/meld_step_time.json
+        --steps 10 --warmup 2 --threads 1 --out benchmarks/results/meld_step_time.json
 
 Each variant trains its own copy of the recipe's model (same seed, same weights) on the first
 `--steps` batches of epoch 0: the bucketed ones come from the trainer's own sampler, the plain
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{median / reference:4.2f}x fp32 bucketed  padding {rows[name]['text_padding']:.2f}")
     if args.out:
         args.out.write_text(json.dumps({
-            "command": "python -m benchmarks.meld_step_time " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+            "command": "python -m benchmarks.meld_step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
             "recipe": args.recipe, "classes": args.classes, "batch_size": recipe.train.batch_size,
             "timed_steps": args.steps - args.warmup, "threads": args.threads, "cpu_class": cpu_class(),
             "torch": torch.__version__, "variants": rows}, indent=2) + "\n")

@@ -401,6 +401,60 @@ def test_replica_errors_reach_the_client_as_the_replica_raised_them():
     assert not retryable(DeadlineExpired("too late"))
 
 
+class ScriptedHandle:
+    """Ray Serve's handle, answering each send with the next of `outcomes` (an exception is
+    raised). A stand-in: a real router's race (a second send to a replica it does not yet know is
+    dead) cannot be forced on demand; the kill tests above meet it by chance."""
+
+    def __init__(self, outcomes: list) -> None:
+        self.outcomes, self.sends = outcomes, 0
+        self.recognize = self
+
+    def remote(self, batch):
+        outcome = self.outcomes[self.sends]
+        self.sends += 1
+
+        class Response:
+            def __await__(self):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
+                yield  # a generator: awaitable like Ray's DeploymentResponse
+
+            def cancel(self) -> None:
+                pass
+
+        return Response()
+
+
+def test_a_batch_sent_again_to_a_replica_already_dead_uses_no_attempt():
+    from ray.exceptions import ActorDiedError
+
+    from emoq_serve.engine.cluster.front_door import ClusterRecognizer
+    from emoq_serve.engine.cluster.replica import ReplicaReply
+    from emoq_serve.executors.types import EngineUnavailable, Prediction, Utterance
+
+    def died(actor: str) -> ActorDiedError:
+        exc = ActorDiedError()
+        exc.actor_id = actor
+        return exc
+
+    reply = ReplicaReply("r2", "n2", [Prediction(label="neu", probabilities=np.ones(1, np.float32))])
+    batch = [Utterance(audio=tone(0.1), transcript="x")]
+
+    def run(outcomes: list):
+        handle = ScriptedHandle(outcomes)
+        door = ClusterRecognizer(handle, ClusterConfig(attempts=2), {"labels": ["neu"], "info": {}}, owns_ray=False)
+        return asyncio.run(door.recognize(batch)), door.stats, handle.sends
+
+    # The router sends the retry to the dead replica "a" twice more before it learns: one attempt.
+    predictions, stats, sends = run([died("a"), died("a"), died("a"), reply])
+    assert predictions is reply.predictions and (stats.retries, stats.refusals, sends) == (1, 2, 4)
+    # Two replicas dead under one batch: both attempts used (a batch that kills replicas stops).
+    with pytest.raises(EngineUnavailable, match="failed this batch 2 time"):
+        run([died("a"), died("b"), reply])
+
+
 # --- faults beyond a clean kill (issue 35); the head-node test ends the module's cluster ---------
 
 

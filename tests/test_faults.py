@@ -257,6 +257,23 @@ def test_failed_engine_is_released_before_its_replacement_is_built(faulty):
     assert faults.builds == 2 and faults.alive_at_rebuild == [False]
 
 
+def test_a_collection_that_blocks_does_not_hold_the_rebuild(faulty, monkeypatch):
+    """Collecting the failed engine runs the finalisers of all the process's garbage, which can
+    block: the rebuild waits `release_wait_s` (2 s) for it, then builds beside it."""
+    server, faults, sup = faulty
+    unblock = threading.Event()
+    monkeypatch.setattr("emoq_serve.device.release_device_memory", lambda: unblock.wait(60))
+    faults.queue[:] = ["dead"]
+    failed_at = time.monotonic()
+    try:
+        assert call(server)[0] == grpc.StatusCode.UNAVAILABLE
+        seconds = recover(server, failed_at, limit_s=8)
+    finally:
+        unblock.set()
+    assert faults.builds == 2 and seconds >= sup.cfg.release_wait_s
+    assert call(server) == (grpc.StatusCode.OK, expected_label())
+
+
 def test_hung_engine_fails_its_calls_and_is_rebuilt(faulty, caplog):
     server, faults, sup = faulty
     faults.queue[:] = ["hang"]

@@ -203,9 +203,11 @@ class EngineSupervisor:
             await asyncio.wait_for(broken.close(), self.cfg.close_timeout_s)
         except Exception:  # a broken engine may fail to close too; it is dropped either way
             log.exception("closing the failed engine did not finish cleanly")
+        closed = time.monotonic()
         gone = weakref.ref(broken)
         del broken  # this frame's reference, so that only the weak one is left here
         await self._release(gone)
+        released = time.monotonic()
         backoff = self.cfg.restart_backoff_s
         while True:
             try:
@@ -221,27 +223,47 @@ class EngineSupervisor:
                 backoff = min(2 * backoff, self.cfg.restart_backoff_max_s)
         self._engine = engine
         self._info = engine.info()
-        self.stats.recovery_s.append(time.monotonic() - started)
-        log.info("engine restarted in %.2f s", self.stats.recovery_s[-1])
+        done = time.monotonic()
+        self.stats.recovery_s.append(done - started)
+        # The phases, so that a slow recovery says which part was slow.
+        log.info("engine restarted in %.2f s (close %.2f s, release %.2f s, build %.2f s)",
+                 done - started, closed - started, released - closed, done - released)
         await self._notify(True)
 
     async def _release(self, broken: weakref.ref) -> None:
         """The new engine must not be built beside the old one's GPU memory (ORT sessions,
         weights, KV cache): once nothing holds the old engine (our last reference is the weak
         one; the failed calls' tracebacks hold it until their handlers finish), collect it and
-        empty torch's CUDA cache. Bounded: a leaked reference costs memory, not the rebuild."""
+        empty torch's CUDA cache. Bounded by `release_wait_s` in wall time, a collection still
+        running included (finalisers of a big process's garbage can block): a leaked reference or
+        a slow collection costs memory, not the rebuild."""
         from emoq_serve.device import release_device_memory  # torch: only once an engine is rebuilt
 
         deadline = time.monotonic() + self.cfg.release_wait_s
+        collecting: asyncio.Future[bool] | None = None
+        pause = 0.05
         while True:
-            await asyncio.to_thread(release_device_memory)
+            if collecting is None or collecting.done():  # never two collections side by side
+                began = time.monotonic()
+                collecting = asyncio.ensure_future(asyncio.to_thread(release_device_memory))
+            try:
+                await asyncio.wait_for(asyncio.shield(collecting), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+            except Exception:  # the rebuild must go on: an engine that cannot come back is worse
+                log.exception("releasing the failed engine's memory failed; building the new one anyway")
+                return
             if broken() is None:
                 return
             if time.monotonic() >= deadline:
-                log.warning("the failed engine is still referenced after %.1f s; building the new one beside it",
-                            self.cfg.release_wait_s)
+                running = "" if collecting.done() else f" (a collection running for {time.monotonic() - began:.1f} s)"
+                log.warning("the failed engine is still referenced after %.1f s%s; building the new one beside it",
+                            self.cfg.release_wait_s, running)
                 return
-            await asyncio.sleep(0.05)
+            # A full collection holds the GIL (a second or more in a big process): between two,
+            # the process serves at least as long as the last one took.
+            pause = max(pause, time.monotonic() - began)
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     async def _notify(self, serving: bool) -> None:
         if self.on_state is not None:

@@ -21,8 +21,8 @@ from emoq_serve.executors.types import EngineUnavailable, Prediction, Utterance
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Refusals (`EngineRestarting`: a replica rebuilding its engine, nothing computed) sent on to
-#: another replica without using up an attempt, at most this many per batch.
+#: Sends that use up no attempt, at most this many per batch: refusals (`EngineRestarting`: a
+#: replica rebuilding its engine, nothing computed) and sends to a replica already found dead.
 MAX_REFUSALS = 8
 
 
@@ -31,6 +31,13 @@ def retryable(exc: BaseException) -> bool:
     deadline passing or a full replica queue (back-pressure the client must see). Scoring is
     idempotent, so a replica that died, hung, broke or failed the batch costs one more send."""
     return not isinstance(exc, DeadlineExpired | QueueFull)
+
+
+def dead_replica(exc: BaseException) -> str | None:
+    """The Ray actor id of the replica a send found dead or unreachable, else None."""
+    from ray.exceptions import RayActorError
+
+    return exc.actor_id if isinstance(exc, RayActorError) else None
 
 
 def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -121,9 +128,12 @@ class ClusterRecognizer:
     async def recognize(self, batch: list[Utterance]) -> list[Prediction]:
         """Send the batch to a replica; one that dies, hangs or fails it is given up on and the
         batch goes to another (up to `cfg.attempts` sends), each send bounded so that the sends
-        left still fit in the callers' deadline. A refusal by a rebuilding replica uses no send."""
+        left still fit in the callers' deadline. Uses no send: a refusal by a rebuilding replica,
+        and a send that Ray's router gave to a replica this batch already found dead (until the
+        router learns of the death; a batch that kills replicas still kills at most `attempts`)."""
         deadline = BATCH_DEADLINE.get()
         sends = refusals = 0
+        dead: set[str] = set()
         while True:
             if not self.serving:
                 raise EngineUnavailable("no engine replica is ready (Ray is starting them): retry shortly")
@@ -140,11 +150,14 @@ class ClusterRecognizer:
                 if not retryable(exc):
                     raise
                 failure = exc
-            if isinstance(failure, EngineRestarting) and refusals < MAX_REFUSALS:
+            replica = dead_replica(failure)
+            if (isinstance(failure, EngineRestarting) or replica in dead) and refusals < MAX_REFUSALS:
                 refusals += 1
                 self.stats.refusals += 1
                 await asyncio.sleep(min(0.05 * 2 ** refusals, 0.5))  # Ray's router learns of it meanwhile
                 continue
+            if replica is not None:
+                dead.add(replica)
             sends += 1
             if sends >= self.cfg.attempts:
                 if deadline is not None and time.monotonic() >= deadline:

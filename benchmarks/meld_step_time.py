@@ -31,16 +31,16 @@ from emoq_serve.model.emoq import EmoQStage1
 from emoq_serve.model.losses import class_weights_from_labels
 from training.common import make_optimizer, seed_everything, set_threads
 from training.recipes import RECIPES
-from training.stage1 import _collate, _sampler, stage1_loss
+from training.stage1 import batch_sampler, collate_batch, stage1_loss
 
 
 def batches(examples, model, batch_size: int, steps: int, bucketed: bool, seed: int) -> list[dict]:
     if bucketed:
-        order = list(_sampler(examples, batch_size, shuffle_seed=seed))[:steps]
+        order = list(batch_sampler(examples, batch_size, shuffle_seed=seed))[:steps]
     else:
         perm = np.random.default_rng(seed).permutation(len(examples))
         order = [perm[i * batch_size:(i + 1) * batch_size].tolist() for i in range(steps)]
-    return [_collate(examples, rows, rows, model, torch.device("cpu")) for rows in order]
+    return [collate_batch(examples, rows, rows, model, torch.device("cpu")) for rows in order]
 
 
 def main(argv: list[str] | None = None) -> int:

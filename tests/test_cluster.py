@@ -376,6 +376,9 @@ def test_build_app_for_declarative_deploys():
     bundle, runtime, engine, batcher, supervisor = deployment.init_args
     assert (bundle, runtime.device, engine, batcher.max_batch) == ("/bundles/b", "cuda", "onnx", 64)
     assert supervisor.engine_timeout_s == 60.0
+    assert batcher.max_inflight_batches == runtime_preset("cuda").inflight_batches  # as `emoq serve` does
+    batcher = build_app({"bundle": "/b", "max_inflight_batches": 5})._bound_deployment.init_args[3]
+    assert batcher.max_inflight_batches == 5
     with pytest.raises(KeyError):
         build_app({"runtime": "cpu"})  # the bundle is required
 

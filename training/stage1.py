@@ -69,21 +69,22 @@ def iterate_batches(
     batch smaller than the world) gets one row of the batch with an empty `index`: it runs the
     forward DDP expects of every rank, and the loss ignores the rows past `len(index)`."""
     device = model_device(model)
-    for indices in _sampler(examples, batch_size, shuffle_seed, epoch):
+    for indices in batch_sampler(examples, batch_size, shuffle_seed, epoch):
         mine = shard(indices, rank, world_size) if world_size > 1 else indices
-        yield _collate(examples, mine or indices[:1], mine, model, device)
+        yield collate_batch(examples, mine or indices[:1], mine, model, device)
 
 
 def eval_batches(examples: Sequence[Example], model: EmoQStage1, batch_size: int, here: Dist) -> Iterator[dict[str, torch.Tensor]]:
     """Evaluation batches (length order) dealt round-robin to the ranks: each collates and
     predicts only its share, and `gather_by_index` puts the predictions back together."""
     device = model_device(model)
-    for number, indices in enumerate(_sampler(examples, batch_size)):
+    for number, indices in enumerate(batch_sampler(examples, batch_size)):
         if number % here.world_size == here.rank:
-            yield _collate(examples, indices, indices, model, device)
+            yield collate_batch(examples, indices, indices, model, device)
 
 
-def _sampler(examples: Sequence[Example], batch_size: int, shuffle_seed: int | None = None, epoch: int = 0) -> BucketBatchSampler:
+def batch_sampler(examples: Sequence[Example], batch_size: int, shuffle_seed: int | None = None, epoch: int = 0) -> BucketBatchSampler:
+    """Training's batches of `examples`: length-bucketed, shuffled per epoch when seeded."""
     # Audio length when there is audio (HuBERT cost dominates), else transcript length, so
     # text-only corpora (MELD without clips) are bucketed too instead of padded at random.
     lengths = [len(e.transcript) if e.audio is None else len(e.audio) for e in examples]
@@ -92,7 +93,7 @@ def _sampler(examples: Sequence[Example], batch_size: int, shuffle_seed: int | N
     return sampler
 
 
-def _collate(examples: Sequence[Example], rows: list[int], index: list[int], model: EmoQStage1, device: torch.device) -> dict[str, Any]:
+def collate_batch(examples: Sequence[Example], rows: list[int], index: list[int], model: EmoQStage1, device: torch.device) -> dict[str, Any]:
     """`rows` collated on `device`, with `index` (the rows that count) as batch["index"]."""
     batch = collate([examples[i] for i in rows], model.text_tokenizer, model.cfg.former.max_text_tokens,
                     model.cfg.former.context_turns)

@@ -51,7 +51,8 @@ def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve application builder, for declarative deploys (`serve run`, `serve deploy`, a KubeRay
     `RayService`): `import_path: emoq_serve.engine.cluster:build_app` with `args` `bundle` (a path
     on every node), and optionally `runtime` (preset name), `engine`, `replicas` or
-    `min_replicas`/`max_replicas`, `replica_cpus`, `replica_gpus`, `max_batch`, `max_queue_delay_ms`.
+    `min_replicas`/`max_replicas`, `replica_cpus`, `replica_gpus`, `max_batch`, `max_queue_delay_ms`,
+    `max_inflight_batches` (unset: the preset's, as `emoq serve` does).
     Front doors then join it: `emoq serve --ray-address auto --serve-app NAME`."""
     from emoq_serve.executors.config import runtime_preset
 
@@ -61,7 +62,8 @@ def build_app(args: dict[str, Any]) -> Any:
     fields = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus")
     cfg = ClusterConfig(**{k: args[k] for k in fields if k in args})
     batcher = BatcherConfig(max_batch=runtime.max_batch, max_queue_delay_ms=float(args.get("max_queue_delay_ms", 5.0)),
-                            max_inflight_batches=2, **bucket_edges(runtime.bucket_edges_s))
+                            max_inflight_batches=int(args.get("max_inflight_batches", runtime.inflight_batches)),
+                            **bucket_edges(runtime.bucket_edges_s))
     supervisor = SupervisorConfig(**{k: float(args[k]) for k in ("engine_timeout_s",) if k in args})
     return engine_application(str(args["bundle"]), runtime, args.get("engine", "onnx"), batcher, cfg, supervisor)
 

@@ -107,7 +107,8 @@ def test_drain_timeout_cuts_off_the_rest_with_a_status():
     by_code = {}
     for code, message in result["outcomes"]:
         by_code.setdefault(code, []).append(message)
-    print(f"\ndrain timeout 1 s: {sorted((c, len(m)) for c, m in by_code.items())}, all ended {result['finished_s']:.2f} s after SIGTERM")
+    print(f"\ndrain timeout 1 s: {sorted((c, len(m)) for c, m in by_code.items())}, all ended {result['finished_s']:.2f} s after SIGTERM; "
+          f"messages: {sorted({(c, m) for c, ms in by_code.items() for m in ms})}")
     assert sorted(by_code) == ["OK", "UNAVAILABLE"] and len(by_code["OK"]) == 4  # the unary calls finished
     assert len(by_code["UNAVAILABLE"]) == 8 and all("drain timeout 1 s" in m for m in by_code["UNAVAILABLE"])
     assert result["finished_s"] < 3.0  # nothing waited past the drain timeout (plus slack)

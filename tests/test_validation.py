@@ -6,6 +6,7 @@ engine, so the model does not matter here; tests/test_server.py covers the real 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -15,7 +16,7 @@ import pytest
 from server_harness import RunningServer, StandInRecognizer, config, tone
 
 from emoq_serve._proto import emoq_pb2 as pb
-from emoq_serve.client.api import recognize_request, recognition_config, stream_messages
+from emoq_serve.client.api import EmotionClient, encode_audio, recognize_request, recognition_config, stream_messages
 from emoq_serve.client.conversation import conversation_messages
 from emoq_serve.server.streams import StreamAssembler
 from emoq_serve.server.validation import InvalidRequest, RequestValidator
@@ -113,6 +114,42 @@ def test_stream_invalid_requests(server, case):
     assert err.value.code() == INVALID, err.value.details()
     assert message in err.value.details()
     assert_still_serving(server)
+
+
+def test_the_async_client_keeps_the_servers_status_when_a_write_races_it(server):
+    """grpcio's asyncio client (grpc/grpc#36066) reports INTERNAL "Internal error from Core" instead
+    of the server's status when a request is written as the server ends the stream; EmotionClient's
+    streams keep the server's. Blocking the client's event loop makes the race certain: the status
+    reaches the client's Core (the server runs on its own thread) but not its event loop before
+    the next request is written."""
+    refused = {"method": "StreamingRecognize", "code": "INVALID_ARGUMENT"}
+
+    def refusals() -> float:
+        return server.server.metrics.registry.get_sample_value("emoq_requests_total", refused) or 0.0
+
+    async def requests():
+        yield pb.StreamingRecognizeRequest(config=recognition_config(16_000))
+        before = refusals()
+        yield pb.StreamingRecognizeRequest()  # the server ends the stream: INVALID_ARGUMENT
+        deadline = time.monotonic() + 5  # blocking sleeps: this event loop must not see the status yet
+        while refusals() == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251
+        time.sleep(0.1)  # noqa: ASYNC251  (its status on the wire)
+        yield pb.StreamingRecognizeRequest(audio_content=encode_audio(tone(0.1), "float32"))
+
+    async def streams(n: int) -> list[grpc.aio.AioRpcError]:
+        errors = []
+        async with EmotionClient(server.address, retries=0) as client:
+            for _ in range(n):  # without the fix about 4 in 5 of these get INTERNAL here
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in client.open_stream(requests(), timeout=10):
+                        pass
+                errors.append(err.value)
+        return errors
+
+    for error in asyncio.run(streams(3)):
+        assert error.code() == INVALID, f"{error.code()}: {error.details()}"
+        assert "empty StreamingRecognizeRequest" in error.details()
 
 
 def test_idle_stream_is_closed_with_deadline_exceeded(server):

@@ -112,6 +112,29 @@ def channel_target(addresses: str | Sequence[str]) -> str:
     return f"ipv{families.pop()}:" + ",".join(addresses)
 
 
+class _ServerStatusKept:
+    """A grpc.aio streaming call's Core call object, keeping the server's status (grpcio 1.85,
+    grpc/grpc#36066): a request written as the server ends the stream (an abort, a drain's
+    cut-off) fails in Core, and grpcio then replaces the status the server sent with INTERNAL
+    "Internal error from Core". Here that INTERNAL is set only if no status has come `grace_s`
+    later (grpcio sets it because a batch Core refuses may never get one)."""
+
+    def __init__(self, call: object, grace_s: float = 1.0) -> None:
+        self._call, self._grace_s = call, grace_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._call, name)
+
+    def __repr__(self) -> str:
+        return repr(self._call)
+
+    def set_internal_error(self, error: str) -> None:
+        if self._call.done():
+            return
+        call = self._call
+        asyncio.get_running_loop().call_later(self._grace_s, lambda: call.done() or call.set_internal_error(error))
+
+
 @dataclass
 class EmotionResult:
     """One server result: label, per-class probabilities (label order), timings per stage."""
@@ -249,9 +272,17 @@ class EmotionClient:
                     await asyncio.sleep(len(message.audio_content) / (4 if encoding == "float32" else 2) / sample_rate)
                 yield message
 
-        call = self.stub.StreamingRecognize(paced(), timeout=timeout or self.timeout, metadata=self.metadata)
-        async for response in call:
+        async for response in self.open_stream(paced(), timeout=timeout or self.timeout):
             yield EmotionResult.from_proto(response.result)
+
+    def open_stream(
+        self, requests: AsyncIterator[pb.StreamingRecognizeRequest], timeout: float | None = None,
+    ) -> grpc.aio.StreamStreamCall:
+        """A `StreamingRecognize` call writing `requests`; a status the server ends it with reaches
+        the caller as sent, even when a request was being written at that moment (`_ServerStatusKept`)."""
+        call = self.stub.StreamingRecognize(requests, timeout=timeout, metadata=self.metadata)
+        call._cython_call = _ServerStatusKept(call._cython_call)  # before its tasks first run
+        return call
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)

@@ -115,8 +115,7 @@ async def stream_conversation(client, audio: np.ndarray, sample_rate: int, texts
     deadline = timeout or client.timeout
     if deadline is not None and realtime:
         deadline += len(audio) / sample_rate
-    call = client.stub.StreamingRecognize(paced(), timeout=deadline, metadata=client.metadata)
-    async for response in call:
+    async for response in client.open_stream(paced(), timeout=deadline):
         r = response.result
         now = time.monotonic()
         at = next((t for s, t in sent if s >= r.end_s - 1e-6), now)

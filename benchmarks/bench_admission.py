@@ -126,7 +126,7 @@ async def fast_stream(client, minutes: float) -> dict:
 
     scored, failed = 0, collections.Counter()
     try:
-        async for response in client.stub.StreamingRecognize(messages(), timeout=seconds + 120):
+        async for response in client.open_stream(messages(), timeout=seconds + 120):
             r = response.result
             if r.HasField("error"):
                 failed[r.error.code] += 1

@@ -94,7 +94,7 @@ async def stream_conversation(client, stream: int, conv: Conversation, *, chunk_
 
     segments: list[Segment] = []
     try:
-        async for response in client.stub.StreamingRecognize(paced(), timeout=timeout_s, metadata=client.metadata):
+        async for response in client.open_stream(paced(), timeout=timeout_s):
             r = response.result
             if not r.is_final:
                 continue

@@ -1,7 +1,7 @@
 """Turn an `EmotionClient` into the load generators' `call(request) -> CallResult`.
 
-Unary calls go through `EmotionClient.recognize`. Streaming calls use the client's stub and
-request builder (`stream_messages`) with a pacing generator of their own, because latency must
+Unary calls go through `EmotionClient.recognize`. Streaming calls use `EmotionClient.open_stream`
+and its request builder (`stream_messages`) with a pacing generator of their own, because latency must
 start at the moment the *last* chunk is handed to gRPC — the instant a streaming user finishes
 speaking — and only the generator that yields the chunks knows that moment.
 
@@ -65,8 +65,7 @@ def stream_call(client: EmotionClient, timeout_s: float, chunk_ms: float, realti
                                    chunk_ms=chunk_ms, encoding=ENCODING)
         final = None
         try:
-            async for response in client.stub.StreamingRecognize(paced(messages), timeout=timeout_s,
-                                                                 metadata=client.metadata):
+            async for response in client.open_stream(paced(messages), timeout=timeout_s):
                 if response.result.is_final:
                     final = EmotionResult.from_proto(response.result)
         except grpc.aio.AioRpcError as e:

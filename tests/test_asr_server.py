@@ -21,8 +21,7 @@ from server_harness import RunningServer, StandInRecognizer, config
 from test_server import SERVE_CLI, eager_probs, probs, scrape
 
 from emoq_serve._proto import emoq_pb2 as pb
-from emoq_serve._proto import emoq_pb2_grpc as pb_grpc
-from emoq_serve.client.api import recognize_request, stream_messages
+from emoq_serve.client.api import EmotionClient, recognize_request, stream_messages
 from emoq_serve.metrics import word_error_rate
 
 SENTENCES = ("Please call me back in the morning.", "I am furious.")
@@ -249,8 +248,6 @@ def test_the_conversation_bench_gets_each_segments_asr_cost_and_scores_its_words
     every final segment the server transcribed carries `EmotionResult.asr` (queue wait, model
     time, beam, batch, window), and the bench scores the transcripts against the turns' words per
     voice. The same segments scored against shifted turns must fail the WER bound."""
-    import types
-
     from benchmarks.conversation import asr_summary, stream_conversation
     from emoq_serve.data.conversation import make_conversation
     from emoq_serve.data.speech import piper_available
@@ -258,8 +255,7 @@ def test_the_conversation_bench_gets_each_segments_asr_cost_and_scores_its_words
     conv = make_conversation(n_turns=3, seed=2, voices="mix" if piper_available() else "espeak")
 
     async def run():
-        async with grpc.aio.insecure_channel(srv.address) as channel:
-            client = types.SimpleNamespace(stub=pb_grpc.EmotionRecognizerStub(channel), metadata=())
+        async with EmotionClient(srv.address, retries=0) as client:
             return await stream_conversation(client, 0, conv, chunk_ms=200, realtime=False, client_transcripts=False,
                                              timeout_s=60)
 

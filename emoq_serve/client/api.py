@@ -281,7 +281,8 @@ class EmotionClient:
         """A `StreamingRecognize` call writing `requests`; a status the server ends it with reaches
         the caller as sent, even when a request was being written at that moment (`_ServerStatusKept`)."""
         call = self.stub.StreamingRecognize(requests, timeout=timeout, metadata=self.metadata)
-        call._cython_call = _ServerStatusKept(call._cython_call)  # before its tasks first run
+        if hasattr(call, "_cython_call"):  # grpcio's private name (pinned); set before the call's tasks first run
+            call._cython_call = _ServerStatusKept(call._cython_call)
         return call
 
     async def model_info(self) -> pb.GetModelInfoResponse:

@@ -272,15 +272,16 @@ class EmotionClient:
                     await asyncio.sleep(len(message.audio_content) / (4 if encoding == "float32" else 2) / sample_rate)
                 yield message
 
-        async for response in self.open_stream(paced(), timeout=timeout or self.timeout):
+        async for response in self.open_stream(paced(), timeout=timeout):
             yield EmotionResult.from_proto(response.result)
 
     def open_stream(
         self, requests: AsyncIterator[pb.StreamingRecognizeRequest], timeout: float | None = None,
     ) -> grpc.aio.StreamStreamCall:
-        """A `StreamingRecognize` call writing `requests`; a status the server ends it with reaches
-        the caller as sent, even when a request was being written at that moment (`_ServerStatusKept`)."""
-        call = self.stub.StreamingRecognize(requests, timeout=timeout, metadata=self.metadata)
+        """A `StreamingRecognize` call writing `requests` (deadline `timeout`, else the client's); a
+        status the server ends it with reaches the caller as sent, even when a request was being
+        written at that moment (`_ServerStatusKept`)."""
+        call = self.stub.StreamingRecognize(requests, timeout=timeout or self.timeout, metadata=self.metadata)
         if hasattr(call, "_cython_call"):  # grpcio's private name (pinned); set before the call's tasks first run
             call._cython_call = _ServerStatusKept(call._cython_call)
         return call
